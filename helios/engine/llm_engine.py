@@ -1,0 +1,168 @@
+"""One model's vLLM v1 `AsyncLLM`, behind the small interface the router needs.
+
+This is the engine's logic as a plain class (the Serve deployment only wraps it):
+turning an `EngineRequest` into token ids and SamplingParams, checking them against the
+context length, and streaming coalesced `EngineChunk`s back. Tokens made while the
+previous chunk is in flight are merged by vLLM's own per-request collector, so a stream
+costs one message per `stream_interval`, not one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from helios.api.protocol import EngineChunk, EngineRequest
+from helios.config import ModelConfig
+from helios.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from helios.observability.logs import get_logger, log_event
+
+logger = get_logger("engine")
+
+
+def engine_kwargs(model: ModelConfig, model_dir: Path) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for one model; `extra_args` are checked by name."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    e = model.engine
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        served_model_name=model.id,
+        dtype=e.dtype,
+        max_model_len=e.max_model_len,
+        max_num_seqs=e.max_num_seqs,
+        enable_prefix_caching=e.enable_prefix_caching,
+        tensor_parallel_size=e.tensor_parallel_size,
+        enforce_eager=e.enforce_eager,
+        seed=e.seed,
+        disable_log_stats=True,
+    )
+    if e.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
+    if model.deployment.accelerator == "gpu":
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    known = set(AsyncEngineArgs.__dataclass_fields__)
+    unknown = sorted(set(e.extra_args) - known)
+    if unknown:
+        raise InvalidRequest(f"models.{model.id}.engine.extra_args: unknown vLLM engine argument(s) {unknown}")
+    kwargs.update(e.extra_args)
+    return kwargs
+
+
+class LLMEngine:
+    """A started vLLM engine for one model, with tokenization and limits in front of it."""
+
+    def __init__(self, model: ModelConfig, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if model.deployment.accelerator == "cpu":
+            # vLLM's CPU backend sizes its KV cache from this variable only.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(model.engine.kv_cache_space_gib)
+        started = time.monotonic()
+        self.model_id = model.id
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, model_dir)))
+        self.max_model_len: int = self.engine.model_config.max_model_len
+        self.stream_interval_s = model.deployment.stream_interval_ms / 1000.0
+        self.created = int(time.time())
+        self.start_seconds = time.monotonic() - started
+        log_event(logger, "engine_started", model=model.id, seconds=round(self.start_seconds, 2), max_model_len=self.max_model_len)
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.model_id, "max_model_len": self.max_model_len, "created": self.created}
+
+    def num_unfinished_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def _prompt_ids(self, req: EngineRequest) -> list[int]:
+        if req.messages is not None:
+            try:
+                return list(self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+            except Exception as exc:  # a template that rejects these messages is the client's problem
+                raise InvalidRequest(f"messages could not be rendered by the chat template: {exc}", param="messages") from None
+        if isinstance(req.prompt, str):
+            return self.tokenizer.encode(req.prompt, add_special_tokens=True)
+        vocab = len(self.tokenizer)
+        if any(t >= vocab for t in req.prompt):
+            raise InvalidRequest(f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
+        return list(req.prompt)
+
+    def _sampling_params(self, req: EngineRequest, prompt_len: int):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        room = self.max_model_len - prompt_len
+        max_tokens = req.sampling.get("max_tokens")
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            asked = max_tokens if max_tokens is not None else 1
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+                "Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens" if room > 0 else "prompt",
+            )
+        params = {**req.sampling, "max_tokens": max_tokens if max_tokens is not None else room}
+        try:
+            return SamplingParams(**params, output_kind=RequestOutputKind.DELTA)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    async def generate(self, req: EngineRequest, coalesce: bool = True) -> AsyncIterator[EngineChunk]:
+        """Stream a request's output; closing this iterator aborts the request in vLLM."""
+        prompt_ids = self._prompt_ids(req)
+        sampling = self._sampling_params(req, len(prompt_ids))
+        interval = self.stream_interval_s if coalesce else 0.0
+        stream = self.engine.generate({"prompt_token_ids": prompt_ids}, sampling, req.request_id)
+        completion_tokens, finished = 0, False
+        loop = asyncio.get_running_loop()
+        try:
+            async for out in stream:
+                sent_at = loop.time()
+                completion = out.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                finished = out.finished
+                yield EngineChunk(
+                    text=completion.text,
+                    token_ids=list(completion.token_ids) if req.return_token_ids else None,
+                    finish_reason=completion.finish_reason if finished else None,
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=completion_tokens,
+                )
+                if interval and not finished:
+                    # Let vLLM's collector merge the tokens of the next `interval` into one chunk.
+                    await asyncio.sleep(max(0.0, sent_at + interval - loop.time()))
+        except (InvalidRequest, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            from vllm.exceptions import VLLMClientError
+
+            if isinstance(exc, VLLMClientError):  # vLLM's own verdict on a bad request
+                raise InvalidRequest(str(exc)) from None
+            log_event(logger, "generate_failed", request_id=req.request_id, error=repr(exc))
+            raise EngineError(str(exc)) from None
+        finally:
+            await stream.aclose()
+            if not finished:
+                await self.engine.abort(req.request_id)
+                log_event(logger, "request_aborted", request_id=req.request_id, completion_tokens=completion_tokens)
+
+    async def generate_full(self, req: EngineRequest) -> EngineChunk:
+        """The whole output of a request as one chunk (for non-streamed responses)."""
+        text, token_ids, last = [], [], None
+        async for chunk in self.generate(req, coalesce=False):
+            text.append(chunk.text)
+            if chunk.token_ids:
+                token_ids.extend(chunk.token_ids)
+            last = chunk
+        assert last is not None
+        return EngineChunk("".join(text), token_ids if req.return_token_ids else None, last.finish_reason, last.prompt_tokens, last.completion_tokens)

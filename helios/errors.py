@@ -1,0 +1,79 @@
+"""One tree of Helios errors; each class knows its HTTP status and OpenAI error `type`.
+
+The router's exception handler turns any of these into OpenAI's error body. Errors
+raised inside an engine replica cross Ray as the same classes (Ray re-raises the
+cause's type), so the mapping holds end to end.
+"""
+
+from __future__ import annotations
+
+
+class HeliosError(Exception):
+    """Base error. A 5xx subclass never shows its message to the client."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self):  # keep `param` when pickled across Ray
+        return (_rebuild, (type(self), self.message, self.param))
+
+    def to_body(self, request_id: str | None = None) -> dict:
+        """The OpenAI error body; server errors hide their text behind the request id."""
+        message = self.message
+        if self.status_code >= 500:
+            message = "Internal server error" + (f" (request id {request_id})" if request_id else "")
+        return {"error": {"message": message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+def _rebuild(cls: type[HeliosError], message: str, param: str | None) -> HeliosError:
+    return cls(message, param=param)
+
+
+class InvalidRequest(HeliosError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(HeliosError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(HeliosError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(HeliosError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class MethodNotAllowed(HeliosError):
+    status_code = 405
+    error_type = "invalid_request_error"
+
+
+class ServiceUnavailable(HeliosError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+    def to_body(self, request_id: str | None = None) -> dict:
+        # A 503 is the client's cue to retry; its reason is safe to show.
+        return {"error": {"message": self.message, "type": self.error_type, "param": None, "code": None}}
+
+
+class EngineError(HeliosError):
+    """The engine failed while serving a request (logged, hidden from the client)."""

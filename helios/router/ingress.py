@@ -1,0 +1,215 @@
+"""The router: Helios's only HTTP ingress (OpenAI API, health, readiness).
+
+It validates and authorizes at the edge, routes by model id to that model's engine
+deployment, and streams engine chunks back as server-sent events without buffering.
+Errors before the first token become proper status codes; the first chunk is awaited
+before the 200 is sent for exactly that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from helios.api import error_handlers
+from helios.api.protocol import ChatCompletionRequest, CompletionRequest, EngineChunk, EngineRequest
+from helios.api.responses import ResponseShape, error_event
+from helios.config import RouterConfig
+from helios.errors import AuthenticationFailed, HeliosError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from helios.observability.logs import get_logger, log_event
+
+logger = get_logger("router")
+
+app = FastAPI(title="Helios", docs_url=None, redoc_url=None, openapi_url=None)
+error_handlers.install(app)
+
+
+@app.middleware("http")
+async def _request_id(request: Request, call_next):
+    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    response = await call_next(request)
+    response.headers["x-request-id"] = request.state.request_id
+    return response
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    return body
+
+
+def _engine_request_id(request: Request) -> str:
+    """Unique per engine request even when clients reuse an x-request-id (aborts go by id)."""
+    return f"{request.state.request_id}.{uuid.uuid4().hex[:8]}"
+
+
+@serve.ingress(app)
+class Router:
+    """Routes OpenAI requests by `model` to engine deployments."""
+
+    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
+        self.config = RouterConfig.model_validate(config)
+        self.keys = [k.encode() for k in self.config.keys()]
+        self.engines = engines
+        self.streams = {m: h.options(stream=True) for m, h in engines.items()}
+        self.infos: dict[str, dict[str, Any]] = {}
+
+    # -- edge checks -------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if not self.keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.keys):
+            raise AuthenticationFailed("Missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+    def _engine(self, model: str) -> DeploymentHandle:
+        if model not in self.engines:
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        return self.engines[model]
+
+    async def _info(self, model: str, timeout: float | None = None) -> dict[str, Any]:
+        """The engine's static facts (context length, created), fetched once per model."""
+        if model not in self.infos:
+            call = self.engines[model].info.remote()
+            self.infos[model] = await (asyncio.wait_for(call, timeout) if timeout else call)
+        return self.infos[model]
+
+    # -- OpenAI API ----------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._parse(request, CompletionRequest)
+        ereq = EngineRequest(
+            request_id=_engine_request_id(request),
+            prompt=body.prompt,
+            sampling=body.sampling(body.max_tokens),
+            return_token_ids=body.return_token_ids,
+        )
+        return await self._serve(body, ereq, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._parse(request, ChatCompletionRequest)
+        ereq = EngineRequest(
+            request_id=_engine_request_id(request),
+            messages=[{"role": m.role, "content": m.text()} for m in body.messages],
+            sampling=body.sampling(body.token_limit()),
+            return_token_ids=body.return_token_ids,
+        )
+        return await self._serve(body, ereq, chat=True)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        data = []
+        for model in self.engines:
+            try:
+                info = await self._info(model, timeout=self.config.ready_timeout_s)
+                data.append({"id": model, "object": "model", "created": info["created"], "owned_by": "helios",
+                             "max_model_len": info["max_model_len"], "ready": True})
+            except (asyncio.TimeoutError, Exception):
+                data.append({"id": model, "object": "model", "created": 0, "owned_by": "helios", "ready": False})
+        return JSONResponse({"object": "list", "data": data})
+
+    # -- health --------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        async def ready(model: str) -> bool:
+            try:
+                await asyncio.wait_for(self.engines[model].info.remote(), self.config.ready_timeout_s)
+                return True
+            except Exception:
+                return False
+
+        states = dict(zip(self.engines, await asyncio.gather(*(ready(m) for m in self.engines))))
+        ok = all(states.values())
+        return JSONResponse({"status": "ready" if ok else "not_ready", "models": states}, status_code=200 if ok else 503)
+
+    # -- the request path ------------------------------------------------------------
+
+    async def _parse(self, request: Request, model_cls: type) -> Any:
+        try:
+            return model_cls.model_validate(await _json_body(request))
+        except ValidationError as exc:
+            raise error_handlers.invalid_from_validation(exc) from None
+
+    async def _serve(self, body: Any, ereq: EngineRequest, chat: bool) -> Response:
+        engine = self._engine(body.model)
+        shape = ResponseShape(chat, ("chatcmpl-" if chat else "cmpl-") + ereq.request_id.replace(".", "-"), int(time.time()), body.model)
+        if not body.stream:
+            chunk = await self._call(engine.generate.remote(ereq))
+            return JSONResponse(shape.full(chunk))
+        gen = self.streams[body.model].generate_stream.remote(ereq)
+        try:
+            first = await self._call(gen.__anext__())
+        except StopAsyncIteration:
+            raise ServiceUnavailable("The engine ended the stream before any output; retry") from None
+        except BaseException:
+            gen.cancel()
+            raise
+        return StreamingResponse(self._events(shape, first, gen, body.include_usage, ereq.request_id),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @staticmethod
+    async def _call(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:
+            raise error_handlers.unwrap(exc) from None
+
+    async def _events(self, shape: ResponseShape, first: EngineChunk, gen: Any, include_usage: bool, request_id: str) -> AsyncIterator[bytes]:
+        """SSE bytes for one stream; a client that goes away cancels the engine request."""
+        last, finished = first, first.finish_reason is not None
+        try:
+            yield shape.event(first, first=True)
+            async for chunk in gen:
+                last, finished = chunk, chunk.finish_reason is not None
+                yield shape.event(chunk, first=False)
+            yield shape.closing(last, include_usage)
+        except HeliosError as exc:
+            yield error_event(exc.to_body(request_id))
+        except Exception as exc:
+            inner = error_handlers.unwrap(exc)
+            err = inner if isinstance(inner, HeliosError) else HeliosError("stream failed")
+            log_event(logger, "stream_failed", request_id=request_id, error=repr(exc))
+            yield error_event(err.to_body(request_id))
+        finally:
+            if not finished:
+                gen.cancel()
+                log_event(logger, "stream_cancelled", request_id=request_id, completion_tokens=last.completion_tokens)
+
+
+def router_deployment(config: RouterConfig, engines: dict[str, Any]) -> serve.Application:
+    """Bind the router with its Serve options over the bound engine deployments."""
+    return serve.deployment(Router).options(
+        name="router",
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.num_cpus},
+    ).bind(config.model_dump(), engines)
