@@ -1,0 +1,149 @@
+"""The `helios` command: build the demo model, check a config, run Helios locally."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+
+app = typer.Typer(help="Helios: LLM serving on Ray Serve and vLLM.", no_args_is_help=True, add_completion=False)
+demo_app = typer.Typer(help="The built-in demo model.", no_args_is_help=True)
+config_app = typer.Typer(help="Serve configs.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@demo_app.command("build")
+def demo_build(
+    preset: str = typer.Argument("tiny", help="Preset name: tiny (~10 MB) or bench (~1.4 GB)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the model into (must not exist)."),
+) -> None:
+    """Build the demo model (byte-identical on every machine) into a directory."""
+    from helios.engine.demo_model import PRESETS, build, file_digests
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if out.exists() and any(out.iterdir()):
+        _fail(f"{out} already exists and is not empty")
+    if out.exists():
+        out.rmdir()
+    size_gb = PRESETS[preset].weight_bytes() / 1e9
+    console.print(f"Building demo model [bold]{preset}[/bold] ({size_gb:.2f} GB of weights) into {out}")
+    with console.status("writing...") as status:
+        build(preset, out, progress=lambda msg: status.update(msg))
+    for name, digest in file_digests(out):
+        console.print(f"  {name}  sha256:{digest[:16]}…")
+    console.print(f"[green]done[/green]: {out}")
+
+
+def _load_apps(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        _fail(f"config file {path} does not exist")
+    except yaml.YAMLError as exc:
+        _fail(f"{path} is not valid YAML: {exc}")
+    apps = (data or {}).get("applications")
+    if not isinstance(apps, list) or not apps:
+        _fail(f"{path} has no `applications:` list")
+    return apps
+
+
+def _check(path: Path) -> list[dict[str, Any]]:
+    from helios.config import ConfigError, parse_args
+
+    apps = _load_apps(path)
+    for i, application in enumerate(apps):
+        if application.get("import_path") == "helios.app:build_app":
+            try:
+                parse_args(application.get("args") or {})
+            except ConfigError as exc:
+                _fail(f"{path}: applications.{i}.args: {exc}")
+    return apps
+
+
+@config_app.command("check")
+def config_check(path: Path = typer.Argument(..., help="A Serve config YAML.")) -> None:
+    """Validate a Serve config's Helios `args:` without starting anything."""
+    _check(path)
+    console.print(f"[green]ok[/green]: {path}")
+
+
+def _ray_running() -> bool:
+    return subprocess.run(["ray", "status"], capture_output=True).returncode == 0
+
+
+def _announce_when_ready(port: int, stop: threading.Event) -> None:
+    import requests
+
+    base = f"http://localhost:{port}"
+    while not stop.wait(2.0):
+        try:
+            if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            continue
+    else:
+        return
+    models = requests.get(f"{base}/v1/models", timeout=5).json().get("data", [])
+    names = ", ".join(m["id"] for m in models)
+    console.rule("[green]Helios is ready")
+    console.print(f"OpenAI API: [bold]{base}/v1[/bold]   models: {names}")
+    console.print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+                  f"-d '{{\"model\": \"{models[0]['id'] if models else 'MODEL'}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
+    console.print("Press Ctrl-C to stop.")
+    console.rule()
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Path = typer.Argument(Path("serve_configs/local.yaml"), help="A Serve config YAML."),
+    num_cpus: int = typer.Option(8, help="Logical CPUs the local Ray head advertises (replicas reserve them)."),
+) -> None:
+    """Run a Serve config on a local Ray head (`serve run` under the hood) and print the URL."""
+    apps = _check(config)
+    data = yaml.safe_load(config.read_text())
+    port = int((data.get("http_options") or {}).get("port", 8000))
+    bin_dir = Path(sys.executable).parent
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    started_ray = False
+    if not _ray_running():
+        console.print(f"Starting a local Ray head with {num_cpus} logical CPUs…")
+        subprocess.run(["ray", "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+                        "--include-dashboard=false"], check=True, capture_output=True)
+        started_ray = True
+    console.print(f"Deploying {len(apps)} application(s) from {config}; the first start builds the demo model "
+                  "and starts vLLM (about a minute on a CPU)…")
+    stop = threading.Event()
+    threading.Thread(target=_announce_when_ready, args=(port, stop), daemon=True).start()
+    try:
+        subprocess.run([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        if started_ray:
+            console.print("Stopping the local Ray head…")
+            subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: one Ray cluster per test session, one Serve app per integration module."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+TINY_ENGINE = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_space_gib": 1}
+MODEL_ID = "helios-demo-tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Helios cache for the session, so the demo model is built once."""
+    return tmp_path_factory.mktemp("helios-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_root: Path) -> Path:
+    from helios.engine.demo_model import resolve_source
+
+    return resolve_source("demo://tiny", cache_root)
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> Iterator[int]:
+    """A real local Ray cluster with 8 logical CPUs and Serve's HTTP proxy on a free port."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+def tiny_args(cache_root: Path, **router: Any) -> dict[str, Any]:
+    return {
+        "models": [{"id": MODEL_ID, "source": "demo://tiny", "engine": TINY_ENGINE}],
+        "router": router,
+        "cache_root": str(cache_root),
+    }
+
+
+def run_app(args: dict[str, Any], name: str, port: int) -> str:
+    """Deploy Helios as Serve app `name` at `/` and wait until /readyz says so; returns the base URL."""
+    import requests
+    from ray import serve
+
+    from helios.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base}/readyz", timeout=10).status_code == 200:
+                return base
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError("Helios did not become ready")

@@ -1,0 +1,285 @@
+"""End to end through real Ray Serve, a real vLLM CPU engine and real HTTP (official openai client)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import requests
+
+from tests.conftest import MODEL_ID, TINY_ENGINE, run_app, tiny_args
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "Ray Serve and vLLM"]
+CHATS = [[{"role": "user", "content": "Tell me a story."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port: int, cache_root: Path) -> str:
+    from ray import serve
+
+    url = run_app(tiny_args(cache_root), "helios-serving", serve_port)
+    yield url
+    serve.delete("helios-serving")
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def vllm_reference(tiny_model_dir: Path) -> list[list[int]]:
+    """vLLM's own greedy token ids for PROMPTS then CHATS, from its offline LLM in a subprocess."""
+    items = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS]
+    items += [{"messages": m, "max_tokens": MAX_TOKENS} for m in CHATS]
+    engine = {k: v for k, v in TINY_ENGINE.items()}
+    script = Path(__file__).with_name("reference_vllm.py")
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), json.dumps(items), json.dumps(engine)],
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+# -- the two endpoints, streaming and not ---------------------------------------------
+
+
+def test_completion_returns_tokens_and_usage(client: openai.OpenAI) -> None:
+    resp = client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=10, temperature=0)
+    assert resp.object == "text_completion"
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.usage.prompt_tokens == len("Hello".encode())  # byte-level tokenizer, no BOS
+    assert 1 <= resp.usage.completion_tokens <= 10
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_streamed_completion_equals_non_streamed(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL_ID, prompt="Streaming test", max_tokens=40, temperature=0,
+                  extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs)
+    events = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(e.choices[0].text for e in events if e.choices)
+    assert text == full.choices[0].text
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "length"
+    assert events[-1].usage.completion_tokens == 40
+    assert len([e for e in events if e.choices]) > 1  # really streamed, not one blob
+
+
+def test_chat_completion_stream_and_not(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "hi there"}]
+    full = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == 20
+    # prompt = template: BOS <|user|> \n text <|end|> \n <|assistant|> \n
+    assert full.usage.prompt_tokens == 1 + 1 + 1 + len("hi there") + 1 + 1 + 1 + 1
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+
+
+def test_chat_accepts_text_content_parts(client: openai.OpenAI) -> None:
+    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
+    a = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": parts}],
+                                       max_tokens=8, temperature=0)
+    b = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi there"}],
+                                       max_tokens=8, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_stop_string_ends_the_completion(client: openai.OpenAI) -> None:
+    free = client.completions.create(model=MODEL_ID, prompt="Stop test", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    text = free.choices[0].text
+    stop = next((ch for ch in text[3:] if ch.isprintable() and ch.strip() and ch != "\ufffd"), None)
+    if stop is None:
+        pytest.skip("demo output has no printable character to stop on")
+    stopped = client.completions.create(model=MODEL_ID, prompt="Stop test", max_tokens=30, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stop not in stopped.choices[0].text
+    assert text.startswith(stopped.choices[0].text)
+
+
+# -- greedy output equals vLLM's own ------------------------------------------------------
+
+
+def test_greedy_output_equals_vllm(client: openai.OpenAI, vllm_reference: list[list[int]]) -> None:
+    got = []
+    for prompt in PROMPTS:
+        resp = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"return_token_ids": True})
+        got.append(resp.choices[0].model_extra["token_ids"])
+    for messages in CHATS:
+        resp = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS,
+                                              temperature=0, extra_body={"return_token_ids": True})
+        got.append(resp.choices[0].model_extra["token_ids"])
+    assert got == vllm_reference
+
+
+def test_streamed_greedy_tokens_equal_vllm(base_url: str, vllm_reference: list[list[int]]) -> None:
+    body = {"model": MODEL_ID, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
+            "stream": True, "return_token_ids": True}
+    ids: list[int] = []
+    with requests.post(f"{base_url}/v1/completions", json=body, stream=True, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                ids += json.loads(line[6:])["choices"][0]["token_ids"]
+    assert ids == vllm_reference[0]
+
+
+# -- models, health ------------------------------------------------------------------------
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL_ID]
+    assert models[0].owned_by == "helios"
+    assert models[0].model_extra["max_model_len"] == 2048
+    assert models[0].model_extra["ready"] is True
+
+
+def test_health_and_readiness(base_url: str) -> None:
+    assert requests.get(f"{base_url}/healthz").json() == {"status": "ok"}
+    ready = requests.get(f"{base_url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["models"] == {MODEL_ID: True}
+
+
+# -- errors: OpenAI shape, right status, replica unharmed -------------------------------------
+
+
+def _error(resp: requests.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    return err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_unknown_model_is_404(base_url: str, stream: bool) -> None:
+    r = requests.post(f"{base_url}/v1/completions", json={"model": "nope", "prompt": "x", "stream": stream})
+    err = _error(r, 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
+def test_unknown_model_raises_not_found_in_openai_client(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", "\"caf\xe9\"".encode("latin-1")])
+def test_malformed_json_is_400(base_url: str, raw: bytes) -> None:
+    r = requests.post(f"{base_url}/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert _error(r, 400)["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL_ID}, "prompt"),
+        ({"model": MODEL_ID, "prompt": "x", "temperature": -1}, "temperature"),
+        ({"model": MODEL_ID, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL_ID, "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": MODEL_ID, "prompt": "x", "n": 3}, "n"),
+        ({"model": MODEL_ID, "prompt": ""}, "prompt"),
+        ({"model": MODEL_ID, "prompt": [1, 2, 99999]}, "prompt"),
+        ({"model": MODEL_ID, "prompt": "x", "stop": ""}, "stop"),
+        ({"prompt": "x"}, "model"),
+    ],
+)
+def test_invalid_completion_parameters_are_400(base_url: str, body: dict, param: str) -> None:
+    for stream in (False, True):
+        r = requests.post(f"{base_url}/v1/completions", json={**body, "stream": stream})
+        assert _error(r, 400)["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL_ID, "messages": []}, "messages"),
+        ({"model": MODEL_ID, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL_ID, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+        ({"model": MODEL_ID, "messages": "hello"}, "messages"),
+    ],
+)
+def test_invalid_chat_parameters_are_400(base_url: str, body: dict, param: str) -> None:
+    r = requests.post(f"{base_url}/v1/chat/completions", json=body)
+    assert _error(r, 400)["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_longer_than_context_is_400(base_url: str, stream: bool) -> None:
+    r = requests.post(f"{base_url}/v1/completions",
+                      json={"model": MODEL_ID, "prompt": "a" * 3000, "max_tokens": 5, "stream": stream})
+    err = _error(r, 400)
+    assert err["code"] == "context_length_exceeded"
+    assert "2048" in err["message"]
+
+
+def test_prompt_plus_max_tokens_over_context_is_400(base_url: str) -> None:
+    r = requests.post(f"{base_url}/v1/chat/completions",
+                      json={"model": MODEL_ID, "messages": [{"role": "user", "content": "a" * 2000}], "max_tokens": 100})
+    assert _error(r, 400)["param"] == "max_tokens"
+
+
+def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL_ID, prompt="x" * 5000, max_tokens=4)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_unknown_route_and_method_use_error_shape(base_url: str) -> None:
+    assert _error(requests.get(f"{base_url}/v1/nothing-here"), 404)["type"] == "not_found_error"
+    assert _error(requests.get(f"{base_url}/v1/completions"), 405)
+
+
+def test_errors_leave_the_engine_serving(client: openai.OpenAI, base_url: str) -> None:
+    for _ in range(3):
+        requests.post(f"{base_url}/v1/completions", json={"model": MODEL_ID, "prompt": "a" * 5000})
+        requests.post(f"{base_url}/v1/completions", data=b"{")
+    resp = client.completions.create(model=MODEL_ID, prompt="still alive?", max_tokens=4)
+    assert resp.usage.completion_tokens >= 1
+    assert requests.get(f"{base_url}/readyz").status_code == 200
+
+
+# -- a client that goes away mid-stream ----------------------------------------------------
+
+
+def _unfinished_in_engine() -> int:
+    from ray import serve
+
+    from helios.engine.deployment import deployment_name
+
+    handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name="helios-serving")
+    return handle.num_unfinished_requests.remote().result(timeout_s=30)
+
+
+def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
+    body = {"model": MODEL_ID, "prompt": "a long story", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(3)]
+            assert got[0].startswith("data: {")
+            assert _unfinished_in_engine() == 1  # generating while we listen
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 30
+    while _unfinished_in_engine() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert _unfinished_in_engine() == 0
