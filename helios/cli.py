@@ -14,6 +14,8 @@ import typer
 import yaml
 from rich.console import Console
 
+from helios.ray_env import ray_cluster_env
+
 app = typer.Typer(help="Helios: LLM serving on Ray Serve and vLLM.", no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(help="The built-in demo model.", no_args_is_help=True)
 config_app = typer.Typer(help="Serve configs.", no_args_is_help=True)
@@ -124,14 +126,14 @@ def serve_cmd(
     if not _ray_running():
         console.print(f"Starting a local Ray head with {num_cpus} logical CPUs…")
         subprocess.run(["ray", "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-                        "--include-dashboard=false"], check=True, capture_output=True)
+                        "--include-dashboard=false"], check=True, capture_output=True, env=ray_cluster_env())
         started_ray = True
     console.print(f"Deploying {len(apps)} application(s) from {config}; the first start builds the demo model "
                   "and starts vLLM (about a minute on a CPU)…")
     stop = threading.Event()
     threading.Thread(target=_announce_when_ready, args=(port, stop), daemon=True).start()
     try:
-        subprocess.run([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)])
+        subprocess.run([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)], env=ray_cluster_env())
     except KeyboardInterrupt:
         pass
     finally:

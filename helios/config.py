@@ -53,7 +53,7 @@ class ModelDeploymentConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0, description="Logical Ray CPUs one replica reserves.")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica takes at once before Serve queues.")
     stream_interval_ms: float = Field(
-        15.0,
+        50.0,
         ge=0,
         description="Least time between two streamed chunks of one request; tokens made meanwhile are coalesced "
         "into one message (the first token is never delayed).",

@@ -39,13 +39,20 @@ def serve_port() -> Iterator[int]:
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    from helios.ray_env import ray_cluster_env, reap_orphaned_haproxy
+
+    reap_orphaned_haproxy()
+    os.environ.update(ray_cluster_env())  # as `helios serve` starts Ray: HAProxy ingress
+    # HAProxy's own stats and metrics ports, free ones so a running `make serve` cannot clash.
+    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
     ray.shutdown()
+    reap_orphaned_haproxy()
 
 
 def tiny_args(cache_root: Path, **router: Any) -> dict[str, Any]:

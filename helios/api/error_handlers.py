@@ -35,9 +35,10 @@ def invalid_from_validation(exc: ValidationError | RequestValidationError) -> In
     return InvalidRequest(f"{param}: {msg}" if param else msg, param=param)
 
 
-def error_response(exc: HeliosError, request_id: str | None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(exc: HeliosError, request_id: str | None) -> JSONResponse:
     if exc.status_code >= 500:
         log_event(logger, "request_failed", logging.ERROR, request_id=request_id, error=type(exc).__name__, detail=exc.message)
+    headers = {"x-request-id": request_id} if request_id else None
     return JSONResponse(exc.to_body(request_id), status_code=exc.status_code, headers=headers)
 
 

@@ -274,6 +274,9 @@ def build(preset_name: str, out_dir: str | os.PathLike, progress: Callable[[str]
         if len(files) > 1:
             weight_map = {n: f for f, names in zip(files, shards) for n in names}
             _dump(tmp / "model.safetensors.index.json", {"metadata": {"total_size": preset.weight_bytes()}, "weight_map": weight_map})
+        for path in tmp.iterdir():  # mkdtemp and safetensors make owner-only files
+            path.chmod(0o644)
+        tmp.chmod(0o755)
         try:
             os.rename(tmp, out)
         except OSError:

@@ -66,4 +66,6 @@ def engine_deployment(model: ModelConfig, cache_root: str) -> serve.Application:
         health_check_period_s=10,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=20,
+        # The router logs each request; a second access line per engine call only costs CPU.
+        logging_config={"enable_access_log": False},
     ).bind(model.model_dump(mode="json"), cache_root)

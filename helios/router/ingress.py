@@ -34,14 +34,6 @@ app = FastAPI(title="Helios", docs_url=None, redoc_url=None, openapi_url=None)
 error_handlers.install(app)
 
 
-@app.middleware("http")
-async def _request_id(request: Request, call_next):
-    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    response = await call_next(request)
-    response.headers["x-request-id"] = request.state.request_id
-    return response
-
-
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
@@ -72,6 +64,12 @@ class Router:
     # -- edge checks -------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
+        """Name the request (the client's x-request-id, or a new one), then check its key.
+
+        Done per handler rather than in an HTTP middleware: Starlette's middleware wraps
+        every streamed body in extra tasks and queues, a real cost per chunk.
+        """
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if not self.keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -162,7 +160,7 @@ class Router:
         shape = ResponseShape(chat, ("chatcmpl-" if chat else "cmpl-") + ereq.request_id.replace(".", "-"), int(time.time()), body.model)
         if not body.stream:
             chunk = await self._call(engine.generate.remote(ereq))
-            return JSONResponse(shape.full(chunk))
+            return JSONResponse(shape.full(chunk), headers=self._headers(ereq))
         gen = self.streams[body.model].generate_stream.remote(ereq)
         try:
             first = await self._call(gen.__anext__())
@@ -172,7 +170,11 @@ class Router:
             gen.cancel()
             raise
         return StreamingResponse(self._events(shape, first, gen, body.include_usage, ereq.request_id),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **self._headers(ereq)})
+
+    @staticmethod
+    def _headers(ereq: EngineRequest) -> dict[str, str]:
+        return {"x-request-id": ereq.request_id.rpartition(".")[0]}
 
     @staticmethod
     async def _call(awaitable: Any) -> Any:

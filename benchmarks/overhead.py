@@ -1,0 +1,198 @@
+"""What serving through Helios costs over vLLM's own server, and over Ray Serve LLM.
+
+All three serve the tiny demo model with the same engine settings on this machine, one
+after the other in one run. For each: output tokens/s at 16 concurrent streamed requests
+(64 requests of 64 tokens, `ignore_eos`), and time to first token for 1-token requests
+sent one at a time. Writes JSON (and a PNG bar chart beside it); the last line printed
+gives Helios's tokens/s as ratios of the two baselines.
+
+    python benchmarks/overhead.py [--quick] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import servers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
+SYSTEM_NAMES = {"raw_vllm": "vLLM OpenAI server", "rayserve_llm": "Ray Serve LLM", "helios": "Helios"}
+
+
+def log(msg: str) -> None:
+    print(f"[overhead {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+async def wait_ready(base: str, proc, timeout_s: float = 420) -> float:
+    """Poll /v1/models until the model answers; returns seconds waited."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() - started < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                async with http.post(f"{base}/v1/completions", json={"model": servers.MODEL_ID, "prompt": "hi", "max_tokens": 1},
+                                     timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    if r.status == 200:
+                        return time.monotonic() - started
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(1)
+    raise TimeoutError(f"not ready after {timeout_s}s")
+
+
+async def stream_one(http: aiohttp.ClientSession, base: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """One streamed completion: (seconds to the first token, completion tokens from usage)."""
+    body = {"model": servers.MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with http.post(f"{base}/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.content:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event.get("choices"):
+                ttft = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return (ttft if ttft is not None else time.perf_counter() - start), tokens
+
+
+async def throughput(base: str, requests: int, concurrency: int, max_tokens: int) -> float:
+    """Output tokens/s with `concurrency` streams in flight until `requests` are done."""
+    queue = list(range(requests))
+    total = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        async def worker() -> None:
+            nonlocal total
+            while queue:
+                i = queue.pop()
+                _, tokens = await stream_one(http, base, f"Request {i}: tell me about the sea.", max_tokens)
+                total += tokens
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    if total != requests * max_tokens:
+        raise RuntimeError(f"expected {requests * max_tokens} tokens, got {total}")
+    return total / wall
+
+
+async def ttfts(base: str, n: int) -> list[float]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        return [(await stream_one(http, base, f"Latency probe {i}", 1))[0] for i in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def measure(system: str, model_dir: Path, port: int, args: argparse.Namespace, work: Path) -> dict:
+    log(f"{SYSTEM_NAMES[system]}: starting (log {work / (system + '.log')})")
+    proc = servers.launch(system, str(model_dir), port, ENGINE, str(work / f"{system}.log"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        ready_s = await wait_ready(base, proc)
+        log(f"{SYSTEM_NAMES[system]}: ready after {ready_s:.0f}s; warming up")
+        await throughput(base, 16, 16, 16)
+        rates = []
+        for r in range(args.rounds):
+            rates.append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
+            log(f"{SYSTEM_NAMES[system]}: round {r + 1}/{args.rounds}: {rates[-1]:.0f} tok/s")
+        lat = await ttfts(base, args.ttft_requests)
+        result = {
+            "tok_s": statistics.median(rates),
+            "tok_s_rounds": rates,
+            "ttft_p50_ms": percentile(lat, 0.5) * 1000,
+            "ttft_p99_ms": percentile(lat, 0.99) * 1000,
+            "ready_s": ready_s,
+        }
+        log(f"{SYSTEM_NAMES[system]}: {result['tok_s']:.0f} tok/s, TTFT p50 {result['ttft_p50_ms']:.1f} ms, "
+            f"p99 {result['ttft_p99_ms']:.1f} ms")
+        return result
+    finally:
+        servers.stop(proc)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [SYSTEM_NAMES[s] for s in results]
+    colors = ["#888888", "#4c72b0", "#dd8452"][: len(names)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.bar(names, [r["tok_s"] for r in results.values()], color=colors)
+    a.set_title("Output tokens/s (16 concurrent streams)")
+    b.bar(names, [r["ttft_p50_ms"] for r in results.values()], color=colors, label="p50")
+    b.scatter(names, [r["ttft_p99_ms"] for r in results.values()], color="black", zorder=3, label="p99")
+    b.set_title("Time to first token (ms)")
+    b.legend()
+    fig.suptitle("Serving overhead on the tiny demo model (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="One round and fewer latency probes (under 5 minutes).")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
+    parser.add_argument("--systems", default="raw_vllm,rayserve_llm,helios", help="Comma-separated subset to run.")
+    parser.add_argument("--port", type=int, default=8321)
+    args = parser.parse_args()
+    args.requests, args.concurrency, args.max_tokens = 64, 16, 64
+    args.rounds = 1 if args.quick else 3
+    args.ttft_requests = 30 if args.quick else 100
+
+    from helios.engine.demo_model import resolve_source
+
+    work = ROOT / "benchmarks" / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_source("demo://tiny", work / "cache")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    started = time.monotonic()
+    results = {s: asyncio.run(measure(s, model_dir, args.port + i, args, work)) for i, s in enumerate(systems)}
+
+    ratios = {}
+    if "helios" in results and "raw_vllm" in results:
+        ratios["helios_over_raw_tok_s"] = results["helios"]["tok_s"] / results["raw_vllm"]["tok_s"]
+    if "helios" in results and "rayserve_llm" in results:
+        ratios["helios_over_rayserve_llm_tok_s"] = results["helios"]["tok_s"] / results["rayserve_llm"]["tok_s"]
+    report = {
+        "benchmark": "overhead",
+        "quick": args.quick,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "workload": {"model": "demo://tiny", "engine": ENGINE, "requests": args.requests,
+                     "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds,
+                     "ttft_requests": args.ttft_requests, "streaming": True},
+        "systems": results,
+        "ratios": ratios,
+        "seconds": time.monotonic() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"))
+    log(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()) or "no ratios (run all three systems)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Start one of the compared OpenAI servers on a port and keep it up until SIGTERM.
+
+Run by the benchmarks as a subprocess, one system at a time, so each gets the whole
+machine and leaves nothing behind:
+
+    python benchmarks/servers.py {raw_vllm|rayserve_llm|helios} MODEL_DIR PORT ENGINE_JSON
+
+ENGINE_JSON holds the engine settings every system gets alike (dtype, max_model_len,
+max_num_seqs, enforce_eager, kv_cache_space_gib).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+MODEL_ID = "helios-demo-tiny"
+
+
+def _wait_for_sigterm() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(3600)
+
+
+def raw_vllm(model_dir: str, port: int, engine: dict) -> None:
+    """vLLM's own OpenAI server, as its users run it."""
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
+        "--max-num-seqs", str(engine["max_num_seqs"]), "--seed", "0", "--disable-log-stats",
+    ]
+    if engine.get("enforce_eager"):
+        args.append("--enforce-eager")
+    os.execv(sys.executable, args)
+
+
+def _ray_serve(app_builder, port: int) -> None:
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder(), name="bench", route_prefix="/")
+    try:
+        _wait_for_sigterm()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def rayserve_llm(model_dir: str, port: int, engine: dict) -> None:
+    """Ray Serve LLM's OpenAI app (`build_openai_app`) with the same engine settings."""
+
+    def build():
+        from ray.serve.llm import LLMConfig, build_openai_app
+
+        config = LLMConfig(
+            model_loading_config={"model_id": MODEL_ID, "model_source": model_dir},
+            accelerator_config={"kind": "cpu"},
+            engine_kwargs={
+                "dtype": engine["dtype"], "max_model_len": engine["max_model_len"],
+                "max_num_seqs": engine["max_num_seqs"], "enforce_eager": engine["enforce_eager"], "seed": 0,
+            },
+            deployment_config={"num_replicas": 1},
+            runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(engine["kv_cache_space_gib"])}},
+        )
+        return build_openai_app({"llm_configs": [config]})
+
+    _ray_serve(build, port)
+
+
+def helios(model_dir: str, port: int, engine: dict) -> None:
+    """Helios's router + engine deployments, on a Ray cluster started as `helios serve` starts it."""
+    from helios.ray_env import ray_cluster_env
+
+    os.environ.update(ray_cluster_env())
+
+    def build():
+        from helios.app import build_app
+
+        # HELIOS_BENCH_DEPLOYMENT: JSON deployment settings, to measure a tuning knob.
+        deployment = json.loads(os.environ.get("HELIOS_BENCH_DEPLOYMENT", "{}"))
+        model = {"id": MODEL_ID, "source": model_dir, "engine": engine, "deployment": deployment}
+        return build_app({"models": [model]})
+
+    _ray_serve(build, port)
+
+
+def rayserve_llm_haproxy(model_dir: str, port: int, engine: dict) -> None:
+    """Ray Serve LLM on Ray Serve's HAProxy ingress too: shows what of Helios's lead is that choice."""
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    rayserve_llm(model_dir, port, engine)
+
+
+SYSTEMS = {"raw_vllm": raw_vllm, "rayserve_llm": rayserve_llm, "rayserve_llm_haproxy": rayserve_llm_haproxy,
+           "helios": helios}
+
+
+def launch(system: str, model_dir: str, port: int, engine: dict, log_path: str) -> subprocess.Popen:
+    """Start `system` in its own process group, logging to `log_path`."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(engine["kv_cache_space_gib"])}
+    log = open(log_path, "w")
+    return subprocess.Popen(
+        [sys.executable, __file__, system, model_dir, str(port), json.dumps(engine)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM the server (Ray ones shut their cluster down), then kill what is left of its group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    from helios.ray_env import reap_orphaned_haproxy
+
+    time.sleep(1)
+    reap_orphaned_haproxy()
+
+
+if __name__ == "__main__":
+    name, model_dir, port, engine_json = sys.argv[1:5]
+    SYSTEMS[name](model_dir, int(port), json.loads(engine_json))

