@@ -52,6 +52,13 @@ class ModelDeploymentConfig(_Strict):
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the engine runs.")
     num_cpus: float = Field(1.0, ge=0, description="Logical Ray CPUs one replica reserves.")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica takes at once before Serve queues.")
+    nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="CPU nice value added to the replica process once its engine has started (the engine "
+        "core and workers keep theirs), so the engine's step loop wins contended cores.",
+    )
     stream_interval_ms: float = Field(
         50.0,
         ge=0,
@@ -97,6 +104,9 @@ class RouterConfig(_Strict):
     num_cpus: float = Field(0.5, ge=0, description="Logical Ray CPUs one router replica reserves.")
     max_ongoing_requests: int = Field(2048, ge=1, description="Requests one router replica takes at once.")
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each model's replica.")
+    nice: int = Field(
+        10, ge=0, le=19, description="CPU nice value added to router processes, so engines win contended cores."
+    )
 
     def keys(self) -> list[str]:
         """The configured keys plus those from HELIOS_API_KEYS (secrets may come from the environment)."""

@@ -33,3 +33,15 @@ def reap_orphaned_haproxy() -> int:
             proc.kill()
             killed += 1
     return killed
+
+
+def lower_priority(nice: int) -> None:
+    """Lower this process's CPU priority by `nice` (0 leaves it as it is).
+
+    The engine's step loop (vLLM's engine core and workers) is what keeps the batch
+    moving; HTTP handling and Ray messaging can wait a few microseconds. Where cores are
+    scarce, giving the Python front-end processes a higher nice value lets the engine win
+    every contended time slice. Raising a nice value needs no privilege.
+    """
+    if nice > 0:
+        os.nice(nice)

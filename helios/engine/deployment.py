@@ -10,6 +10,7 @@ from ray import serve
 from helios.api.protocol import EngineChunk, EngineRequest
 from helios.config import ModelConfig
 from helios.engine.demo_model import resolve_source
+from helios.ray_env import lower_priority
 
 
 class EngineDeployment:
@@ -23,6 +24,8 @@ class EngineDeployment:
         config = ModelConfig.model_validate(model)
         model_dir = resolve_source(config.source, Path(cache_root))
         self.engine = LLMEngine(config, model_dir)
+        # After the engine core and workers are spawned, so they keep the normal priority.
+        lower_priority(config.deployment.nice)
 
     async def generate_stream(self, req: EngineRequest) -> AsyncIterator[list[EngineChunk]]:
         """Stream coalesced chunks (called with `stream=True`); cancelling it aborts in vLLM."""

@@ -27,6 +27,7 @@ from helios.api.responses import ResponseShape, error_event
 from helios.config import RouterConfig
 from helios.errors import AuthenticationFailed, HeliosError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
+from helios.ray_env import lower_priority
 
 logger = get_logger("router")
 
@@ -60,6 +61,7 @@ class Router:
         self.engines = engines
         self.streams = {m: h.options(stream=True) for m, h in engines.items()}
         self.infos: dict[str, dict[str, Any]] = {}
+        lower_priority(self.config.nice)
 
     # -- edge checks -------------------------------------------------------------
 
