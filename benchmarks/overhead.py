@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import servers  # noqa: E402
+import servers
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
@@ -48,7 +48,7 @@ async def wait_ready(base: str, proc, timeout_s: float = 420) -> float:
                                      timeout=aiohttp.ClientTimeout(total=10)) as r:
                     if r.status == 200:
                         return time.monotonic() - started
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(1)
     raise TimeoutError(f"not ready after {timeout_s}s")
@@ -98,6 +98,28 @@ async def ttfts(base: str, n: int) -> list[float]:
         return [(await stream_one(http, base, f"Latency probe {i}", 1))[0] for i in range(n)]
 
 
+def cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by a server's process tree, split into the vLLM engine's own
+    processes (engine core and workers) and everything else (the serving front end: HTTP,
+    Ray, routers, output processing). Robust where wall-clock rates swing with the host."""
+    import psutil
+
+    totals = {"engine": 0.0, "frontend": 0.0}
+    try:
+        procs = [psutil.Process(root_pid)] + psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return totals
+    for proc in procs:
+        try:
+            name = proc.name()
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        kind = "engine" if name.startswith(("VLLM::EngineCore", "VLLM::Worker")) else "frontend"
+        totals[kind] += times.user + times.system
+    return totals
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -114,9 +136,13 @@ async def measure(system: str, model_dir: Path, port: int, args: argparse.Namesp
         log(f"{SYSTEM_NAMES[system]}: ready after {ready_s:.0f}s; warming up")
         await throughput(base, 16, 16, 16)
         rates = []
+        cpu_before = cpu_seconds(proc.pid)
         for r in range(args.rounds):
             rates.append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
             log(f"{SYSTEM_NAMES[system]}: round {r + 1}/{args.rounds}: {rates[-1]:.0f} tok/s")
+        cpu_after = cpu_seconds(proc.pid)
+        tokens = args.rounds * args.requests * args.max_tokens
+        cpu_us = {k: (cpu_after[k] - cpu_before[k]) / tokens * 1e6 for k in cpu_after}
         lat = await ttfts(base, args.ttft_requests)
         result = {
             "tok_s": statistics.median(rates),
@@ -124,9 +150,11 @@ async def measure(system: str, model_dir: Path, port: int, args: argparse.Namesp
             "ttft_p50_ms": percentile(lat, 0.5) * 1000,
             "ttft_p99_ms": percentile(lat, 0.99) * 1000,
             "ready_s": ready_s,
+            "cpu_us_per_token": cpu_us,
         }
         log(f"{SYSTEM_NAMES[system]}: {result['tok_s']:.0f} tok/s, TTFT p50 {result['ttft_p50_ms']:.1f} ms, "
-            f"p99 {result['ttft_p99_ms']:.1f} ms")
+            f"p99 {result['ttft_p99_ms']:.1f} ms; CPU per token: engine {cpu_us['engine']:.0f} us, "
+            f"front end {cpu_us['frontend']:.0f} us")
         return result
     finally:
         servers.stop(proc)
@@ -183,6 +211,13 @@ def main() -> None:
         ratios["helios_over_raw_tok_s"] = results["helios"]["tok_s"] / results["raw_vllm"]["tok_s"]
     if "helios" in results and "rayserve_llm" in results:
         ratios["helios_over_rayserve_llm_tok_s"] = results["helios"]["tok_s"] / results["rayserve_llm"]["tok_s"]
+    if "helios" in results and "raw_vllm" in results:
+        # Front-end CPU per token, each normalised by its own engine's CPU per token (which
+        # is the same work in every system, so it cancels the host's speed at the time).
+        def share(r: dict) -> float:
+            return r["cpu_us_per_token"]["frontend"] / r["cpu_us_per_token"]["engine"]
+
+        ratios["helios_over_raw_frontend_cpu"] = share(results["helios"]) / share(results["raw_vllm"])
     report = {
         "benchmark": "overhead",
         "quick": args.quick,

@@ -124,7 +124,7 @@ class HeliosArgs(_Strict):
     )
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> "HeliosArgs":
+    def _unique_ids(self) -> HeliosArgs:
         ids = [m.id for m in self.models]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:

@@ -58,7 +58,7 @@ def test_completion_returns_tokens_and_usage(client: openai.OpenAI) -> None:
     resp = client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=10, temperature=0)
     assert resp.object == "text_completion"
     assert resp.choices[0].finish_reason in ("length", "stop")
-    assert resp.usage.prompt_tokens == len("Hello".encode())  # byte-level tokenizer, no BOS
+    assert resp.usage.prompt_tokens == len(b"Hello")  # byte-level tokenizer, no BOS
     assert 1 <= resp.usage.completion_tokens <= 10
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
@@ -271,13 +271,12 @@ def _unfinished_in_engine() -> int:
 
 def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
     body = {"model": MODEL_ID, "prompt": "a long story", "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()
-            got = [next(lines) for _ in range(3)]
-            assert got[0].startswith("data: {")
-            assert _unfinished_in_engine() == 1  # generating while we listen
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert got[0].startswith("data: {")
+        assert _unfinished_in_engine() == 1  # generating while we listen
         # leaving the block closes the connection mid-stream
     deadline = time.monotonic() + 30
     while _unfinished_in_engine() and time.monotonic() < deadline:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 
@@ -27,7 +28,7 @@ class EngineDeployment:
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
 
-    async def generate_stream(self, req: EngineRequest) -> AsyncIterator[list[EngineChunk]]:
+    async def generate_stream(self, req: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream coalesced chunks (called with `stream=True`); cancelling it aborts in vLLM."""
         async for chunk in self.engine.generate(req):
             yield chunk

@@ -10,10 +10,12 @@ costs one message per `stream_interval`, not one per token.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from helios.api.protocol import EngineChunk, EngineRequest
 from helios.config import ModelConfig
@@ -117,30 +119,40 @@ class LLMEngine:
         except (ValueError, TypeError) as exc:
             raise InvalidRequest(str(exc)) from None
 
-    async def generate(self, req: EngineRequest, coalesce: bool = True) -> AsyncIterator[EngineChunk]:
-        """Stream a request's output; closing this iterator aborts the request in vLLM."""
+    async def generate(self, req: EngineRequest, interval_s: float | None = None) -> AsyncIterator[EngineChunk]:
+        """Stream a request's output; closing this iterator aborts the request in vLLM.
+
+        The first token goes out at once; after that, tokens are gathered and sent at most
+        every `interval_s` (the deployment's stream interval by default), and the last
+        one the moment the request finishes, so a finished request never waits out a timer.
+        """
         prompt_ids = self._prompt_ids(req)
         sampling = self._sampling_params(req, len(prompt_ids))
-        interval = self.stream_interval_s if coalesce else 0.0
+        interval = self.stream_interval_s if interval_s is None else interval_s
         stream = self.engine.generate({"prompt_token_ids": prompt_ids}, sampling, req.request_id)
         completion_tokens, finished = 0, False
+        text: list[str] = []
+        token_ids: list[int] = []
         loop = asyncio.get_running_loop()
+        send_at = loop.time() if math.isfinite(interval) else math.inf  # inf: one chunk at the end
         try:
             async for out in stream:
-                sent_at = loop.time()
                 completion = out.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 finished = out.finished
-                yield EngineChunk(
-                    text=completion.text,
-                    token_ids=list(completion.token_ids) if req.return_token_ids else None,
-                    finish_reason=completion.finish_reason if finished else None,
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=completion_tokens,
-                )
-                if interval and not finished:
-                    # Let vLLM's collector merge the tokens of the next `interval` into one chunk.
-                    await asyncio.sleep(max(0.0, sent_at + interval - loop.time()))
+                text.append(completion.text)
+                if req.return_token_ids:
+                    token_ids.extend(completion.token_ids)
+                now = loop.time()
+                if finished or now >= send_at:
+                    yield EngineChunk(
+                        text="".join(text),
+                        token_ids=token_ids if req.return_token_ids else None,
+                        finish_reason=completion.finish_reason if finished else None,
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=completion_tokens,
+                    )
+                    text, token_ids, send_at = [], [], now + interval
         except (InvalidRequest, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
@@ -158,11 +170,5 @@ class LLMEngine:
 
     async def generate_full(self, req: EngineRequest) -> EngineChunk:
         """The whole output of a request as one chunk (for non-streamed responses)."""
-        text, token_ids, last = [], [], None
-        async for chunk in self.generate(req, coalesce=False):
-            text.append(chunk.text)
-            if chunk.token_ids:
-                token_ids.extend(chunk.token_ids)
-            last = chunk
-        assert last is not None
-        return EngineChunk("".join(text), token_ids if req.return_token_ids else None, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        chunks = [chunk async for chunk in self.generate(req, interval_s=math.inf)]
+        return chunks[-1]

@@ -13,7 +13,8 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -84,12 +85,14 @@ class Router:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         return self.engines[model]
 
-    async def _info(self, model: str, timeout: float | None = None) -> dict[str, Any]:
-        """The engine's static facts (context length, created), fetched once per model."""
-        if model not in self.infos:
-            call = self.engines[model].info.remote()
-            self.infos[model] = await (asyncio.wait_for(call, timeout) if timeout else call)
-        return self.infos[model]
+    async def _probe(self, model: str) -> dict[str, Any] | None:
+        """The model's engine facts if a replica answers within the ready timeout, else None."""
+        try:
+            info = await asyncio.wait_for(self.engines[model].info.remote(), self.config.ready_timeout_s)
+        except Exception:
+            return None
+        self.infos[model] = info
+        return info
 
     # -- OpenAI API ----------------------------------------------------------------
 
@@ -103,7 +106,7 @@ class Router:
             sampling=body.sampling(body.max_tokens),
             return_token_ids=body.return_token_ids,
         )
-        return await self._serve(body, ereq, chat=False)
+        return await self._serve(body, ereq, chat=False, request_id=request.state.request_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -115,19 +118,17 @@ class Router:
             sampling=body.sampling(body.token_limit()),
             return_token_ids=body.return_token_ids,
         )
-        return await self._serve(body, ereq, chat=True)
+        return await self._serve(body, ereq, chat=True, request_id=request.state.request_id)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
+        infos = await asyncio.gather(*(self._probe(m) for m in self.engines))
         data = []
-        for model in self.engines:
-            try:
-                info = await self._info(model, timeout=self.config.ready_timeout_s)
-                data.append({"id": model, "object": "model", "created": info["created"], "owned_by": "helios",
-                             "max_model_len": info["max_model_len"], "ready": True})
-            except (asyncio.TimeoutError, Exception):
-                data.append({"id": model, "object": "model", "created": 0, "owned_by": "helios", "ready": False})
+        for model, info in zip(self.engines, infos):
+            known = info or self.infos.get(model) or {}
+            data.append({"id": model, "object": "model", "created": known.get("created", 0), "owned_by": "helios",
+                         "max_model_len": known.get("max_model_len"), "ready": info is not None})
         return JSONResponse({"object": "list", "data": data})
 
     # -- health --------------------------------------------------------------------
@@ -138,14 +139,8 @@ class Router:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        async def ready(model: str) -> bool:
-            try:
-                await asyncio.wait_for(self.engines[model].info.remote(), self.config.ready_timeout_s)
-                return True
-            except Exception:
-                return False
-
-        states = dict(zip(self.engines, await asyncio.gather(*(ready(m) for m in self.engines))))
+        infos = await asyncio.gather(*(self._probe(m) for m in self.engines))
+        states = {model: info is not None for model, info in zip(self.engines, infos)}
         ok = all(states.values())
         return JSONResponse({"status": "ready" if ok else "not_ready", "models": states}, status_code=200 if ok else 503)
 
@@ -157,12 +152,13 @@ class Router:
         except ValidationError as exc:
             raise error_handlers.invalid_from_validation(exc) from None
 
-    async def _serve(self, body: Any, ereq: EngineRequest, chat: bool) -> Response:
+    async def _serve(self, body: Any, ereq: EngineRequest, chat: bool, request_id: str) -> Response:
         engine = self._engine(body.model)
-        shape = ResponseShape(chat, ("chatcmpl-" if chat else "cmpl-") + ereq.request_id.replace(".", "-"), int(time.time()), body.model)
+        shape = ResponseShape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, int(time.time()), body.model)
+        headers = {"x-request-id": request_id}
         if not body.stream:
             chunk = await self._call(engine.generate.remote(ereq))
-            return JSONResponse(shape.full(chunk), headers=self._headers(ereq))
+            return JSONResponse(shape.full(chunk), headers=headers)
         gen = self.streams[body.model].generate_stream.remote(ereq)
         try:
             first = await self._call(gen.__anext__())
@@ -171,12 +167,8 @@ class Router:
         except BaseException:
             gen.cancel()
             raise
-        return StreamingResponse(self._events(shape, first, gen, body.include_usage, ereq.request_id),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **self._headers(ereq)})
-
-    @staticmethod
-    def _headers(ereq: EngineRequest) -> dict[str, str]:
-        return {"x-request-id": ereq.request_id.rpartition(".")[0]}
+        return StreamingResponse(self._events(shape, first, gen, body.include_usage, request_id),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
 
     @staticmethod
     async def _call(awaitable: Any) -> Any:
