@@ -15,10 +15,15 @@ def ray_cluster_env() -> dict[str, str]:
       and handle routing on the replica's main event loop (no cross-thread hops), gRPC
       between deployments, buffered request logs, GC frozen after start. It cut the
       router's and engine replica's CPU per request by about 2.5x.
+    - `RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5`: the Serve controller reconciles every 0.5 s
+      instead of 0.1 s; idle, it used 22% of a core at 0.1 s and 15% at 0.5 s, CPU the
+      engine needs more than a faster reaction to replica changes (autoscaling decides
+      over tens of seconds anyway).
     """
     env = dict(os.environ)
     env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    env.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     return env
 
 
