@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -132,15 +133,34 @@ def serve_cmd(
                   "and starts vLLM (about a minute on a CPU)…")
     stop = threading.Event()
     threading.Thread(target=_announce_when_ready, args=(port, stop), daemon=True).start()
+    # The child gets a default SIGINT even if ours is ignored (as under `nohup` or `&`).
+    child = subprocess.Popen([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)],
+                             env=ray_cluster_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def _forward(signum: int, _frame: object) -> None:
+        # `serve run` shuts the applications down cleanly on SIGINT, whichever signal we got;
+        # a second signal, or 30 s without an exit, ends it outright.
+        console.print("Stopping Helios…")
+        if stop.is_set():
+            child.terminate()
+            return
+        stop.set()
+        child.send_signal(signal.SIGINT)
+        threading.Timer(30, lambda: child.poll() is None and child.terminate()).start()
+
+    signal.signal(signal.SIGINT, _forward)
+    signal.signal(signal.SIGTERM, _forward)
     try:
-        subprocess.run([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)], env=ray_cluster_env())
-    except KeyboardInterrupt:
-        pass
+        child.wait()
     finally:
         stop.set()
         if started_ray:
             console.print("Stopping the local Ray head…")
-            subprocess.run(["ray", "stop", "--force"], capture_output=True)
+            subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+            from helios.ray_env import reap_orphaned_haproxy
+
+            reap_orphaned_haproxy()
+    raise typer.Exit(child.returncode if child.returncode and child.returncode > 0 else 0)
 
 
 def main() -> None:
