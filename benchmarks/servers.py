@@ -102,9 +102,19 @@ SYSTEMS = {"raw_vllm": raw_vllm, "rayserve_llm": rayserve_llm, "rayserve_llm_hap
            "helios": helios}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(system: str, model_dir: str, port: int, engine: dict, log_path: str) -> subprocess.Popen:
     """Start `system` in its own process group, logging to `log_path`."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(engine["kv_cache_space_gib"])}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(engine["kv_cache_space_gib"]),
+           # Fresh HAProxy side ports, so a previous system's HAProxy still draining cannot clash.
+           "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
     log = open(log_path, "w")
     return subprocess.Popen(
         [sys.executable, __file__, system, model_dir, str(port), json.dumps(engine)],
@@ -113,7 +123,13 @@ def launch(system: str, model_dir: str, port: int, engine: dict, log_path: str) 
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    """SIGTERM the server (Ray ones shut their cluster down), then kill what is left of its group."""
+    """SIGTERM the server (Ray ones shut their cluster down), then kill what is left of its tree."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -125,10 +141,12 @@ def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-    from helios.ray_env import reap_orphaned_haproxy
-
-    time.sleep(1)
-    reap_orphaned_haproxy()
+    # Ray's HAProxy and vLLM's engine processes can outlive a killed parent.
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 if __name__ == "__main__":
