@@ -15,7 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from helios.ray_env import ray_cluster_env
+from helios.ray_env import ray_cluster_env, reap_orphaned_haproxy
 
 app = typer.Typer(help="Helios: LLM serving on Ray Serve and vLLM.", no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(help="The built-in demo model.", no_args_is_help=True)
@@ -53,7 +53,8 @@ def demo_build(
     console.print(f"[green]done[/green]: {out}")
 
 
-def _load_apps(path: Path) -> list[dict[str, Any]]:
+def _load_config(path: Path) -> dict[str, Any]:
+    """The Serve config document, which must hold an `applications:` list."""
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -63,20 +64,21 @@ def _load_apps(path: Path) -> list[dict[str, Any]]:
     apps = (data or {}).get("applications")
     if not isinstance(apps, list) or not apps:
         _fail(f"{path} has no `applications:` list")
-    return apps
+    return data
 
 
-def _check(path: Path) -> list[dict[str, Any]]:
+def _check(path: Path) -> dict[str, Any]:
+    """Load a Serve config and validate the args of every Helios application in it."""
     from helios.config import ConfigError, parse_args
 
-    apps = _load_apps(path)
-    for i, application in enumerate(apps):
+    data = _load_config(path)
+    for i, application in enumerate(data["applications"]):
         if application.get("import_path") == "helios.app:build_app":
             try:
                 parse_args(application.get("args") or {})
             except ConfigError as exc:
                 _fail(f"{path}: applications.{i}.args: {exc}")
-    return apps
+    return data
 
 
 @config_app.command("check")
@@ -118,8 +120,8 @@ def serve_cmd(
     num_cpus: int = typer.Option(8, help="Logical CPUs the local Ray head advertises (replicas reserve them)."),
 ) -> None:
     """Run a Serve config on a local Ray head (`serve run` under the hood) and print the URL."""
-    apps = _check(config)
-    data = yaml.safe_load(config.read_text())
+    data = _check(config)
+    apps = data["applications"]
     port = int((data.get("http_options") or {}).get("port", 8000))
     bin_dir = Path(sys.executable).parent
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -157,8 +159,6 @@ def serve_cmd(
         if started_ray:
             console.print("Stopping the local Ray head…")
             subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
-            from helios.ray_env import reap_orphaned_haproxy
-
             reap_orphaned_haproxy()
     raise typer.Exit(child.returncode if child.returncode and child.returncode > 0 else 0)
 

@@ -2,9 +2,9 @@
 
 This is the engine's logic as a plain class (the Serve deployment only wraps it):
 turning an `EngineRequest` into token ids and SamplingParams, checking them against the
-context length, and streaming coalesced `EngineChunk`s back. Tokens made while the
-previous chunk is in flight are merged by vLLM's own per-request collector, so a stream
-costs one message per `stream_interval`, not one per token.
+context length, and streaming coalesced `EngineChunk`s back: tokens are gathered here
+and sent at most once per `stream_interval`, so a stream costs one Ray message per
+interval, not one per token.
 """
 
 from __future__ import annotations

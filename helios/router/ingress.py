@@ -94,6 +94,11 @@ class Router:
         self.infos[model] = info
         return info
 
+    async def _probe_all(self) -> dict[str, dict[str, Any] | None]:
+        """`_probe` of every model, concurrently."""
+        infos = await asyncio.gather(*(self._probe(m) for m in self.engines))
+        return dict(zip(self.engines, infos))
+
     # -- OpenAI API ----------------------------------------------------------------
 
     @app.post("/v1/completions")
@@ -123,9 +128,8 @@ class Router:
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        infos = await asyncio.gather(*(self._probe(m) for m in self.engines))
         data = []
-        for model, info in zip(self.engines, infos):
+        for model, info in (await self._probe_all()).items():
             known = info or self.infos.get(model) or {}
             data.append({"id": model, "object": "model", "created": known.get("created", 0), "owned_by": "helios",
                          "max_model_len": known.get("max_model_len"), "ready": info is not None})
@@ -139,8 +143,7 @@ class Router:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        infos = await asyncio.gather(*(self._probe(m) for m in self.engines))
-        states = {model: info is not None for model, info in zip(self.engines, infos)}
+        states = {model: info is not None for model, info in (await self._probe_all()).items()}
         ok = all(states.values())
         return JSONResponse({"status": "ready" if ok else "not_ready", "models": states}, status_code=200 if ok else 503)
 
@@ -188,9 +191,7 @@ class Router:
                 last, finished = chunk, chunk.finish_reason is not None
                 yield shape.event(chunk, first=False)
             yield shape.closing(last, include_usage)
-        except HeliosError as exc:
-            yield error_event(exc.to_body(request_id))
-        except Exception as exc:
+        except Exception as exc:  # the 200 is already sent: report in-band
             inner = error_handlers.unwrap(exc)
             err = inner if isinstance(inner, HeliosError) else HeliosError("stream failed")
             log_event(logger, "stream_failed", request_id=request_id, error=repr(exc))
