@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -40,6 +49,12 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile (faster start).")
     seed: int = Field(0, description="Engine seed, for reproducible sampling.")
+    share_weights: bool = Field(
+        False,
+        description="CPU: keep weights on the cache's mapped pages instead of vLLM's per-replica oneDNN repack, "
+        "so every replica of this model on a node shares one copy (costs some tokens/s). Needs a `storage:` "
+        "section (the model is loaded from a local tier).",
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Further AsyncEngineArgs keys, passed through verbatim (checked at start)."
     )
@@ -73,8 +88,9 @@ class ModelConfig(_Strict):
     id: str = Field(..., pattern=MODEL_ID_PATTERN, description="The model name clients send in `model`.")
     source: str = Field(
         ...,
-        description="A directory with config.json, tokenizer and safetensors, or `demo://<preset>` for the "
-        "built-in demo model (built into the cache root on first use).",
+        description="Where the model's files come from: a directory (or file://) loaded as is; `demo://<preset>` "
+        "for the built-in demo model (built on first use, and pushed to the remote tier when a `storage:` "
+        "section exists); or `store://ID[:VERSION]` for a model pushed with `helios models push`.",
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig)
@@ -88,9 +104,93 @@ class ModelConfig(_Strict):
             preset = value.removeprefix("demo://")
             if preset not in PRESETS:
                 raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
+        elif value.startswith("store://"):
+            if not value.removeprefix("store://").strip(":"):
+                raise ValueError("store:// source needs a model id: store://ID[:VERSION]")
         elif "://" in value and not value.startswith("file://"):
-            raise ValueError("source must be a local directory, file://, or demo://<preset>")
+            raise ValueError("source must be a local directory, file://, demo://<preset> or store://ID[:VERSION]")
         return value
+
+    def uses_store(self) -> bool:
+        """Whether this model is loaded through the storage tiers (not straight from a directory)."""
+        return self.source.startswith(("store://", "demo://"))
+
+
+class _LocalTierConfig(_Strict):
+    path: str | None = Field(
+        None, description="Directory of this tier; defaults under the cache root (RAM: /dev/shm/helios-<user>)."
+    )
+    capacity: ByteSize = Field(..., description="Most bytes of blobs this tier holds, e.g. `8GiB`; it evicts beyond.")
+    eviction: Literal["lru"] = Field("lru", description="Which blobs go first when the tier is full.")
+
+
+class RamTierConfig(_LocalTierConfig):
+    """Shared memory on the node: every process maps the same pages."""
+
+    kind: Literal["ram"]
+
+
+class NvmeTierConfig(_LocalTierConfig):
+    """A fast local disk."""
+
+    kind: Literal["nvme"]
+
+
+class SsdTierConfig(_LocalTierConfig):
+    """A slower, larger local disk."""
+
+    kind: Literal["ssd"]
+
+
+class RemoteTierConfig(_Strict):
+    """The durable tier, any fsspec URL (`s3://bucket/prefix`, `gs://...`, `file:///dir`)."""
+
+    kind: Literal["remote"]
+    url: str = Field(..., description="fsspec URL of the store's root; `file://~/x` expands `~`.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to the fsspec filesystem (for s3: endpoint_url, key, secret, ...). Credentials may "
+        "also come from the usual AWS_* environment variables.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _has_scheme(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("remote url needs a scheme, e.g. s3://bucket/prefix or file:///path")
+        return value
+
+
+TierConfig = Annotated[
+    RamTierConfig | NvmeTierConfig | SsdTierConfig | RemoteTierConfig, Field(discriminator="kind")
+]
+
+
+class TransferConfig(_Strict):
+    """How blobs move between tiers."""
+
+    chunk_mib: int = Field(16, ge=1, le=1024, description="Size of one ranged read.")
+    concurrency: int = Field(16, ge=1, le=256, description="Ranged reads in flight at once (a sliding window).")
+    lock_timeout_s: float = Field(
+        3600, gt=0, description="How long a process waits for another one fetching the same blob."
+    )
+
+
+class StorageConfig(_Strict):
+    """The model cache: tiers from fastest to slowest, and transfer settings."""
+
+    tiers: list[TierConfig] = Field(..., min_length=1, description="Cache tiers; at most one of each kind.")
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> StorageConfig:
+        kinds = [t.kind for t in self.tiers]
+        dupes = sorted({k for k in kinds if kinds.count(k) > 1})
+        if dupes:
+            raise ValueError(f"tiers: more than one tier of kind {dupes}")
+        if all(t.kind == "remote" for t in self.tiers):
+            raise ValueError("tiers: at least one local tier (ram, nvme or ssd) is needed to load from")
+        return self
 
 
 class RouterConfig(_Strict):
@@ -122,6 +222,9 @@ class HeliosArgs(_Strict):
     cache_root: str | None = Field(
         None, description="Where Helios keeps built and fetched models; default HELIOS_CACHE_ROOT or ~/.cache/helios."
     )
+    storage: StorageConfig | None = Field(
+        None, description="The multi-tier model cache; without it models load straight from their source directory."
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> HeliosArgs:
@@ -129,6 +232,11 @@ class HeliosArgs(_Strict):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"models: duplicate id(s) {dupes}")
+        for i, m in enumerate(self.models):
+            if m.source.startswith("store://") and self.storage is None:
+                raise ValueError(f"models.{i}.source: store:// needs a `storage:` section")
+            if m.engine.share_weights and self.storage is None:
+                raise ValueError(f"models.{i}.engine.share_weights: needs a `storage:` section")
         return self
 
     def resolved_cache_root(self) -> Path:

@@ -77,3 +77,27 @@ class ServiceUnavailable(HeliosError):
 
 class EngineError(HeliosError):
     """The engine failed while serving a request (logged, hidden from the client)."""
+
+
+class ModelVersionNotFound(ModelNotFound):
+    """No manifest for this model (or version) in any tier of the store."""
+
+
+class StorageError(HeliosError):
+    """The model cache failed: a tier, a transfer or the remote store (message is for operators)."""
+
+
+class BlobNotFound(StorageError):
+    """A manifest names a blob that no tier holds."""
+
+
+class CorruptBlob(StorageError):
+    """A blob's bytes do not match its digest."""
+
+
+class TierFull(StorageError):
+    """A local tier cannot make room (capacity or disk) for a blob."""
+
+
+class RemoteUnavailable(StorageError):
+    """The remote tier cannot be reached or refuses us (URL, endpoint, credentials, bucket)."""

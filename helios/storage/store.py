@@ -1,0 +1,250 @@
+"""The model store: manifests and blobs across the tiers, as one object.
+
+`push` hashes a model directory and writes it through to the durable tier;
+`ensure_local` makes a version loadable on this node: every blob is taken from the
+fastest tier that has it (verified on the way), promoted into the load tier, and
+the slower local tiers in between are filled behind it so the next cold start on
+this node needs no network.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helios.config import RemoteTierConfig, StorageConfig, TransferConfig
+from helios.errors import BlobNotFound, CorruptBlob, ModelVersionNotFound, StorageError
+from helios.observability.logs import get_logger, log_event
+from helios.storage.eviction import POLICIES
+from helios.storage.manifest import Manifest, build_manifest
+from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier
+from helios.storage.transfer import Progress, fetch_blob
+
+logger = get_logger("storage.store")
+_UPLOAD_BLOCK = 16 << 20
+
+
+@dataclass
+class LocalModel:
+    """A model version ready to load: a directory of links into one local tier."""
+
+    manifest: Manifest
+    path: Path
+    tier: str
+    timings: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)  # tier kind -> bytes taken from it
+    fill: threading.Thread | None = None  # filling slower local tiers, if run in the background
+
+
+def default_local_path(kind: str, cache_root: Path) -> Path:
+    if kind == "ram":
+        import getpass
+
+        return Path("/dev/shm") / f"helios-{getpass.getuser()}"
+    return cache_root / kind
+
+
+class ModelStore:
+    """Every tier of the cache, fastest first, the remote tier (if any) last."""
+
+    def __init__(self, tiers: list[Tier], transfer: TransferConfig | None = None) -> None:
+        order = {k: i for i, k in enumerate((*LOCAL_KINDS, "remote"))}
+        self.tiers = sorted(tiers, key=lambda t: order[t.kind])
+        self.local: list[LocalTier] = [t for t in self.tiers if isinstance(t, LocalTier)]
+        self.remote: Tier | None = next((t for t in self.tiers if t.kind == "remote"), None)
+        self.transfer = transfer or TransferConfig()
+        if not self.local:
+            raise StorageError("the store needs at least one local tier")
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig, cache_root: Path) -> ModelStore:
+        tiers: list[Tier] = []
+        for t in cfg.tiers:
+            if isinstance(t, RemoteTierConfig):
+                tiers.append(RemoteTier(t.url, t.storage_options))
+            else:
+                root = Path(t.path).expanduser() if t.path else default_local_path(t.kind, cache_root)
+                tiers.append(LocalTier(t.kind, root, int(t.capacity), POLICIES[t.eviction]()))
+        return cls(tiers, cfg.transfer)
+
+    def tier(self, kind: str) -> Tier:
+        for t in self.tiers:
+            if t.kind == kind:
+                return t
+        raise StorageError(f"no {kind} tier configured (have: {', '.join(t.kind for t in self.tiers)})")
+
+    @property
+    def durable(self) -> Tier:
+        """Where pushes go: the remote tier, or the slowest local one without it."""
+        return self.remote or self.local[-1]
+
+    # --- catalog ---
+    def versions(self, model_id: str) -> list[Manifest]:
+        """Every known version of a model, newest first (a version in several tiers once)."""
+        seen: dict[str, Manifest] = {}
+        for t in self.tiers:
+            for m in t.manifests(model_id):
+                seen.setdefault(m.version, m)
+        return sorted(seen.values(), key=lambda m: m.created, reverse=True)
+
+    def models(self) -> list[Manifest]:
+        seen: dict[tuple[str, str], Manifest] = {}
+        for t in self.tiers:
+            for m in t.manifests():
+                seen.setdefault((m.model_id, m.version), m)
+        return sorted(seen.values(), key=lambda m: (m.model_id, -m.created))
+
+    def resolve(self, model_id: str, version: str | None = None) -> Manifest:
+        """The manifest of `model_id:version`, or of its newest version."""
+        found = self.versions(model_id)
+        for m in found:
+            if version is None or m.version == version:
+                return m
+        if not found:
+            raise ModelVersionNotFound(f"model {model_id!r} is not in the store ({self._where()})")
+        have = ", ".join(m.version for m in found)
+        raise ModelVersionNotFound(f"model {model_id!r} has no version {version!r} (have: {have})")
+
+    def _where(self) -> str:
+        return "searched " + ", ".join(t.describe() for t in self.tiers)
+
+    # --- push ---
+    def push(self, src_dir: Path, model_id: str, version: str, progress: Progress | None = None) -> Manifest:
+        """Hash a model directory and write its new blobs and manifest to the durable tier."""
+        src_dir = Path(src_dir)
+        if not src_dir.is_dir():
+            raise FileNotFoundError(f"{src_dir} is not a directory")
+        manifest = build_manifest(src_dir, model_id, version, source=str(src_dir.resolve()))
+        target = self.durable
+        uploaded = 0
+        for f in manifest.files:
+            if target.stat(f.sha256) is None:
+                target.write(f.sha256, _file_chunks(src_dir / f.name, progress))
+                uploaded += f.size
+            elif progress:
+                progress(f.size)
+        target.put_manifest(manifest)
+        log_event(
+            logger, "model_pushed", model=model_id, version=version, tier=target.kind,
+            bytes=manifest.total_bytes, uploaded=uploaded, deduplicated=manifest.total_bytes - uploaded,
+        )
+        return manifest
+
+    # --- pull ---
+    def ensure_local(
+        self,
+        model_id: str,
+        version: str | None = None,
+        tier: str | None = None,
+        progress: Progress | None = None,
+        background_fill: bool = False,
+    ) -> LocalModel:
+        """Bring every blob of a version into `tier` (default: the fastest local tier) and link a snapshot."""
+        started = time.monotonic()
+        manifest = self.resolve(model_id, version)
+        target = self.tier(tier) if tier else self.local[0]
+        if not isinstance(target, LocalTier):
+            raise StorageError("models load from a local tier (ram, nvme or ssd)")
+        protected = {f.sha256 for f in manifest.files}
+        sources: dict[str, int] = {}
+        below: set[tuple[str, int]] = set()
+        for f in manifest.files:
+            src = self._bring(f.sha256, f.size, target, protected, progress)
+            sources[src.kind] = sources.get(src.kind, 0) + f.size
+            if src is not target:
+                below.add((f.sha256, f.size))
+        target.put_manifest(manifest)
+        path = target.snapshot(manifest)
+        fetch_s = time.monotonic() - started
+        local = LocalModel(manifest, path, target.kind, {"fetch_s": fetch_s}, sources)
+        fill_tiers = [t for t in self.local if self.tiers.index(t) > self.tiers.index(target)]
+        if below and fill_tiers:
+            job = lambda: self._fill(manifest, target, fill_tiers)
+            if background_fill:
+                local.fill = threading.Thread(target=job, name="helios-fill", daemon=True)
+                local.fill.start()
+            else:
+                job()
+        log_event(
+            logger, "model_local", model=model_id, version=manifest.version, tier=target.kind,
+            seconds=round(fetch_s, 3), sources=sources, bytes=manifest.total_bytes,
+        )
+        return local
+
+    def _bring(self, digest: str, size: int, target: LocalTier, protected: set[str], progress: Progress | None) -> Tier:
+        """Get one blob into `target` from the fastest tier holding a good copy; returns that tier."""
+        if target.stat(digest) is not None:
+            target.touch(digest)
+            if progress:
+                progress(size)
+            return target
+        for src in self.tiers:
+            if src is target or src.stat(digest) is None:
+                continue
+            try:
+                fetch_blob(src, target, digest, size, self.transfer, progress, protected)
+            except CorruptBlob as exc:
+                if src is self.remote:
+                    raise
+                log_event(logger, "blob_corrupt", digest=digest[:12], tier=src.kind, error=str(exc))
+                src.delete(digest)  # a bad local copy: drop it and take the next tier's
+                continue
+            if isinstance(src, LocalTier):
+                src.touch(digest)
+            return src
+        raise BlobNotFound(f"blob {digest[:12]} is in no tier ({self._where()})")
+
+    def _fill(self, manifest: Manifest, src: LocalTier, tiers: list[LocalTier]) -> None:
+        """Copy a version from the tier it was loaded into down to slower local tiers."""
+        protected = {f.sha256 for f in manifest.files}
+        for t in tiers:
+            try:
+                for f in manifest.files:
+                    if t.stat(f.sha256) is None and src.stat(f.sha256) is not None:
+                        fetch_blob(src, t, f.sha256, f.size, self.transfer, None, protected)
+                t.put_manifest(manifest)
+            except StorageError as exc:  # a full lower tier must not fail the load that already succeeded
+                log_event(logger, "tier_fill_failed", model=manifest.model_id, tier=t.kind, error=str(exc))
+
+    # --- cache management ---
+    def holders(self, manifest: Manifest) -> list[str]:
+        """Tiers holding every blob of a version."""
+        return [t.kind for t in self.tiers if all(t.stat(f.sha256) is not None for f in manifest.files)]
+
+    def evict(self, model_id: str | None = None, version: str | None = None, tier: str | None = None) -> int:
+        """Drop a version (or all versions, or everything) from local tiers; returns bytes freed.
+
+        The plan is computed first: blobs still used by another version kept in the tier stay."""
+        tiers = [self.tier(tier)] if tier else list(self.local)
+        freed = 0
+        for t in tiers:
+            if not isinstance(t, LocalTier):
+                raise StorageError("the remote tier is not a cache; delete from it with your storage tools")
+            kept = t.manifests()
+            if model_id is None:
+                drop = kept
+            else:
+                drop = [m for m in kept if m.model_id == model_id and version in (None, m.version)]
+            keep_digests = {f.sha256 for m in kept if m not in drop for f in m.files}
+            plan = {f.sha256 for m in drop for f in m.files} - keep_digests
+            if model_id is None:  # evicting everything also drops blobs no manifest names
+                plan |= {b.digest for b in t.blobs()} - keep_digests
+            for digest in sorted(plan):
+                info = t.stat(digest)
+                freed += info.size if info else 0
+                t.delete(digest)
+            for m in drop:
+                t.delete_manifest(m.model_id, m.version)
+        log_event(logger, "cache_evicted", model=model_id, version=version, tier=tier, bytes=freed)
+        return freed
+
+
+def _file_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(_UPLOAD_BLOCK):
+            if progress:
+                progress(len(data))
+            yield data

@@ -1,0 +1,405 @@
+"""The cache's tiers: local directories (RAM in /dev/shm, NVMe, SSD) and a remote fsspec store.
+
+Every tier holds blobs by sha256 and manifests by model and version, in the same layout
+(`blobs/<digest>`, `manifests/<model>/<version>.json`), so a tier can be inspected
+with `ls` and copied with any tool. Writes are atomic: a blob is written under a
+temporary name and renamed only once its digest is checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from helios.errors import CorruptBlob, RemoteUnavailable, TierFull
+from helios.storage.eviction import EvictionPolicy, LRUPolicy
+from helios.storage.manifest import MANIFEST_NAME, Manifest, model_key
+
+LOCAL_KINDS = ("ram", "nvme", "ssd")
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+    last_access: float = 0.0
+
+
+class Tier(ABC):
+    """One level of the cache. Implementations must make `write` atomic and verified:
+    after a crash a blob is either absent or complete, and never stored under a digest
+    its bytes do not have."""
+
+    kind: str
+
+    @abstractmethod
+    def stat(self, digest: str) -> BlobInfo | None: ...
+
+    @abstractmethod
+    def read_range(self, digest: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a blob."""
+
+    @abstractmethod
+    def open(self, digest: str) -> BinaryIO: ...
+
+    @abstractmethod
+    def write(self, digest: str, chunks: Iterable[bytes]) -> None: ...
+
+    @abstractmethod
+    def delete(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def blobs(self) -> list[BlobInfo]: ...
+
+    @abstractmethod
+    def put_manifest(self, manifest: Manifest) -> None: ...
+
+    @abstractmethod
+    def manifests(self, model_id: str | None = None) -> list[Manifest]: ...
+
+    @abstractmethod
+    def delete_manifest(self, model_id: str, version: str) -> None: ...
+
+    def get_manifest(self, model_id: str, version: str) -> Manifest | None:
+        for m in self.manifests(model_id):
+            if m.version == version:
+                return m
+        return None
+
+    def describe(self) -> str:
+        return self.kind
+
+
+def _check_digest(h: Any, digest: str, where: str) -> None:
+    if h.hexdigest() != digest:
+        raise CorruptBlob(f"bytes written for blob {digest[:12]} in {where} hash to {h.hexdigest()[:12]}")
+
+
+class LocalTier(Tier):
+    """A directory on this node (tmpfs for RAM), with a byte capacity kept by an eviction policy."""
+
+    def __init__(self, kind: str, root: Path, capacity: int, policy: EvictionPolicy | None = None) -> None:
+        self.kind = kind
+        self.root = Path(root).expanduser()
+        self.capacity = capacity
+        self.policy = policy or LRUPolicy()
+        for sub in ("blobs", "partial", "locks", "manifests", "snapshots"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.root})"
+
+    # --- blobs ---
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / digest
+
+    def partial_path(self, digest: str) -> Path:
+        """Where a transfer into this tier keeps its bytes until they are verified (resumable)."""
+        return self.root / "partial" / f"{digest}.part"
+
+    def lock(self, digest: str, timeout: float = -1):
+        """A lock per blob across processes, so a node fetches a blob once."""
+        from filelock import FileLock
+
+        return FileLock(str(self.root / "locks" / f"{digest}.lock"), timeout=timeout)
+
+    def stat(self, digest: str) -> BlobInfo | None:
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return None
+        return BlobInfo(digest, st.st_size, st.st_mtime)
+
+    def read_range(self, digest: str, start: int, end: int) -> bytes:
+        with open(self.blob_path(digest), "rb", buffering=0) as f:
+            return os.pread(f.fileno(), end - start, start)
+
+    def open(self, digest: str) -> BinaryIO:
+        return open(self.blob_path(digest), "rb")
+
+    def touch(self, digest: str) -> None:
+        """Record a hit: the mtime is the access time other processes' policies see."""
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.blob_path(digest), (now, now))
+        self.policy.on_hit(digest, now)
+
+    def write(self, digest: str, chunks: Iterable[bytes], protected: Collection[str] = ()) -> None:
+        tmp = self.root / "partial" / f"{digest}.{uuid.uuid4().hex}.tmp"
+        h = hashlib.sha256()
+        try:
+            with self._disk_errors(), open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    h.update(chunk)
+            _check_digest(h, digest, self.describe())
+            self.commit(digest, tmp, protected)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def commit(self, digest: str, verified: Path, protected: Collection[str] = ()) -> None:
+        """Move a verified file in under its digest, making room for it first."""
+        size = verified.stat().st_size
+        self.make_room(size, set(protected) | {digest})
+        os.replace(verified, self.blob_path(digest))
+        self.policy.on_insert(digest, size, time.time())
+
+    def delete(self, digest: str) -> None:
+        self.blob_path(digest).unlink(missing_ok=True)
+        self.partial_path(digest).unlink(missing_ok=True)
+        self.policy.on_remove(digest)
+
+    def blobs(self) -> list[BlobInfo]:
+        out = []
+        for entry in os.scandir(self.root / "blobs"):
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat()
+                out.append(BlobInfo(entry.name, st.st_size, st.st_mtime))
+        return out
+
+    def used(self) -> int:
+        return sum(b.size for b in self.blobs())
+
+    def sync_policy(self) -> None:
+        """Align the policy with the directory, which other processes also change."""
+        on_disk = {b.digest: b for b in self.blobs()}
+        known = self.policy.known()
+        for digest in known.keys() - on_disk.keys():
+            self.policy.on_remove(digest)
+        for digest in on_disk.keys() - known.keys():
+            self.policy.on_insert(digest, on_disk[digest].size, on_disk[digest].last_access)
+
+    def make_room(self, size: int, protected: Collection[str] = ()) -> list[str]:
+        """Evict by policy until `size` more bytes fit; TierFull when they cannot."""
+        if size > self.capacity:
+            raise TierFull(f"tier {self.describe()}: a {size} B blob exceeds its capacity of {self.capacity} B")
+        self.sync_policy()
+        need = self.used() + size - self.capacity
+        if need <= 0:
+            return []
+        victims = self.policy.plan(need, protected)
+        freed = 0
+        for digest in victims:
+            info = self.stat(digest)
+            self.delete(digest)
+            freed += info.size if info else 0
+        if freed < need:
+            raise TierFull(
+                f"tier {self.describe()}: needs {need} B more room but only {freed} B are evictable "
+                f"(capacity {self.capacity} B, in use {self.used()} B)"
+            )
+        return victims
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TierFull(f"tier {self.describe()}: the disk is full ({exc.strerror})") from exc
+            raise
+
+    # --- manifests and snapshots ---
+    def _manifest_path(self, model_id: str, version: str) -> Path:
+        return self.root / "manifests" / model_key(model_id) / f"{version}.json"
+
+    def put_manifest(self, manifest: Manifest) -> None:
+        path = self._manifest_path(manifest.model_id, manifest.version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(path, manifest.to_json())
+
+    def manifests(self, model_id: str | None = None) -> list[Manifest]:
+        base = self.root / "manifests"
+        dirs = [base / model_key(model_id)] if model_id else [d for d in base.iterdir() if d.is_dir()]
+        out = []
+        for d in dirs:
+            for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+                with contextlib.suppress(FileNotFoundError):
+                    out.append(Manifest.from_json(p.read_bytes()))
+        return out
+
+    def delete_manifest(self, model_id: str, version: str) -> None:
+        self._manifest_path(model_id, version).unlink(missing_ok=True)
+        shutil.rmtree(self.snapshot_path(model_id, version), ignore_errors=True)
+
+    def snapshot_path(self, model_id: str, version: str) -> Path:
+        return self.root / "snapshots" / model_key(model_id) / version
+
+    def has_all(self, manifest: Manifest) -> bool:
+        return all(self.stat(f.sha256) is not None for f in manifest.files)
+
+    def snapshot(self, manifest: Manifest) -> Path:
+        """A model directory of symlinks into this tier's blobs, plus the manifest, for vLLM to load."""
+        final = self.snapshot_path(manifest.model_id, manifest.version)
+        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        try:
+            for f in manifest.files:
+                link = tmp / f.name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(self.blob_path(f.sha256))
+            (tmp / MANIFEST_NAME).write_bytes(manifest.to_json())
+            old = final.parent / f".{final.name}.old.{uuid.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RemoteTier(Tier):
+    """The durable store behind the node: any fsspec URL. Object stores publish an object
+    only when its upload completes, and local paths are written under a temporary name
+    and renamed, so both keep writes atomic."""
+
+    kind = "remote"
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        self.url = url
+        if url.startswith("file://"):
+            url = "file://" + str(Path(url.removeprefix("file://")).expanduser())
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ValueError, ImportError) as exc:
+            raise RemoteUnavailable(f"remote tier {self.url}: {exc}") from exc
+        self.root = root.rstrip("/")
+        self._local = "file" in _protocols(self.fs)
+        if self._local:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"remote ({self.url})"
+
+    def _blob(self, digest: str) -> str:
+        return f"{self.root}/blobs/{digest}"
+
+    def _manifest(self, model_id: str, version: str) -> str:
+        return f"{self.root}/manifests/{model_key(model_id)}/{version}.json"
+
+    def stat(self, digest: str) -> BlobInfo | None:
+        with self.errors():
+            try:
+                info = self.fs.info(self._blob(digest))
+            except FileNotFoundError:
+                return None
+        return BlobInfo(digest, int(info["size"]))
+
+    def read_range(self, digest: str, start: int, end: int) -> bytes:
+        with self.errors():
+            return self.fs.cat_file(self._blob(digest), start=start, end=end)
+
+    def open(self, digest: str) -> BinaryIO:
+        with self.errors():
+            return self.fs.open(self._blob(digest), "rb")
+
+    def write(self, digest: str, chunks: Iterable[bytes]) -> None:
+        self._put(self._blob(digest), chunks, digest)
+
+    def delete(self, digest: str) -> None:
+        with self.errors(), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._blob(digest))
+
+    def blobs(self) -> list[BlobInfo]:
+        with self.errors():
+            try:
+                entries = self.fs.ls(f"{self.root}/blobs", detail=True)
+            except FileNotFoundError:
+                return []
+        return [BlobInfo(e["name"].rsplit("/", 1)[-1], int(e["size"])) for e in entries if e["type"] == "file"]
+
+    def put_manifest(self, manifest: Manifest) -> None:
+        self._put(self._manifest(manifest.model_id, manifest.version), [manifest.to_json()], None)
+
+    def manifests(self, model_id: str | None = None) -> list[Manifest]:
+        pattern = f"{self.root}/manifests/{model_key(model_id) if model_id else '*'}/*.json"
+        with self.errors():
+            self.fs.invalidate_cache()
+            paths = self.fs.glob(pattern)
+            return [Manifest.from_json(self.fs.cat_file(p)) for p in sorted(paths)]
+
+    def delete_manifest(self, model_id: str, version: str) -> None:
+        with self.errors(), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._manifest(model_id, version))
+
+    def _put(self, path: str, chunks: Iterable[bytes], digest: str | None) -> None:
+        h = hashlib.sha256()
+        target = f"{path}.{uuid.uuid4().hex}.tmp" if self._local else path
+        with self.errors():
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            f = self.fs.open(target, "wb")
+            try:
+                for chunk in chunks:
+                    f.write(chunk)
+                    h.update(chunk)
+                if digest:
+                    _check_digest(h, digest, self.describe())
+            except BaseException:
+                if self._local:
+                    f.close()
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(target)
+                else:
+                    _discard(f)
+                raise
+            f.close()
+            if self._local:
+                os.replace(target, path)
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn fsspec/botocore failures into one RemoteUnavailable that says what to fix."""
+        try:
+            yield
+        except (FileNotFoundError, CorruptBlob):
+            raise
+        except PermissionError as exc:
+            raise RemoteUnavailable(f"remote tier {self.url}: access denied ({exc})") from exc
+        except Exception as exc:  # botocore's errors do not share a base we can import cheaply
+            name = type(exc).__name__
+            if name in ("NoCredentialsError", "PartialCredentialsError"):
+                raise RemoteUnavailable(
+                    f"remote tier {self.url}: no credentials (set storage_options key/secret or AWS_ACCESS_KEY_ID "
+                    "and AWS_SECRET_ACCESS_KEY)"
+                ) from exc
+            if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError"):
+                raise RemoteUnavailable(f"remote tier {self.url}: cannot connect ({exc})") from exc
+            if isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, ConnectionError)):
+                raise RemoteUnavailable(f"remote tier {self.url}: {exc}") from exc
+            raise
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _discard(f: Any) -> None:
+    """Abandon a half-written remote file so it is never published."""
+    discard = getattr(f, "discard", None)
+    if discard is not None:
+        with contextlib.suppress(Exception):
+            discard()
+    f.closed = True  # fsspec files commit on close; this one must not

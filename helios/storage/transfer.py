@@ -1,0 +1,155 @@
+"""Moving one blob into a local tier: concurrent ranged reads in a sliding window.
+
+Up to `concurrency` ranged reads are in flight; each finished head-of-window chunk is
+written and hashed in order and the next range is requested at once, so the pipe never
+drains between batches. Writing in order makes a transfer resumable by construction:
+the partial file's length is how far it got. The sha256 is checked before the blob is
+renamed to its digest, and a per-blob file lock makes concurrent pulls on a node fetch
+it once (the second waits, then finds it there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from helios.config import TransferConfig
+from helios.errors import CorruptBlob, StorageError
+from helios.observability.logs import get_logger, log_event
+from helios.storage.tiers import LocalTier, Tier
+
+logger = get_logger("storage.transfer")
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class TransferResult:
+    digest: str
+    size: int
+    fetched: int  # bytes moved by this call (less than size after a resume)
+    resumed_from: int
+    seconds: float
+    waited_for_other: bool = False
+
+
+def fetch_blob(
+    src: Tier,
+    dst: LocalTier,
+    digest: str,
+    size: int,
+    cfg: TransferConfig,
+    progress: Progress | None = None,
+    protected: Collection[str] = (),
+) -> TransferResult:
+    """Copy a blob from `src` into `dst` (no-op if another process already did), verified."""
+    started = time.monotonic()
+    from filelock import Timeout
+
+    lock = dst.lock(digest, timeout=cfg.lock_timeout_s)
+    waited = False
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # someone else on this node is fetching it: wait for them, then find it there
+        waited = True
+        try:
+            lock.acquire()
+        except Timeout as exc:
+            raise StorageError(f"waited {cfg.lock_timeout_s} s for another fetch of blob {digest[:12]}") from exc
+    try:
+        if dst.stat(digest) is not None:
+            if progress:
+                progress(size)
+            return TransferResult(digest, size, 0, size, time.monotonic() - started, waited)
+        dst.make_room(size, set(protected) | {digest})
+        resumed_from = _copy_ranges(src, dst, digest, size, cfg, progress)
+        dst.commit(digest, dst.partial_path(digest), protected)
+    finally:
+        lock.release()
+    seconds = time.monotonic() - started
+    log_event(
+        logger, "blob_fetched", digest=digest[:12], src=src.kind, dst=dst.kind, bytes=size - resumed_from,
+        resumed_from=resumed_from, seconds=round(seconds, 3), gbps=round((size - resumed_from) / max(seconds, 1e-9) / 1e9, 3),
+    )
+    return TransferResult(digest, size, size - resumed_from, resumed_from, seconds, waited)
+
+
+def _copy_ranges(
+    src: Tier, dst: LocalTier, digest: str, size: int, cfg: TransferConfig, progress: Progress | None
+) -> int:
+    """Fill dst's partial file from where it stopped; returns the offset it resumed from."""
+    chunk = cfg.chunk_mib << 20
+    part = dst.partial_path(digest)
+    h = hashlib.sha256()
+    with dst._disk_errors(), open(part, "a+b") as f:
+        start = min(os.fstat(f.fileno()).st_size, size)
+        start -= start % chunk if start < size else 0
+        f.truncate(start)
+        _rehash_prefix(f.fileno(), start, h)
+        if progress and start:
+            progress(start)
+        f.seek(start)
+        offsets = iter(range(start, size, chunk))
+        window: deque[tuple[int, Future[bytes]]] = deque()
+        with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="helios-fetch") as pool:
+
+            def submit_next() -> None:
+                off = next(offsets, None)
+                if off is not None:
+                    end = min(off + chunk, size)
+                    window.append((off, pool.submit(src.read_range, digest, off, end)))
+
+            for _ in range(cfg.concurrency):
+                submit_next()
+            try:
+                while window:
+                    off, fut = window.popleft()
+                    data = fut.result()
+                    expected = min(chunk, size - off)
+                    if len(data) != expected:
+                        raise StorageError(
+                            f"blob {digest[:12]} from {src.describe()}: short read at {off} "
+                            f"({len(data)} of {expected} B); the source changed or is truncated"
+                        )
+                    submit_next()
+                    f.write(data)
+                    h.update(data)
+                    if progress:
+                        progress(len(data))
+            except BaseException:
+                for _, pending in window:
+                    pending.cancel()
+                raise
+        f.flush()
+    if h.hexdigest() != digest:
+        part.unlink(missing_ok=True)
+        raise CorruptBlob(f"blob {digest[:12]} from {src.describe()} does not match its digest")
+    return start
+
+
+def _rehash_prefix(fd: int, length: int, h: hashlib._Hash) -> None:
+    off = 0
+    while off < length:
+        data = os.pread(fd, min(16 << 20, length - off), off)
+        if not data:
+            raise StorageError("partial file shrank while resuming")
+        h.update(data)
+        off += len(data)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm byte counter (to stderr), or a no-op when disabled."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
+        yield bar.update
