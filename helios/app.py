@@ -15,5 +15,5 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
     """Validate `args` (raising ConfigError naming any bad key) and bind router and engines."""
     config = parse_args(args)
     cache_root = str(config.resolved_cache_root())
-    engines = {m.id: engine_deployment(m, cache_root) for m in config.models}
+    engines = {m.id: engine_deployment(m, cache_root, config.storage) for m in config.models}
     return router_deployment(config.router, engines)

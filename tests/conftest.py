@@ -64,6 +64,17 @@ def tiny_args(cache_root: Path, **router: Any) -> dict[str, Any]:
     }
 
 
+def local_storage(root: Path) -> dict[str, Any]:
+    """A `storage:` section like serve_configs/local.yaml's, all under `root`: RAM, NVMe, a file:// remote."""
+    return {
+        "tiers": [
+            {"kind": "ram", "path": str(root / "ram"), "capacity": "1GiB"},
+            {"kind": "nvme", "path": str(root / "nvme"), "capacity": "4GiB"},
+            {"kind": "remote", "url": f"file://{root / 'remote'}"},
+        ]
+    }
+
+
 def run_app(args: dict[str, Any], name: str, port: int) -> str:
     """Deploy Helios as Serve app `name` at `/` and wait until /readyz says so; returns the base URL."""
     import requests

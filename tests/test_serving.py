@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import MODEL_ID, TINY_ENGINE, run_app, tiny_args
+from tests.conftest import MODEL_ID, TINY_ENGINE, local_storage, run_app, tiny_args
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,10 @@ MAX_TOKENS = 24
 def base_url(serve_port: int, cache_root: Path) -> str:
     from ray import serve
 
-    url = run_app(tiny_args(cache_root), "helios-serving", serve_port)
+    # Through the storage tiers, as `make serve` runs: demo pushed to a file:// remote, pulled into
+    # RAM, loaded by vLLM with load_format="helios". Greedy outputs below must still equal vLLM's own.
+    args = {**tiny_args(cache_root), "storage": local_storage(cache_root / "tiers")}
+    url = run_app(args, "helios-serving", serve_port)
     yield url
     serve.delete("helios-serving")
 
@@ -128,6 +131,33 @@ def test_greedy_output_equals_vllm(client: openai.OpenAI, vllm_reference: list[l
                                               temperature=0, extra_body={"return_token_ids": True})
         got.append(resp.choices[0].model_extra["token_ids"])
     assert got == vllm_reference
+
+
+def test_engine_loaded_the_model_through_the_tiers(base_url: str, cache_root: Path) -> None:
+    """The replica pulled the pushed demo model remote -> RAM, loaded it with the Helios loader, filled NVMe."""
+    from ray import serve
+
+    from helios.engine.deployment import deployment_name
+    from helios.storage.manifest import MANIFEST_NAME, Manifest
+
+    handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name="helios-serving")
+    timings = handle.info.remote().result()["timings"]
+    assert timings["load_s"] > 0 and timings["load_bytes"] > 8e6  # the loader's own report
+    assert timings["fetch_s"] > 0 and timings["engine_start_s"] > 0
+    tiers = cache_root / "tiers"
+    manifests = list((tiers / "remote" / "manifests").rglob("*.json"))
+    assert len(manifests) == 1
+    manifest = Manifest.from_json(manifests[0].read_bytes())
+    snapshot = next((tiers / "ram" / "snapshots").glob("*/*"))
+    assert Manifest.from_json((snapshot / MANIFEST_NAME).read_bytes()) == manifest
+    for f in manifest.files:
+        for tier in ("remote", "ram"):
+            assert (tiers / tier / "blobs" / f.sha256).stat().st_size == f.size
+        assert (snapshot / f.name).resolve() == tiers / "ram" / "blobs" / f.sha256
+    deadline = time.time() + 30  # NVMe is filled behind the load
+    while not all((tiers / "nvme" / "blobs" / f.sha256).exists() for f in manifest.files):
+        assert time.time() < deadline, "NVMe tier never filled"
+        time.sleep(0.2)
 
 
 def test_streamed_greedy_tokens_equal_vllm(base_url: str, vllm_reference: list[list[int]]) -> None:

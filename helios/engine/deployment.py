@@ -4,29 +4,45 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from helios.api.protocol import EngineChunk, EngineRequest
-from helios.config import ModelConfig
-from helios.engine.demo_model import resolve_source
+from helios.config import ModelConfig, StorageConfig
+from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
+
+logger = get_logger("engine.deployment")
 
 
 class EngineDeployment:
     """Serves one model; Serve restarts a replica whose engine fails its health check."""
 
-    def __init__(self, model: dict[str, Any], cache_root: str) -> None:
-        from pathlib import Path
+    def __init__(self, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None = None) -> None:
+        import time
 
         from helios.engine.llm_engine import LLMEngine
+        from helios.storage.sources import prepare
 
+        started = time.monotonic()
         config = ModelConfig.model_validate(model)
-        model_dir = resolve_source(config.source, Path(cache_root))
-        self.engine = LLMEngine(config, model_dir)
+        storage_cfg = StorageConfig.model_validate(storage) if storage else None
+        prepared = prepare(config, storage_cfg, Path(cache_root))
+        loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
+        self.engine = LLMEngine(config, prepared.path, loader)
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
+        timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
+        if "load_s" in timings:
+            timings["engine_start_s"] = max(timings["engine_init_s"] - timings["load_s"], 0.0)
+        timings["total_s"] = time.monotonic() - started
+        self.engine.timings = {k: round(v, 3) for k, v in timings.items()}
+        log_event(
+            logger, "engine_started", model=config.id, path=str(prepared.path),
+            sources=prepared.local.sources if prepared.local else None, **self.engine.timings,
+        )
 
     async def generate_stream(self, req: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream coalesced chunks (called with `stream=True`); cancelling it aborts in vLLM."""
@@ -51,12 +67,37 @@ class EngineDeployment:
             engine.shutdown()
 
 
+def _loader_options(config: ModelConfig, tier_root: Path) -> tuple[dict[str, Any], Path]:
+    """The Helios loader's settings; its report (load seconds, bytes) lands in a file we read back."""
+    import tempfile
+    import uuid
+
+    report = Path(tempfile.gettempdir()) / f"helios-load-{uuid.uuid4().hex}.json"
+    # Derived (fused-layout) blobs live beside the tier the model loads from: in RAM they are shared pages.
+    options = {
+        "share_weights": config.engine.share_weights,
+        "report_path": str(report),
+        "derived_dir": str(tier_root / "derived"),
+    }
+    return options, report
+
+
+def _load_report(report: Path | None) -> dict[str, float]:
+    import json
+
+    if report is None or not report.exists():
+        return {}
+    data = json.loads(report.read_text())
+    report.unlink(missing_ok=True)
+    return {"load_s": float(data["load_seconds"]), "load_bytes": float(data["bytes"])}
+
+
 def deployment_name(model_id: str) -> str:
     """Serve deployment names allow no '/' or ':'; model ids often have them."""
     return "engine-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_id)
 
 
-def engine_deployment(model: ModelConfig, cache_root: str) -> serve.Application:
+def engine_deployment(model: ModelConfig, cache_root: str, storage: StorageConfig | None = None) -> serve.Application:
     """Bind the engine deployment of one model with its Serve options."""
     d = model.deployment
     actor_options: dict[str, Any] = {"num_cpus": d.num_cpus}
@@ -72,4 +113,4 @@ def engine_deployment(model: ModelConfig, cache_root: str) -> serve.Application:
         graceful_shutdown_timeout_s=20,
         # The router logs each request; a second access line per engine call only costs CPU.
         logging_config={"enable_access_log": False},
-    ).bind(model.model_dump(mode="json"), cache_root)
+    ).bind(model.model_dump(mode="json"), cache_root, storage.model_dump(mode="json") if storage else None)

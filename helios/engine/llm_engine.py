@@ -25,8 +25,11 @@ from helios.observability.logs import get_logger, log_event
 logger = get_logger("engine")
 
 
-def engine_kwargs(model: ModelConfig, model_dir: Path) -> dict[str, Any]:
-    """AsyncEngineArgs keyword arguments for one model; `extra_args` are checked by name."""
+def engine_kwargs(model: ModelConfig, model_dir: Path, loader: dict[str, Any] | None = None) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for one model; `extra_args` are checked by name.
+
+    `loader` set means the model sits in a Helios cache tier: vLLM loads it with the
+    Helios loader (`load_format="helios"`), with these `model_loader_extra_config` keys."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     e = model.engine
@@ -44,6 +47,9 @@ def engine_kwargs(model: ModelConfig, model_dir: Path) -> dict[str, Any]:
     )
     if e.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
+    if loader is not None:
+        kwargs["load_format"] = "helios"
+        kwargs["model_loader_extra_config"] = loader
     if model.deployment.accelerator == "gpu":
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
     known = set(AsyncEngineArgs.__dataclass_fields__)
@@ -57,7 +63,7 @@ def engine_kwargs(model: ModelConfig, model_dir: Path) -> dict[str, Any]:
 class LLMEngine:
     """A started vLLM engine for one model, with tokenization and limits in front of it."""
 
-    def __init__(self, model: ModelConfig, model_dir: Path) -> None:
+    def __init__(self, model: ModelConfig, model_dir: Path, loader: dict[str, Any] | None = None) -> None:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -68,15 +74,15 @@ class LLMEngine:
         started = time.monotonic()
         self.model_id = model.id
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, model_dir)))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, model_dir, loader)))
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.stream_interval_s = model.deployment.stream_interval_ms / 1000.0
         self.created = int(time.time())
         self.start_seconds = time.monotonic() - started
-        log_event(logger, "engine_started", model=model.id, seconds=round(self.start_seconds, 2), max_model_len=self.max_model_len)
+        self.timings: dict[str, float] = {"engine_init_s": self.start_seconds}
 
     def info(self) -> dict[str, Any]:
-        return {"id": self.model_id, "max_model_len": self.max_model_len, "created": self.created}
+        return {"id": self.model_id, "max_model_len": self.max_model_len, "created": self.created, "timings": self.timings}
 
     def num_unfinished_requests(self) -> int:
         return self.engine.get_num_unfinished_requests()

@@ -36,7 +36,14 @@ class LocalModel:
     tier: str
     timings: dict[str, float] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)  # tier kind -> bytes taken from it
+    fetched_bytes: int = 0  # bytes this call moved (0 when another process fetched them first)
+    resumed_bytes: int = 0  # bytes an interrupted earlier transfer had already moved
     fill: threading.Thread | None = None  # filling slower local tiers, if run in the background
+
+    @property
+    def tier_root(self) -> Path:
+        """The root of the tier the snapshot links into (snapshots/<model>/<version> below it)."""
+        return self.path.parents[2]
 
 
 def default_local_path(kind: str, cache_root: Path) -> Path:
@@ -150,16 +157,18 @@ class ModelStore:
             raise StorageError("models load from a local tier (ram, nvme or ssd)")
         protected = {f.sha256 for f in manifest.files}
         sources: dict[str, int] = {}
-        below: set[tuple[str, int]] = set()
+        moved = {"fetched": 0, "resumed": 0}
+        below = False
         for f in manifest.files:
-            src = self._bring(f.sha256, f.size, target, protected, progress)
+            src = self._bring(f.sha256, f.size, target, protected, progress, moved)
             sources[src.kind] = sources.get(src.kind, 0) + f.size
-            if src is not target:
-                below.add((f.sha256, f.size))
+            below |= src is not target
         target.put_manifest(manifest)
         path = target.snapshot(manifest)
         fetch_s = time.monotonic() - started
-        local = LocalModel(manifest, path, target.kind, {"fetch_s": fetch_s}, sources)
+        local = LocalModel(
+            manifest, path, target.kind, {"fetch_s": fetch_s}, sources, moved["fetched"], moved["resumed"]
+        )
         fill_tiers = [t for t in self.local if self.tiers.index(t) > self.tiers.index(target)]
         if below and fill_tiers:
             job = lambda: self._fill(manifest, target, fill_tiers)
@@ -174,7 +183,15 @@ class ModelStore:
         )
         return local
 
-    def _bring(self, digest: str, size: int, target: LocalTier, protected: set[str], progress: Progress | None) -> Tier:
+    def _bring(
+        self,
+        digest: str,
+        size: int,
+        target: LocalTier,
+        protected: set[str],
+        progress: Progress | None,
+        moved: dict[str, int],
+    ) -> Tier:
         """Get one blob into `target` from the fastest tier holding a good copy; returns that tier."""
         if target.stat(digest) is not None:
             target.touch(digest)
@@ -185,13 +202,15 @@ class ModelStore:
             if src is target or src.stat(digest) is None:
                 continue
             try:
-                fetch_blob(src, target, digest, size, self.transfer, progress, protected)
+                result = fetch_blob(src, target, digest, size, self.transfer, progress, protected)
             except CorruptBlob as exc:
                 if src is self.remote:
                     raise
                 log_event(logger, "blob_corrupt", digest=digest[:12], tier=src.kind, error=str(exc))
                 src.delete(digest)  # a bad local copy: drop it and take the next tier's
                 continue
+            moved["fetched"] += result.fetched
+            moved["resumed"] += result.resumed_from if result.fetched else 0
             if isinstance(src, LocalTier):
                 src.touch(digest)
             return src

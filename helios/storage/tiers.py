@@ -281,8 +281,11 @@ class RemoteTier(Tier):
         self.url = url
         if url.startswith("file://"):
             url = "file://" + str(Path(url.removeprefix("file://")).expanduser())
+        options = dict(storage_options or {})
+        if not url.startswith("file://"):
+            options.setdefault("use_listings_cache", False)  # other nodes write here too
         try:
-            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ValueError, ImportError) as exc:
             raise RemoteUnavailable(f"remote tier {self.url}: {exc}") from exc
         self.root = root.rstrip("/")

@@ -1,0 +1,62 @@
+"""Turning a model's `source` into a loadable local directory, through the store when there is one.
+
+`demo://` models are built once and, with a `storage:` section, pushed into the durable
+tier like any other model, so even the default run goes remote -> NVMe -> RAM -> engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helios.config import ModelConfig, StorageConfig
+from helios.engine.demo_model import resolve_source
+from helios.errors import ModelVersionNotFound
+from helios.observability.logs import get_logger, log_event
+from helios.storage.manifest import Manifest, parse_ref
+from helios.storage.store import LocalModel, ModelStore
+
+logger = get_logger("storage.sources")
+
+
+@dataclass
+class PreparedModel:
+    """A model directory ready for vLLM, and how it got there."""
+
+    path: Path
+    via_store: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    local: LocalModel | None = None
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.local.manifest if self.local else None
+
+
+def demo_version(preset: str) -> str:
+    return f"demo-{preset}"
+
+
+def store_ref(model: ModelConfig, store: ModelStore, cache_root: Path) -> tuple[str, str | None]:
+    """The (model id, version) a model's source names in the store, publishing a demo model first."""
+    if model.source.startswith("store://"):
+        return parse_ref(model.source.removeprefix("store://"))
+    preset = model.source.removeprefix("demo://")
+    version = demo_version(preset)
+    try:
+        store.resolve(model.id, version)
+    except ModelVersionNotFound:
+        built = resolve_source(model.source, cache_root)
+        store.push(built, model.id, version)
+        log_event(logger, "demo_published", model=model.id, version=version, tier=store.durable.kind)
+    return model.id, version
+
+
+def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path) -> PreparedModel:
+    """Make `model` loadable on this node; slower local tiers are filled in the background."""
+    if storage is None or not model.uses_store():
+        return PreparedModel(resolve_source(model.source, cache_root), via_store=False)
+    store = ModelStore.from_config(storage, cache_root)
+    model_id, version = store_ref(model, store, cache_root)
+    local = store.ensure_local(model_id, version, background_fill=True)
+    return PreparedModel(local.path, True, dict(local.timings), local)
