@@ -1,13 +1,15 @@
-"""The `helios` command: build the demo model, check a config, run Helios locally."""
+"""The `helios` command: build the demo model, check a config, manage the model store, run Helios."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,12 @@ from helios.ray_env import ray_cluster_env, reap_orphaned_haproxy
 app = typer.Typer(help="Helios: LLM serving on Ray Serve and vLLM.", no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(help="The built-in demo model.", no_args_is_help=True)
 config_app = typer.Typer(help="Serve configs.", no_args_is_help=True)
+models_app = typer.Typer(help="Models in the store: push, pull, list.", no_args_is_help=True)
+cache_app = typer.Typer(help="This node's cache tiers.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 
 
@@ -161,6 +167,147 @@ def serve_cmd(
             subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
             reap_orphaned_haproxy()
     raise typer.Exit(child.returncode if child.returncode and child.returncode > 0 else 0)
+
+
+# --- the store ---------------------------------------------------------------------
+
+_CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", envvar="HELIOS_CONFIG",
+    help="Serve config whose `storage:` section names the tiers [default: serve_configs/local.yaml].",
+)
+
+
+def _store(config: Path | None):
+    """The ModelStore of the first Helios application in a Serve config that has a `storage:` section."""
+    from helios.config import parse_args
+    from helios.errors import HeliosError
+    from helios.storage.store import ModelStore
+
+    path = config or Path("serve_configs/local.yaml")
+    data = _check(path)
+    for application in data["applications"]:
+        if application.get("import_path") == "helios.app:build_app":
+            args = parse_args(application.get("args") or {})
+            if args.storage is not None:
+                try:
+                    return ModelStore.from_config(args.storage, args.resolved_cache_root())
+                except HeliosError as exc:
+                    _fail(str(exc))
+    _fail(f"{path} has no Helios application with a `storage:` section")
+
+
+@contextlib.contextmanager
+def _storage_errors():
+    """Print a storage failure as one plain line, not a traceback."""
+    from helios.errors import HeliosError
+
+    try:
+        yield
+    except (HeliosError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        _fail(str(getattr(exc, "message", "") or exc))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+@models_app.command("push")
+def models_push(
+    src: Path = typer.Argument(..., help="Model directory (config.json, tokenizer, safetensors)."),
+    model: str = typer.Option(..., "--model", "-m", help="Model id, e.g. org/name."),
+    version: str = typer.Option(..., "--version", "-v", help="Version name, e.g. v1."),
+    config: Path | None = _CONFIG_OPTION,
+) -> None:
+    """Hash a model directory and upload its new files and manifest to the durable tier."""
+    from helios.storage.manifest import model_files
+    from helios.storage.transfer import progress_bar
+
+    store = _store(config)
+    if not src.is_dir():
+        _fail(f"{src} is not a directory")
+    total = sum(p.stat().st_size for p in model_files(src))
+    console.print(f"Pushing {src} as [bold]{model}:{version}[/bold] ({_gib(total)}) to {store.durable.describe()}")
+    with _storage_errors(), progress_bar(total, "upload") as progress:
+        manifest = store.push(src, model, version, progress)
+    console.print(f"[green]pushed[/green] {manifest.ref}: {len(manifest.files)} files, {_gib(manifest.total_bytes)}")
+
+
+@models_app.command("pull")
+def models_pull(
+    ref: str = typer.Argument(..., help="ID or ID:VERSION (newest version when omitted)."),
+    tier: str | None = typer.Option(None, help="Local tier to pull into: ram, nvme or ssd [default: fastest]."),
+    config: Path | None = _CONFIG_OPTION,
+) -> None:
+    """Bring a model version into a local tier, from the fastest tier that has it."""
+    from helios.storage.manifest import parse_ref
+    from helios.storage.transfer import progress_bar
+
+    store = _store(config)
+    model_id, version = parse_ref(ref)
+    with _storage_errors():
+        manifest = store.resolve(model_id, version)
+        with progress_bar(manifest.total_bytes, f"pull {manifest.ref}") as progress:
+            local = store.ensure_local(model_id, manifest.version, tier, progress)
+    seconds = local.timings["fetch_s"]
+    moved = local.fetched_bytes
+    rate = f", {moved / max(seconds, 1e-9) / 1e9:.2f} GB/s" if moved else ""
+    sources = ", ".join(f"{_gib(n)} from {k}" for k, n in local.sources.items())
+    console.print(f"[green]ready[/green] {manifest.ref} in {local.tier}: {sources} ({seconds:.1f} s{rate})")
+    typer.echo(str(local.path))
+
+
+@models_app.command("ls")
+def models_ls(config: Path | None = _CONFIG_OPTION) -> None:
+    """Every model version in the store and the tiers holding all of it."""
+    from rich.table import Table
+
+    store = _store(config)
+    with _storage_errors():
+        manifests = store.models()
+        table = Table("model", "version", "files", "size", "pushed", "tiers")
+        for m in manifests:
+            pushed = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))
+            table.add_row(m.model_id, m.version, str(len(m.files)), _gib(m.total_bytes), pushed, " ".join(store.holders(m)))
+    if not manifests:
+        console.print("The store holds no models yet; add one with `helios models push DIR --model ID --version V`.")
+        return
+    Console().print(table)
+
+
+@cache_app.command("ls")
+def cache_ls(config: Path | None = _CONFIG_OPTION) -> None:
+    """What each local tier holds, its size and capacity."""
+    from rich.table import Table
+
+    store = _store(config)
+    table = Table("tier", "path", "used", "capacity", "blobs", "models held")
+    for t in store.local:
+        held = [m.ref for m in t.manifests() if t.has_all(m)]
+        blobs = t.blobs()
+        table.add_row(t.kind, str(t.root), _gib(sum(b.size for b in blobs)), _gib(t.capacity), str(len(blobs)),
+                      ", ".join(held) or "-")
+    Console().print(table)
+
+
+@cache_app.command("evict")
+def cache_evict(
+    ref: str | None = typer.Argument(None, help="ID or ID:VERSION to drop; omit with --all to empty the tiers."),
+    tier: str | None = typer.Option(None, help="Only this local tier [default: every local tier]."),
+    all_: bool = typer.Option(False, "--all", help="Drop everything from the local tier(s)."),
+    config: Path | None = _CONFIG_OPTION,
+) -> None:
+    """Drop models from local tiers (the remote tier keeps them); blobs other versions use stay."""
+    from helios.storage.manifest import parse_ref
+
+    if not ref and not all_:
+        _fail("name a model (ID or ID:VERSION) or pass --all")
+    store = _store(config)
+    model_id, version = parse_ref(ref) if ref else (None, None)
+    with _storage_errors():
+        if model_id:
+            store.resolve(model_id, version)  # a clear error for a name the store does not know
+        freed = store.evict(model_id, version, tier)
+    console.print(f"[green]evicted[/green] {ref or 'everything'} from {tier or 'every local tier'}: {_gib(freed)} freed")
 
 
 def main() -> None:
