@@ -15,6 +15,7 @@ from helios.errors import ModelVersionNotFound
 from helios.observability.logs import get_logger, log_event
 from helios.storage.manifest import Manifest, parse_ref
 from helios.storage.store import LocalModel, ModelStore
+from helios.storage.transfer import LogProgress
 
 logger = get_logger("storage.sources")
 
@@ -58,5 +59,7 @@ def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path)
         return PreparedModel(resolve_source(model.source, cache_root), via_store=False)
     store = ModelStore.from_config(storage, cache_root)
     model_id, version = store_ref(model, store, cache_root)
-    local = store.ensure_local(model_id, version, background_fill=True)
+    manifest = store.resolve(model_id, version)
+    progress = LogProgress(manifest.total_bytes, manifest.ref)
+    local = store.ensure_local(model_id, manifest.version, progress=progress, background_fill=True)
     return PreparedModel(local.path, True, dict(local.timings), local)

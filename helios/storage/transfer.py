@@ -153,3 +153,22 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
         yield bar.update
+
+
+class LogProgress:
+    """Progress for places with no terminal (replicas): one structured log line per tenth done."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.done, self.next_mark = max(total, 1), what, 0, 0.1
+        self.started = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        share = self.done / self.total
+        if share >= self.next_mark:
+            seconds = time.monotonic() - self.started
+            log_event(
+                logger, "fetch_progress", what=self.what, percent=int(share * 100), bytes=self.done,
+                seconds=round(seconds, 2),
+            )
+            self.next_mark = (int(share * 10) + 1) / 10
