@@ -1,0 +1,336 @@
+"""vLLM model loader for `load_format="helios"`: weights come straight off memory-mapped safetensors.
+
+A Helios snapshot directory holds safetensors files (often symlinks to content-addressed
+blobs). Reading them with `read()` would copy every byte into the process before vLLM
+copies it again into its parameters; mapping them instead hands vLLM tensors that are views
+of the page cache, so the only copy is vLLM's own. On a GPU the bytes go through two small
+pinned staging buffers so reading the next chunk overlaps the DMA of the previous one. With
+`share_weights` (CPU only) the parameters themselves stay on a shared, read-only mapping of a
+derived blob, so every replica on a node uses one copy of the weights (see `derived.py`).
+
+Engine kwargs: `load_format="helios"`, `model_loader_extra_config={...}` with the optional
+keys in `LoaderOptions`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import mmap
+import os
+import struct
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from helios.observability.logs import get_logger, log_event
+
+logger = get_logger("storage.loader")
+
+LOAD_FORMAT = "helios"
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+class MappedSafetensors:
+    """One safetensors file mapped into memory; `tensor()` returns views of its pages, never copies.
+
+    `shared=True` maps the file MAP_SHARED and read-only: the pages are the page cache itself,
+    shared by every process that maps the file, and nobody can scribble on them. Otherwise the
+    mapping is copy-on-write (MAP_PRIVATE), still zero-copy for readers, but a weight loader
+    that happens to write into a tensor gets a private page instead of a crash.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, shared: bool = False) -> None:
+        self.path = os.path.realpath(path)  # snapshot files may be symlinks to blobs
+        with open(self.path, "rb") as f:
+            if shared:
+                self.mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            else:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if len(self.mm) < 8:
+            raise ValueError(f"{self.path}: too small to be safetensors")
+        (header_len,) = struct.unpack("<Q", self.mm[:8])
+        if header_len > len(self.mm) - 8:
+            raise ValueError(f"{self.path}: header length {header_len} past end of file")
+        header: dict[str, Any] = json.loads(self.mm[8 : 8 + header_len])
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict[str, Any]] = header
+        self.data_start = 8 + header_len
+
+    def names(self) -> list[str]:
+        """Tensor names in file order, so reads walk the mapping front to back."""
+        return sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self.entries[name]["data_offsets"]
+        return end - begin
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The named tensor as a view over the mapping (the mmap stays alive while the view does)."""
+        entry = self.entries[name]
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = (end - begin) // itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            # A read-only mapping is the point; torch only warns that it cannot enforce that.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(self.mm, dtype=dtype, count=count, offset=self.data_start + begin)
+        return flat.view(shape)
+
+    def address_range(self) -> tuple[int, int]:
+        """[start, end) of the mapping in this process's address space (for zero-copy checks)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            start = torch.frombuffer(self.mm, dtype=torch.uint8, count=1).data_ptr()
+        return start, start + len(self.mm)
+
+
+def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoint's safetensors files, honouring an index so stray consolidated files are skipped."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"].values())
+        files = [root / n for n in sorted(names)]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {root}")
+    return files
+
+
+@dataclass
+class LoadStats:
+    """What one load read; reported in logs and in the optional JSON report."""
+
+    bytes: int = 0
+    tensors: int = 0
+
+
+def iter_mapped_weights(
+    files: Iterable[str | os.PathLike[str]], stats: LoadStats | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) for every tensor of every file; a file's mapping lives as long as its views."""
+    for path in files:
+        mapped = MappedSafetensors(path)
+        try:
+            mapped.mm.madvise(mmap.MADV_SEQUENTIAL)  # read-ahead for a cold file; harmless when cached
+        except (AttributeError, OSError):
+            pass
+        for name in mapped.names():
+            if stats is not None:
+                stats.bytes += mapped.nbytes(name)
+                stats.tensors += 1
+            yield name, mapped.tensor(name)
+
+
+# --------------------------------------------------------------------------- GPU streaming
+
+
+class PinnedStreamer:
+    """Moves host tensors to a CUDA device through a few pinned staging buffers.
+
+    The CPU copy of chunk i+1 from the mapping (page faults, reads) into one buffer runs while
+    the DMA of chunk i from the other buffer is in flight on a side stream; events stop a buffer
+    from being refilled before its DMA is done. Memory stays bounded at `buffers * chunk_bytes`
+    pinned bytes no matter how large the model is.
+    """
+
+    def __init__(self, device: torch.device, chunk_bytes: int = 32 << 20, buffers: int = 2) -> None:
+        self.device = device
+        self.chunk_bytes = chunk_bytes
+        self.stream = torch.cuda.Stream(device=device)
+        self.staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
+        self.done: list[torch.cuda.Event | None] = [None] * buffers
+        self.turn = 0
+
+    def to_device(self, src: torch.Tensor) -> torch.Tensor:
+        """A device copy of `src`; the current stream waits for it, the host does not."""
+        out = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        total = src.numel() * src.element_size()
+        if total == 0:
+            return out
+        src_bytes = src.contiguous().reshape(-1).view(torch.uint8)
+        out_bytes = out.reshape(-1).view(torch.uint8)
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # `out` was allocated on the current stream
+        for start in range(0, total, self.chunk_bytes):
+            k = self.turn
+            self.turn = (self.turn + 1) % len(self.staging)
+            if self.done[k] is not None:
+                self.done[k].synchronize()  # the DMA that last read this buffer has finished
+            n = min(self.chunk_bytes, total - start)
+            buf = self.staging[k][:n]
+            buf.copy_(src_bytes[start : start + n])
+            with torch.cuda.stream(self.stream):
+                out_bytes[start : start + n].copy_(buf, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.done[k] = event
+        out.record_stream(self.stream)
+        current.wait_stream(self.stream)
+        return out
+
+    def close(self) -> None:
+        """Wait for the last DMAs, then let the pinned buffers go."""
+        self.stream.synchronize()
+        self.staging.clear()
+
+
+def stream_to_device(
+    weights: Iterable[tuple[str, torch.Tensor]], device: torch.device, chunk_mib: int = 32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Wrap a host weight iterator so it yields device tensors, staged through pinned memory."""
+    streamer = PinnedStreamer(device, chunk_bytes=chunk_mib << 20)
+    try:
+        for name, tensor in weights:
+            yield name, streamer.to_device(tensor)
+    finally:
+        streamer.close()
+
+
+# --------------------------------------------------------------------------- the vLLM loader
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """`model_loader_extra_config` keys the Helios loader understands."""
+
+    share_weights: bool = False
+    derived_dir: str | None = None
+    report_path: str | None = None
+    pinned_chunk_mib: int = 32
+
+    @classmethod
+    def parse(cls, extra: Any) -> LoaderOptions:
+        extra = dict(extra or {})
+        unknown = set(extra) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model_loader_extra_config keys for load_format=helios: {sorted(unknown)}")
+        options = cls(**extra)
+        if not isinstance(options.share_weights, bool):
+            raise TypeError("share_weights must be a bool")
+        return options
+
+
+class HeliosModelLoader(BaseModelLoader):
+    """Loads a local Helios snapshot by mapping its safetensors; optionally shares weights across replicas."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
+        self.stats = LoadStats()
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Nothing to download: Helios's cache has already put the snapshot on local disk."""
+        safetensors_files(self._model_dir(model_config))
+
+    @staticmethod
+    def _model_dir(model_config: ModelConfig) -> str:
+        path = model_config.model_weights or model_config.model
+        if not os.path.isdir(path):
+            raise ValueError(f"load_format=helios needs a local model directory, got {path!r}")
+        return path
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        weights: Iterable[tuple[str, torch.Tensor]] = iter_mapped_weights(
+            safetensors_files(self._model_dir(model_config)), self.stats
+        )
+        device = _param_device(model)
+        if device.type == "cuda":
+            weights = stream_to_device(weights, device, self.options.pinned_chunk_mib)
+        model.load_weights(weights)
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        started = time.perf_counter()
+        derived_status = "none"
+        share = self.options.share_weights and _can_share(vllm_config, model_config)
+        if share:
+            from helios.storage.derived import load_shared_model
+
+            model, derived_status, shared_bytes = load_shared_model(self, vllm_config, model_config, prefix)
+            self.stats.bytes = self.stats.bytes or shared_bytes
+        else:
+            model = super().load_model(vllm_config, model_config, prefix)
+        gc.collect()
+        self._report(time.perf_counter() - started, share, derived_status, vllm_config)
+        return model
+
+    def _report(self, seconds: float, share: bool, derived: str, vllm_config: VllmConfig) -> None:
+        rank = _tp_rank()
+        log_event(
+            logger,
+            "model_loaded",
+            seconds=round(seconds, 3),
+            bytes=self.stats.bytes,
+            tensors=self.stats.tensors,
+            share_weights=share,
+            derived=derived,
+            rank=rank,
+        )
+        if not self.options.report_path:
+            return
+        report = {"load_seconds": seconds, "bytes": self.stats.bytes, "share_weights": share, "derived": derived}
+        path = self.options.report_path if rank == 0 else f"{self.options.report_path}.rank{rank}"
+        tmp = f"{path}.tmp-{os.getpid()}"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(tmp).write_text(json.dumps(report) + "\n")
+        os.replace(tmp, path)
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except AssertionError:  # no model-parallel group yet (unit tests, odd executors)
+        return 0
+
+
+def _can_share(vllm_config: VllmConfig, model_config: ModelConfig) -> bool:
+    """Sharing needs CPU-resident, unquantized weights; otherwise load normally and say why."""
+    device = vllm_config.load_config.device or vllm_config.device_config.device
+    reason = None
+    if torch.device(device).type != "cpu":
+        reason = "weights live on an accelerator"
+    elif model_config.quantization is not None:
+        reason = "quantized models repack weights"
+    if reason:
+        log_event(logger, "share_weights_ignored", reason=reason)
+        return False
+    return True
