@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -259,21 +260,34 @@ def load_shared_model(
     status = "hit"
     blob = open_blob(path, key)
     if blob is None:
-        with writer_lock(path):
-            blob = open_blob(path, key)  # another replica may have written it while we waited
-            if blob is None:
+        try:
+            blob, status = _load_and_write(loader, model, model_config, path, key)
+        except OSError as e:  # read-only or full cache: serve anyway, just unshared
+            log_event(logger, "derived_blob_unavailable", level=logging.WARNING, path=str(path), error=str(e))
+            if loader.stats.tensors == 0:
                 loader.load_weights(model, model_config)
-                params = dict(model.named_parameters())
-                written = write_blob(path, params, key.metadata())
-                del params
-                log_event(logger, "derived_blob_written", path=str(path), bytes=written)
-                status = "written"
-                blob = open_blob(path, key)
-                if blob is None:
-                    raise RuntimeError(f"derived blob {path} vanished right after it was written")
+            process_weights_after_loading(model, model_config, target_device)
+            return model.eval(), "none", loader.stats.bytes
     bound = bind_parameters(model, blob)  # the private copies from load_weights are freed here
     model._helios_derived_blob = blob  # keep the mapping's owner reachable from the model
     with plain_cpu_gemm():
         process_weights_after_loading(model, model_config, target_device)
     log_event(logger, "shared_weights_bound", path=str(path), bytes=bound, derived=status)
     return model.eval(), status, bound
+
+
+def _load_and_write(
+    loader: HeliosModelLoader, model: nn.Module, model_config: ModelConfig, path: Path, key: DerivedKey
+) -> tuple[MappedSafetensors, str]:
+    """Load the checkpoint the ordinary way and write the derived blob, unless a replica beat us to it."""
+    with writer_lock(path):
+        blob = open_blob(path, key)  # another replica may have written it while we waited
+        if blob is not None:
+            return blob, "hit"
+        loader.load_weights(model, model_config)
+        written = write_blob(path, dict(model.named_parameters()), key.metadata())
+        log_event(logger, "derived_blob_written", path=str(path), bytes=written)
+        blob = open_blob(path, key)
+        if blob is None:
+            raise FileNotFoundError(f"derived blob {path} vanished right after it was written")
+        return blob, "written"

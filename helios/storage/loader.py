@@ -31,6 +31,7 @@ from torch import nn
 from vllm.config import ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from helios.observability.logs import get_logger, log_event
 
@@ -262,16 +263,23 @@ class HeliosModelLoader(BaseModelLoader):
         return path
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        if getattr(model, "_helios_derived_blob", None) is not None:
+            # Its parameters are read-only shared pages: writing into them would crash every replica's view.
+            raise RuntimeError("cannot reload weights in place into a model loaded with share_weights")
         weights: Iterable[tuple[str, torch.Tensor]] = iter_mapped_weights(
             safetensors_files(self._model_dir(model_config)), self.stats
         )
         device = _param_device(model)
         if device.type == "cuda":
             weights = stream_to_device(weights, device, self.options.pinned_chunk_mib)
-        model.load_weights(weights)
+        loaded = model.load_weights(weights)
+        if loaded is not None and model_config.quantization is None:
+            # vLLM's own strict check (DefaultModelLoader does the same): no parameter left uninitialised.
+            DefaultModelLoader.track_weights_loading(self, model, set(loaded))  # type: ignore[arg-type]
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         started = time.perf_counter()
+        self.stats = LoadStats()
         derived_status = "none"
         share = self.options.share_weights and _can_share(vllm_config, model_config)
         if share:
@@ -282,10 +290,10 @@ class HeliosModelLoader(BaseModelLoader):
         else:
             model = super().load_model(vllm_config, model_config, prefix)
         gc.collect()
-        self._report(time.perf_counter() - started, share, derived_status, vllm_config)
+        self._report(time.perf_counter() - started, share, derived_status)
         return model
 
-    def _report(self, seconds: float, share: bool, derived: str, vllm_config: VllmConfig) -> None:
+    def _report(self, seconds: float, share: bool, derived: str) -> None:
         rank = _tp_rank()
         log_event(
             logger,

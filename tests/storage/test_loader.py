@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,13 @@ def _env() -> dict[str, str]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a probe and every descendant (vLLM's engine core and workers can outlive their parent)."""
+    """Kill a probe and every descendant (vLLM's engine core and workers can outlive their parent).
+
+    Probes start in their own session, so the process group also catches orphans whose parent
+    already exited; the psutil walk catches anything that left the group.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     try:
         parent = psutil.Process(proc.pid)
         procs = parent.children(recursive=True) + [parent]
@@ -67,6 +75,7 @@ def run_probe(model_dir: Path, engine: dict[str, Any], prompts: list[dict], *arg
         stderr=subprocess.STDOUT,
         text=True,
         env=_env(),
+        start_new_session=True,
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -90,6 +99,7 @@ class HeldEngine:
             stderr=self.log,
             text=True,
             env=_env(),
+            start_new_session=True,
         )
         self.result: dict | None = None
 
@@ -196,6 +206,22 @@ def test_all_dtypes_map_as_views(tmp_path: Path) -> None:
     assert set(got) == set(tensors)
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_streaming_to_the_gpu_is_exact(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from helios.storage.loader import stream_to_device
+
+    tensors = {"big": torch.randn(3, 1 << 20), "bf16": torch.randn(1000).to(torch.bfloat16), "empty": torch.empty(0, 4)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    device = torch.device("cuda", torch.cuda.current_device())
+    # 1 MiB chunks: the 12 MiB tensor cycles both staging buffers several times.
+    got = dict(stream_to_device(iter_mapped_weights([tmp_path / "m.safetensors"]), device, chunk_mib=1))
+    torch.cuda.synchronize()
+    for name, t in tensors.items():
+        assert got[name].device == device and torch.equal(got[name].cpu(), t), name
 
 
 def test_derived_blob_round_trips_and_is_plain_safetensors(tmp_path: Path) -> None:
