@@ -107,7 +107,7 @@ def start(bucket: str = "helios-bench", directory: str | os.PathLike | None = No
     directory = Path(directory or tempfile.mkdtemp(prefix="s3rver-"))
     directory.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     proc = subprocess.Popen(
         [str(BIN), "--directory", str(directory), "--address", "127.0.0.1", "--port", str(port),
          "--silent", "--no-vhost-buckets", "--configure-bucket", bucket],
@@ -168,7 +168,7 @@ def ranged_get_gbps(server: S3Server, key: str, size: int, chunk: int, concurren
             for _ in range(repeats):
                 sem = asyncio.Semaphore(concurrency)
 
-                async def get(off: int) -> int:
+                async def get(off: int, sem: asyncio.Semaphore = sem) -> int:
                     async with sem:
                         data = await fs._cat_file(f"{server.bucket}/{key}", start=off, end=min(off + chunk, size))
                         return len(data)
@@ -198,8 +198,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="s3rver-check-", dir=HERE) as tmp, running() as server:
         src = Path(tmp) / "blob"
         with open(src, "wb") as f:
-            for _ in range(args.mib):
-                f.write(os.urandom(1 << 20))
+            f.writelines(os.urandom(1 << 20) for _ in range(args.mib))
         fs = s3fs.S3FileSystem(**server.storage_options)
         fs.put_file(str(src), f"{server.bucket}/blob")
         plain = []

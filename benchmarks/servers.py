@@ -98,6 +98,68 @@ def rayserve_llm_haproxy(model_dir: str, port: int, engine: dict) -> None:
     rayserve_llm(model_dir, port, engine)
 
 
+def cold_start_controller(port: int) -> None:
+    """For the cold-start benchmark: Ray and Serve up first, then apps deployed on command.
+
+    Commands are JSON lines on stdin; answers are JSON lines on stdout prefixed `@@cold `:
+    `{"cmd": "deploy", "system": "helios"|"rayserve_llm", "args": {...}}` answers
+    `deploying` with `t0` (wall clock, taken before the app is built) and later `running`
+    (when `serve.run` returns) or `error`; `{"cmd": "info", "deployment": NAME}` calls that
+    deployment's `info()`; `{"cmd": "delete"}` deletes the app; `{"cmd": "exit"}` stops.
+    The cluster is started as each system's users start it (Helios: `ray_cluster_env()`);
+    the caller sets any other environment (AWS_* for S3, HF_HUB_CACHE) before launching.
+    """
+    import traceback
+
+    import ray
+    from ray import serve
+
+    if os.environ.get("HELIOS_BENCH_CLUSTER") == "helios":
+        from helios.ray_env import ray_cluster_env
+
+        os.environ.update(ray_cluster_env())
+
+    def say(event: str, **fields) -> None:
+        print("@@cold " + json.dumps({"event": event, **fields}, default=str), flush=True)
+
+    def build(system: str, args: dict):
+        if system == "helios":
+            from helios.app import build_app
+
+            return build_app(args)
+        from ray.serve.llm import LLMConfig, build_openai_app
+
+        return build_openai_app({"llm_configs": [LLMConfig(**args)]})
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    say("ready")
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            cmd = json.loads(line)
+            try:
+                if cmd["cmd"] == "deploy":
+                    t0 = time.time()
+                    say("deploying", t0=t0)
+                    serve.run(build(cmd["system"], cmd["args"]), name="bench", route_prefix="/")
+                    say("running", t=time.time())
+                elif cmd["cmd"] == "info":
+                    handle = serve.get_deployment_handle(cmd["deployment"], app_name="bench")
+                    say("info", info=handle.info.remote().result(timeout_s=60))
+                elif cmd["cmd"] == "delete":
+                    serve.delete("bench")
+                    say("deleted")
+                elif cmd["cmd"] == "exit":
+                    break
+            except Exception as exc:  # noqa: BLE001 - report it and keep serving commands
+                say("error", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 SYSTEMS = {"raw_vllm": raw_vllm, "rayserve_llm": rayserve_llm, "rayserve_llm_haproxy": rayserve_llm_haproxy,
            "helios": helios}
 
@@ -150,5 +212,8 @@ def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "cold_start":  # python servers.py cold_start PORT
+        cold_start_controller(int(sys.argv[2]))
+        sys.exit(0)
     name, model_dir, port, engine_json = sys.argv[1:5]
     SYSTEMS[name](model_dir, int(port), json.loads(engine_json))

@@ -1,0 +1,804 @@
+"""Cold start: how fast a model gets from storage to its first token, through Helios and without it.
+
+One run, on the `bench` demo model (16 layers, hidden 2048, bf16, ~1.4 GB in 3 shards), with
+a local S3 server (s3rver, Node.js, on loopback) standing in for the remote tier:
+
+* load_gbps: reading the safetensors bytes from the on-disk NVMe tier with a cold page cache:
+  a raw sequential `readinto` (the disk's ceiling), `safetensors.torch.load_file`, and
+  Helios's loader (`iter_mapped_weights`, the mmapped tensors its vLLM loader hands vLLM).
+  Both loaders end with every tensor copied into one preallocated destination buffer, as
+  vLLM copies checkpoint tensors into its parameters, so both read and move every byte.
+* s3_gbps: the model's files from s3rver to local disk: plain s3fs `get` of each file vs
+  Helios's `ensure_local` (concurrent ranged reads) into an empty NVMe tier.
+* first_token_s: seconds from `serve.run` (on a Ray cluster with Serve already started)
+  to the first streamed token of a completion request, polled over HTTP: Helios from its
+  S3, NVMe and RAM tiers (with its fetch / load / engine-start split), Ray Serve LLM
+  downloading the same model from s3rver, and `engine_start`: a fresh Python process
+  running `vllm.LLM(...)` on a local directory with the weights already in the page cache,
+  from process spawn to its first generated token.
+* share_weights: private memory (USS of the engine's process tree) of a second engine on
+  the same RAM-tier snapshot with Helios's `share_weights` loader option on and off, and
+  greedy decode tokens/s of each.
+
+    python benchmarks/cold_start.py [--quick] [--out PATH] [--skip PARTS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import s3rver
+import servers
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / ".work" / "cold_start"
+RAM_TIER = Path("/dev/shm") / "helios-bench-cold-start"
+MODEL_NAME = "bench"  # the id clients send
+STORE_ID, STORE_VERSION = "bench-model", "v1"
+ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
+PARTS = ("local", "s3", "rayserve", "helios", "engine", "share")
+_CACHE_METHOD: str | None = None
+
+
+def log(msg: str) -> None:
+    print(f"[cold_start {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# --------------------------------------------------------------------------- page cache
+
+
+def drop_page_cache(files: list[Path]) -> str:
+    """Empty the page cache (all of it, as root) or at least evict `files`; returns the method used."""
+    global _CACHE_METHOD
+    os.sync()
+    if _CACHE_METHOD in (None, "drop_caches"):
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+            _CACHE_METHOD = "drop_caches"
+            return _CACHE_METHOD
+        except OSError:
+            _CACHE_METHOD = "fadvise_dontneed"
+    evict_from_page_cache(files)
+    return _CACHE_METHOD
+
+
+def evict_from_page_cache(files: list[Path]) -> None:
+    """Only these files leave the page cache (fsync, then POSIX_FADV_DONTNEED)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(paths: list[Path]) -> None:
+    """Pull files into the page cache (s3rver's objects: the remote side is not our disk)."""
+    buf = bytearray(16 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def tree_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+# --------------------------------------------------------------------------- local load rates
+
+
+def raw_read(files: list[Path]) -> int:
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    total = 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def safetensors_load(files: list[Path], dst) -> int:
+    """`safetensors.torch.load_file` of each file, then each tensor copied into `dst`."""
+    import torch
+    from safetensors.torch import load_file
+
+    total = 0
+    for path in files:
+        tensors = load_file(str(path))
+        for t in tensors.values():
+            flat = t.reshape(-1).view(torch.uint8)
+            dst[: flat.numel()].copy_(flat)
+            total += flat.numel()
+        del tensors
+    return total
+
+
+def helios_load(files: list[Path], dst) -> int:
+    """Helios's loader iteration (mmapped views of the safetensors), each tensor copied into `dst`."""
+    import torch
+
+    from helios.storage.loader import iter_mapped_weights
+
+    total = 0
+    for _, t in iter_mapped_weights([str(f) for f in files]):
+        flat = t.reshape(-1).view(torch.uint8)
+        dst[: flat.numel()].copy_(flat)
+        total += flat.numel()
+    return total
+
+
+def measure_local(files: list[Path], repeats: int) -> dict:
+    import torch
+
+    from helios.storage.loader import MappedSafetensors
+
+    biggest = max(m.nbytes(k) for f in files for m in [MappedSafetensors(f)] for k in m.names())
+    dst = torch.zeros(biggest, dtype=torch.uint8)  # preallocated and faulted in, like vLLM's parameters
+    methods = {"raw_read": lambda: raw_read(files), "safetensors": lambda: safetensors_load(files, dst),
+               "helios": lambda: helios_load(files, dst)}
+    rates: dict[str, list[float]] = {k: [] for k in methods}
+    for r in range(repeats):
+        for name, fn in methods.items():  # interleaved, so host noise hits all alike
+            method = drop_page_cache(files)
+            t = time.perf_counter()
+            nbytes = fn()
+            rates[name].append(nbytes / (time.perf_counter() - t) / 1e9)
+        log(f"local load round {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} GB/s" for k, v in rates.items()))
+    gbps = {k: median(v) for k, v in rates.items()}
+    return {
+        "load_gbps": gbps,
+        "load_gbps_rounds": rates,
+        "helios_over_raw_read": gbps["helios"] / gbps["raw_read"],
+        "helios_over_safetensors": gbps["helios"] / gbps["safetensors"],
+        "load_bytes": sum(f.stat().st_size for f in files),
+        "page_cache_method": method,
+        "load_method": {
+            "raw_read": "sequential readinto of 16 MiB into one reused buffer, file by file",
+            "safetensors": "safetensors.torch.load_file per file, then every tensor copied into a preallocated "
+            "buffer (torch.Tensor.copy_)",
+            "helios": "helios.storage.loader.iter_mapped_weights (mmap views, MADV_SEQUENTIAL), every tensor "
+            "copied into the same preallocated buffer",
+        },
+    }
+
+
+# --------------------------------------------------------------------------- S3 transfer
+
+
+def measure_s3(server, plain_prefix: str, files: list[Path], store_cfg, cache_root: Path, repeats: int,
+               server_files: list[Path]) -> dict:
+    import s3fs
+
+    from helios.storage.store import ModelStore
+
+    total = sum(f.stat().st_size for f in files)
+    dl = WORK / "s3fs_download"
+    nvme_only = ModelStore.from_config(store_cfg, cache_root)
+    rates: dict[str, list[float]] = {"s3fs": [], "helios": [], "ranged_get_in_memory": []}
+    biggest = max(files, key=lambda f: f.stat().st_size)
+    for r in range(repeats):
+        # What the server and an async client manage with no disk write and no hashing: the ceiling.
+        warm(server_files)
+        cfg = store_cfg.transfer
+        rates["ranged_get_in_memory"] += s3rver.ranged_get_gbps(
+            server, f"{plain_prefix.split('/', 1)[1]}/{biggest.name}", biggest.stat().st_size,
+            cfg.chunk_mib << 20, cfg.concurrency)
+
+        # s3fs: one `get` per file, as a user of fsspec would fetch a model directory.
+        shutil.rmtree(dl, ignore_errors=True)
+        dl.mkdir(parents=True)
+        fs = s3fs.S3FileSystem(**server.storage_options, skip_instance_cache=True)
+        t = time.perf_counter()
+        for f in files:
+            fs.get(f"{plain_prefix}/{f.name}", str(dl / f.name))
+        rates["s3fs"].append(total / (time.perf_counter() - t) / 1e9)
+        shutil.rmtree(dl, ignore_errors=True)
+
+        nvme_only.evict(STORE_ID, STORE_VERSION)
+        os.sync()  # the last run's writes are not this one's work
+        t = time.perf_counter()
+        local = nvme_only.ensure_local(STORE_ID, STORE_VERSION)
+        seconds = time.perf_counter() - t
+        rates["helios"].append(local.manifest.total_bytes / seconds / 1e9)
+        log(f"S3 round {r + 1}/{repeats}: s3fs {rates['s3fs'][-1]:.3f} GB/s, helios {rates['helios'][-1]:.3f} GB/s, "
+            f"in-memory ranged GETs {rates['ranged_get_in_memory'][-1]:.3f} GB/s "
+            f"(helios fetch_s {local.timings.get('fetch_s', float('nan')):.2f})")
+    nvme_only.evict(STORE_ID, STORE_VERSION)
+    gbps = {k: median(v) for k, v in rates.items()}
+    return {"s3_gbps": gbps, "s3_gbps_rounds": rates, "helios_over_s3fs": gbps["helios"] / gbps["s3fs"],
+            "s3_bytes": total,
+            "s3_method": {"s3fs": "s3fs.S3FileSystem.get(remote_file, local_file) for each file in turn",
+                          "helios": "ModelStore.ensure_local into an empty NVMe-only tier set (ranged reads, "
+                          "sliding window, sha256 verified), transfer settings as configured",
+                          "ranged_get_in_memory": "the largest shard as concurrent ranged GETs (s3fs async, same "
+                          "chunk size and concurrency as Helios) into memory: no write, no hash; the ceiling "
+                          "of this server and client on this machine"}}
+
+
+# --------------------------------------------------------------------------- serve runs
+
+
+class Controller:
+    """`servers.py cold_start PORT` in its own process group: Ray + Serve up, apps deployed on command."""
+
+    def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
+        self.port = port
+        self.events: queue.Queue[dict] = queue.Queue()
+        self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process it logs
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(servers.__file__)), "cold_start", str(port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, text=True, bufsize=1,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            if line.startswith("@@cold "):
+                self.events.put(json.loads(line[7:]))
+        self.events.put({"event": "exited", "rc": self.proc.wait()})
+
+    def expect(self, *names: str, timeout: float = 900) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ev = self.events.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no {names} from the controller in {timeout}s") from None
+            if ev["event"] in names:
+                return ev
+            if ev["event"] in ("error", "exited"):
+                raise RuntimeError(f"controller: {ev}")
+
+    def send(self, **cmd) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def deploy(self, system: str, args: dict, deployment: str | None = None) -> dict:
+        """Deploy, and time the first token from the moment `serve.run` was called."""
+        self.send(cmd="deploy", system=system, args=args)
+        t0 = self.expect("deploying")["t0"]
+        first = asyncio.run(first_token(f"http://127.0.0.1:{self.port}", self.proc))
+        running = self.expect("running")["t"]
+        result = {"first_token_s": first - t0, "serve_run_s": running - t0}
+        if deployment:
+            self.send(cmd="info", deployment=deployment)
+            result["info"] = self.expect("info")["info"]
+        return result
+
+    def delete(self) -> None:
+        """Delete the app; its replicas are killed (the measurement is over), not left to drain for 20 s."""
+        import psutil
+
+        self.send(cmd="delete")
+        time.sleep(0.5)
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if "ServeReplica:bench" in p.name() or "ServeReplica:bench" in " ".join(p.cmdline()[:1]):
+                    for q in [p] + p.children(recursive=True):
+                        with contextlib.suppress(psutil.Error):
+                            q.kill()
+        self.expect("deleted", timeout=120)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.send(cmd="exit")
+            self.proc.wait(60)
+        servers.stop(self.proc)
+        self.log.close()
+
+
+async def first_token(base: str, proc: subprocess.Popen, timeout_s: float = 900) -> float:
+    """Wall-clock time the first streamed token arrives; retries while the app is not up yet."""
+    import aiohttp
+
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 1, "temperature": 0, "stream": True}
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"controller exited with {proc.returncode}")
+            try:
+                async with http.post(f"{base}/v1/completions", json=body) as resp:
+                    if resp.status == 200:
+                        async for line in resp.content:
+                            if line.startswith(b"data: {") and json.loads(line[6:]).get("choices"):
+                                return time.time()
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"no first token within {timeout_s}s")
+
+
+def controller_env(extra: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_space_gib"]),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(servers._free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(servers._free_port()), **extra}
+
+
+def measure_rayserve(server, plain_url: str, port: int, server_files: list[Path]) -> dict:
+    """Ray Serve LLM with `model_source: s3://...`: it lists the prefix and downloads every file
+    with boto3 (`download_file`, threads) into HF_HUB_CACHE/models--<id>/snapshots/<hash>/, then
+    starts vLLM on that directory. boto3 takes the endpoint and keys from AWS_* variables."""
+    hf_cache = WORK / "rayserve_hf_cache"
+    shutil.rmtree(hf_cache, ignore_errors=True)
+    for lock in Path.home().glob(f"{MODEL_NAME}*.lock"):  # Ray Serve LLM's download locks
+        lock.unlink(missing_ok=True)
+    env = {**server.env, "HF_HUB_CACHE": str(hf_cache), "HELIOS_BENCH_CLUSTER": "plain"}
+    ctl = Controller(port, controller_env(env), WORK / "rayserve_llm.log")
+    try:
+        ctl.expect("ready", timeout=180)
+        warm(server_files)
+        args = {
+            "model_loading_config": {"model_id": MODEL_NAME, "model_source": plain_url},
+            "accelerator_config": {"kind": "cpu"},
+            "engine_kwargs": {k: ENGINE[k] for k in ("dtype", "max_model_len", "max_num_seqs", "enforce_eager")}
+            | {"seed": 0},
+            "deployment_config": {"num_replicas": 1},
+            "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_space_gib"]),
+                                         **env, "HELIOS_BENCH_CLUSTER": "plain"}},
+        }
+        log("Ray Serve LLM from S3: deploying")
+        result = ctl.deploy("rayserve_llm", args)
+        downloaded = sum(p.stat().st_size for p in tree_files(hf_cache))
+        result["downloaded_bytes"] = downloaded
+        if downloaded == 0:
+            raise RuntimeError("Ray Serve LLM downloaded nothing into HF_HUB_CACHE: was the model local already?")
+        result.update(rayserve_split(WORK / "rayserve_llm.log"))
+        # The download's span from file times: refs/main is written first, the weights last.
+        refs = next(hf_cache.glob("models--*/refs/main"), None)
+        if refs is not None:
+            result["download_s"] = max(p.stat().st_mtime for p in tree_files(hf_cache)) - refs.stat().st_mtime
+        log(f"Ray Serve LLM from S3: first token after {result['first_token_s']:.1f}s")
+        ctl.delete()
+        return result
+    finally:
+        ctl.close()
+
+
+def rayserve_split(log_path: Path) -> dict:
+    """Best effort: vLLM's own load timings from the replica logs Ray forwards to the driver."""
+    import re
+
+    text = log_path.read_text(errors="replace")
+    out = {}
+    for key, pattern in (("load_weights_s", r"Loading weights took ([\d.]+) seconds"),
+                         ("init_engine_s", r"init engine \(profile.*?took ([\d.]+) s")):
+        m = re.findall(pattern, text)
+        if m:
+            out[key] = float(m[-1])
+    return out
+
+
+def helios_args(storage: dict, cache_root: Path) -> dict:
+    return {
+        "models": [{"id": MODEL_NAME, "source": f"store://{STORE_ID}:{STORE_VERSION}", "engine": {
+            k: ENGINE[k] for k in ("dtype", "max_model_len", "max_num_seqs", "enforce_eager", "kv_cache_space_gib")}}],
+        "storage": storage,
+        "cache_root": str(cache_root),
+    }
+
+
+def helios_split(info: dict) -> dict:
+    """The engine deployment's fetch / load / engine-start split, wherever `info()` puts it."""
+    found: dict[str, float] = {}
+
+    def walk(d):
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k.endswith("_s"):
+                    found.setdefault(k, float(v))
+                else:
+                    walk(v)
+
+    walk(info)
+    return found
+
+
+def measure_helios(storage: dict, cache_root: Path, port: int, server_files: list[Path]) -> dict:
+    from helios.config import StorageConfig
+    from helios.engine.deployment import deployment_name
+    from helios.storage.store import ModelStore
+
+    store = ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
+    ctl = Controller(port, controller_env({"HELIOS_BENCH_CLUSTER": "helios", "HELIOS_CACHE_ROOT": str(cache_root)}),
+                     WORK / "helios.log")
+    results = {}
+    try:
+        ctl.expect("ready", timeout=180)
+        for tier in ("s3", "nvme", "ram"):
+            manifest = store.resolve(STORE_ID, STORE_VERSION)
+            if tier == "s3":
+                store.evict(STORE_ID, STORE_VERSION)
+            elif tier == "nvme":
+                if "nvme" not in store.holders(manifest):
+                    store.ensure_local(STORE_ID, STORE_VERSION, tier="nvme")
+                store.evict(STORE_ID, STORE_VERSION, tier="ram")
+                # Cold model bytes, warm software: the NVMe tier's blobs leave the page cache.
+                evict_from_page_cache(tree_files(Path(storage["tiers"][1]["path"])))
+            elif "ram" not in store.holders(manifest):
+                store.ensure_local(STORE_ID, STORE_VERSION, tier="ram")
+            holders = store.holders(manifest)
+            log(f"Helios from {tier} (model held by {holders}): deploying")
+            r = ctl.deploy("helios", helios_args(storage, cache_root), deployment_name(MODEL_NAME))
+            r["held_by_before"] = holders
+            r["split"] = helios_split(r.get("info", {}))
+            results[tier] = r
+            log(f"Helios from {tier}: first token after {r['first_token_s']:.1f}s; split {r['split']}")
+            ctl.delete()
+        return results
+    finally:
+        ctl.close()
+
+
+# --------------------------------------------------------------------------- plain vLLM engines
+
+
+def engine_child(spec: dict) -> None:
+    """Run in a fresh process: start vLLM, print timestamps, decode, then wait for stdin to close."""
+    t_start = time.time()
+    from vllm import LLM, SamplingParams
+
+    t_import = time.time()
+    kwargs = {k: spec["engine"][k] for k in ("dtype", "max_model_len", "max_num_seqs", "enforce_eager")}
+    llm = LLM(model=spec["model"], seed=0, **kwargs, **spec.get("extra", {}))
+    t_built = time.time()
+    llm.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+    t_first = time.time()
+    print("@@engine " + json.dumps({"event": "first_token", "t_start": t_start, "t_import": t_import,
+                                    "t_built": t_built, "t_first": t_first}), flush=True)
+    print("@@engine " + json.dumps({"event": "idle"}), flush=True)
+    for line in sys.stdin:  # {"decode": N}: one greedy request of N tokens; EOF: exit
+        n = json.loads(line)["decode"]
+        t = time.perf_counter()
+        out = llm.generate(["Once upon a time"], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+        tokens = len(out[0].outputs[0].token_ids)
+        print("@@engine " + json.dumps({"event": "decoded", "tok_s": tokens / (time.perf_counter() - t),
+                                        "tokens": tokens}), flush=True)
+
+
+class Engine:
+    def __init__(self, spec: dict, log_path: Path) -> None:
+        self.spawned = time.time()
+        self.events: queue.Queue[dict] = queue.Queue()
+        self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process it logs
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_space_gib"])}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--engine-child", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True, text=True, bufsize=1)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            if line.startswith("@@engine "):
+                self.events.put(json.loads(line[9:]))
+        self.events.put({"event": "exited", "rc": self.proc.wait()})
+
+    def expect(self, name: str, timeout: float = 600) -> dict:
+        ev = self.events.get(timeout=timeout)
+        if ev["event"] != name:
+            raise RuntimeError(f"engine: expected {name}, got {ev} (log {self.log.name})")
+        return ev
+
+    def decode(self, tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"decode": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self.expect("decoded")
+
+    def uss_mib(self) -> dict:
+        """Private (USS) and proportional (PSS) memory of the engine's whole process tree, MiB."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        uss = pss = 0
+        for p in [root] + root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                m = p.memory_full_info()
+                uss += m.uss
+                pss += m.pss
+        return {"uss_mib": uss / 2**20, "pss_mib": pss / 2**20}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        servers.stop(self.proc, grace_s=20)  # the engine core is in the child's process group too
+        self.log.close()
+
+
+def measure_engine_start(model_dir: Path) -> dict:
+    """vLLM from a local directory with its default loader, weights in the page cache."""
+    warm(tree_files(model_dir))
+    eng = Engine({"model": str(model_dir), "engine": ENGINE}, WORK / "engine_start.log")
+    try:
+        ev = eng.expect("first_token")
+        result = {"first_token_s": ev["t_first"] - eng.spawned, "import_s": ev["t_import"] - eng.spawned,
+                  "construct_s": ev["t_built"] - ev["t_import"], "generate_s": ev["t_first"] - ev["t_built"]}
+        eng.expect("idle")
+    finally:
+        eng.close()
+    log(f"engine_start (plain vLLM, warm page cache): first token after {result['first_token_s']:.1f}s")
+    return result
+
+
+def measure_share(snapshot: Path, derived: Path, decode_tokens: int, decode_rounds: int) -> dict:
+    """A second engine on the same RAM-tier snapshot, with `share_weights` on and off."""
+    import psutil
+
+    def spec(share: bool) -> dict:
+        return {"model": str(snapshot), "engine": ENGINE,
+                "extra": {"load_format": "helios",
+                          "model_loader_extra_config": {"share_weights": share, "derived_dir": str(derived)}}}
+
+    shutil.rmtree(derived, ignore_errors=True)
+    engines: list[Engine] = []
+    out: dict = {}
+    try:
+        log("share_weights on: first replica (writes the derived blob)")
+        first = Engine(spec(True), WORK / "share_on_1.log")
+        engines.append(first)
+        first.expect("first_token")
+        first.expect("idle")
+        # The second replica with sharing on, and one with it off, started side by side beside the first
+        # (start times are not measured here); then each decodes alone.
+        log("share_weights: a second replica with it on and one with it off")
+        on_eng = Engine(spec(True), WORK / "share_on_2.log")
+        engines.append(on_eng)
+        off_eng = Engine(spec(False), WORK / "share_off.log")
+        engines.append(off_eng)
+        for e in (on_eng, off_eng):
+            e.expect("first_token")
+            e.expect("idle")
+        time.sleep(2)
+        mem_on, mem_off = on_eng.uss_mib(), off_eng.uss_mib()
+        out["first_replica_on"] = first.uss_mib()
+        on_rates, off_rates = [], []
+        for _ in range(decode_rounds):
+            on_rates.append(on_eng.decode(decode_tokens)["tok_s"])
+            off_rates.append(off_eng.decode(decode_tokens)["tok_s"])
+        on, off = {"tok_s": median(on_rates)}, {"tok_s": median(off_rates)}
+        out["tok_s_rounds"] = {"on": on_rates, "off": off_rates}
+    finally:
+        for e in engines:
+            e.close()
+    out.update({
+        "private_mib_second_replica_on": mem_on["uss_mib"],
+        "private_mib_second_replica_off": mem_off["uss_mib"],
+        "pss_mib_second_replica_on": mem_on["pss_mib"],
+        "pss_mib_second_replica_off": mem_off["pss_mib"],
+        "tok_s_on": on["tok_s"],
+        "tok_s_off": off["tok_s"],
+        "decode_tokens": decode_tokens,
+        "method": "vllm.LLM(load_format='helios', model_loader_extra_config={'share_weights': on/off}) in fresh "
+        "processes on the RAM-tier snapshot: a first share_weights=on engine (it writes the derived blob), then a "
+        "second one on and one off side by side, all three alive while measured; private = USS summed over the "
+        "engine's process tree (psutil memory_full_info); tok/s = median over rounds of one greedy request of "
+        "decode_tokens tokens (ignore_eos), each engine decoding alone",
+        "machine_mem_available_mib": psutil.virtual_memory().available / 2**20,
+    })
+    log(f"share_weights: second replica private {out['private_mib_second_replica_on']:.0f} MiB on vs "
+        f"{out['private_mib_second_replica_off']:.0f} MiB off; {out['tok_s_on']:.1f} vs {out['tok_s_off']:.1f} tok/s")
+    return out
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    a, b, c = axes
+    load = report.get("load_gbps") or {}
+    if load:
+        names = ["raw_read", "safetensors", "helios"]
+        a.bar(["raw read", "safetensors\nload_file", "Helios loader"], [load.get(n, 0) for n in names],
+              color=["#888888", "#dd8452", "#4c72b0"])
+    a.set_title("Load from NVMe tier, cold page cache (GB/s)")
+    s3 = report.get("s3_gbps") or {}
+    if s3:
+        b.bar(["s3fs get", "Helios ensure_local"], [s3.get("s3fs", 0), s3.get("helios", 0)], color=["#dd8452", "#4c72b0"])
+    b.set_title(f"S3 ({report.get('s3_server', {}).get('name', 's3rver')}) to local disk (GB/s)")
+    ft = report.get("first_token_s") or {}
+    split = report.get("first_token_split") or {}
+    labels, bottoms = [], []
+    order = [("engine_start", "vLLM engine\n(warm cache)"), ("rayserve_llm_s3", "Ray Serve LLM\nfrom S3"),
+             ("helios_s3", "Helios\nfrom S3"), ("helios_nvme", "Helios\nfrom NVMe"), ("helios_ram", "Helios\nfrom RAM")]
+    parts = [("fetch_s", "#55a868"), ("load_s", "#c44e52"), ("engine_start_s", "#8172b2")]
+    for i, (key, label) in enumerate(order):
+        if ft.get(key) is None:
+            continue
+        labels.append(label)
+        total = ft[key]
+        sp = split.get(key, {})
+        bottom = 0.0
+        for part, color in parts:
+            v = sp.get(part)
+            if v:
+                c.bar(len(labels) - 1, v, bottom=bottom, color=color, label=part if part not in bottoms else None)
+                bottoms.append(part)
+                bottom += v
+        c.bar(len(labels) - 1, max(total - bottom, 0), bottom=bottom, color="#bbbbbb",
+              label="other (Serve, process start, imports, HTTP)" if "other" not in bottoms else None)
+        bottoms.append("other")
+        c.text(len(labels) - 1, total, f"{total:.0f}s", ha="center", va="bottom", fontsize=8)
+    c.set_xticks(range(len(labels)), labels, fontsize=8)
+    c.set_title("First token after deploy (s)")
+    c.legend(fontsize=7)
+    fig.suptitle("Cold start of the bench demo model (1.4 GB bf16, CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Fewer repeats and a shorter decode (under 10 minutes).")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cold_start.json")
+    parser.add_argument("--skip", default="", help=f"Comma-separated parts to leave out: {','.join(PARTS)}.")
+    parser.add_argument("--port", type=int, default=8341)
+    args = parser.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    repeats = 2 if args.quick else 5  # S3 transfers (~10 s each)
+    local_repeats = 3 if args.quick else 7  # cold-cache local loads (~1-3 s each)
+    decode_tokens = 32 if args.quick else 256
+    started = time.monotonic()
+
+    import s3fs
+
+    from helios.config import StorageConfig
+    from helios.engine.demo_model import resolve_source
+    from helios.storage.store import ModelStore
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_source("demo://bench", ROOT / "benchmarks" / ".work" / "cache")
+    model_files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    cache_root = WORK / "cache_root"
+    nvme_root = WORK / "tiers" / "nvme"
+    for d in (cache_root, nvme_root.parent, RAM_TIER):
+        shutil.rmtree(d, ignore_errors=True)
+    report: dict = {"benchmark": "cold_start", "quick": args.quick,
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                "python": platform.python_version()},
+                    "workload": {"model": "demo://bench", "model_bytes": sum(f.stat().st_size for f in model_files),
+                                 "engine": ENGINE, "s3_repeats": repeats,
+                                 "local_repeats": local_repeats}}
+
+    with s3rver.running(directory=WORK / "s3rver-data", log_path=WORK / "s3rver.log") as server:
+        report["s3_server"] = {"name": "s3rver", "version": server.version, "endpoint": server.endpoint_url,
+                               "backend": "filesystem directory on the local disk, served from the page cache "
+                               "(warmed before each S3 measurement; the client side is cold)"}
+        remote = {"kind": "remote", "url": f"s3://{server.bucket}/helios", "storage_options": server.storage_options}
+        nvme = {"kind": "nvme", "path": str(nvme_root), "capacity": "20GiB"}
+        ram = {"kind": "ram", "path": str(RAM_TIER), "capacity": "4GiB"}
+        transfer = {"chunk_mib": 16, "concurrency": 16}
+        full = {"tiers": [ram, nvme, remote], "transfer": transfer}
+        store = ModelStore.from_config(StorageConfig.model_validate(full), cache_root)
+
+        log(f"s3rver {server.version} on {server.endpoint_url}; uploading the model (plain files, Helios push)")
+        fs = s3fs.S3FileSystem(**server.storage_options, skip_instance_cache=True)
+        plain = f"{server.bucket}/plain/{MODEL_NAME}"
+        for f in model_files:  # s3rver's data directory is kept between runs: upload only what is missing
+            try:
+                have = fs.info(f"{plain}/{f.name}")["size"]
+            except FileNotFoundError:
+                have = None
+            if have != f.stat().st_size:
+                fs.put_file(str(f), f"{plain}/{f.name}")
+        store.push(model_dir, STORE_ID, STORE_VERSION)  # dedups: uploads only blobs the remote lacks
+        server_files = tree_files(server.directory)
+        report["workload"]["transfer"] = transfer
+
+        if "s3" not in skip:
+            nvme_cfg = StorageConfig.model_validate({"tiers": [nvme, remote], "transfer": transfer})
+            report.update(measure_s3(server, plain, model_files, nvme_cfg, cache_root, repeats, server_files))
+
+        # The NVMe tier's copy, read by the local load measurements.
+        snap = store.ensure_local(STORE_ID, STORE_VERSION, tier="nvme").path
+        if "local" not in skip:
+            from helios.storage.loader import safetensors_files
+
+            files = [Path(os.path.realpath(f)) for f in safetensors_files(snap)]
+            report.update(measure_local(files, local_repeats))
+
+        first: dict = {}
+        split: dict = {}
+        if "rayserve" not in skip:
+            r = measure_rayserve(server, f"s3://{plain}", args.port, server_files)
+            first["rayserve_llm_s3"] = r["first_token_s"]
+            split["rayserve_llm_s3"] = {k: r[k] for k in ("download_s", "load_weights_s", "init_engine_s") if k in r}
+            report["rayserve_llm_s3"] = r
+        if "helios" not in skip:
+            h = measure_helios(full, cache_root, args.port + 1, server_files)
+            for tier, r in h.items():
+                first[f"helios_{tier}"] = r["first_token_s"]
+                split[f"helios_{tier}"] = r["split"]
+            report["helios_runs"] = h
+        if "engine" not in skip:
+            e = measure_engine_start(model_dir)
+            first["engine_start"] = e["first_token_s"]
+            split["engine_start"] = {k: e[k] for k in ("import_s", "construct_s", "generate_s")}
+            report["engine_start"] = e
+        report["first_token_s"] = first
+        report["first_token_split"] = split
+        report["first_token_method"] = (
+            "helios_* and rayserve_llm_s3: wall clock from serve.run (Ray and Serve already up; the app is built "
+            "inside the timed span) to the first streamed token of a 1-token completion, polled every 0.2 s. Cold "
+            "model bytes, warm software: nothing of the model on local disk for the S3 runs (Ray Serve LLM's "
+            "HF_HUB_CACHE and Helios's local tiers emptied), the NVMe tier's blobs evicted from the page cache "
+            "for helios_nvme (fadvise DONTNEED), RAM tier in /dev/shm for helios_ram; Python packages stay in "
+            "the page cache; s3rver's files are served warm. engine_start: a fresh python process, spawn to the "
+            "first token of vllm.LLM.generate, local directory, vLLM's default loader, weights in the page cache "
+            "(after the runs above had imported the same packages).")
+
+        if "share" not in skip:
+            local = store.ensure_local(STORE_ID, STORE_VERSION, tier="ram")
+            report["share_weights"] = measure_share(local.path, RAM_TIER / "derived", decode_tokens, 1 if args.quick else 3)
+
+    ratios = {}
+    if "engine_start" in first:
+        for k in ("helios_ram", "helios_nvme", "helios_s3", "rayserve_llm_s3"):
+            if k in first:
+                ratios[f"{k}_over_engine_start"] = first[k] / first["engine_start"]
+    if "helios_s3" in first and "rayserve_llm_s3" in first:
+        ratios["helios_s3_over_rayserve_llm_s3"] = first["helios_s3"] / first["rayserve_llm_s3"]
+    report["ratios"] = ratios
+    targets = {}
+    if "helios_over_raw_read" in report:
+        targets["loader_ge_0.8x_raw_read"] = report["helios_over_raw_read"] >= 0.8
+    if "helios_over_s3fs" in report:
+        targets["s3_ge_3x_s3fs"] = report["helios_over_s3fs"] >= 3
+    if "helios_ram_over_engine_start" in ratios:
+        targets["ram_first_token_le_1.2x_engine_start"] = ratios["helios_ram_over_engine_start"] <= 1.2
+    if "helios_s3_over_rayserve_llm_s3" in ratios:
+        targets["s3_first_token_ahead_of_rayserve_llm"] = ratios["helios_s3_over_rayserve_llm_s3"] < 1
+    report["targets_met"] = targets
+    report["seconds"] = time.monotonic() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    log(f"wrote {args.out} and {args.out.with_suffix('.png')} after {report['seconds']:.0f}s")
+    print(json.dumps({k: report.get(k) for k in ("load_gbps", "helios_over_raw_read", "s3_gbps", "helios_over_s3fs",
+                                                  "first_token_s", "targets_met")}), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--engine-child":
+        engine_child(json.loads(sys.argv[2]))
+    else:
+        main()
