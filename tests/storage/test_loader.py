@@ -120,6 +120,12 @@ class HeldEngine:
         return [parent, *parent.children(recursive=True)]
 
     def close(self) -> None:
+        """Let the probe exit on its own first (vLLM then removes its shared-memory queues), then kill what is left."""
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=60)
         kill_tree(self.proc)
         self.log.close()
 
