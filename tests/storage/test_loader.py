@@ -184,8 +184,32 @@ def test_yielded_tensors_are_views_of_the_mapping_and_equal_safetensors(tiny_mod
         assert t.dtype == expected[name].dtype and torch.equal(t, expected[name]), name
         seen.add(name)
     assert seen == set(expected)
-    names = [name for name, _ in iter_mapped_weights([path])]
-    assert sorted(names) == sorted(expected)
+
+
+def test_loader_iterator_yields_views_of_its_mapping(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `load_weights` hands vLLM: every tensor lies inside the file's mapping, equal to safetensors."""
+    from safetensors.torch import load_file
+
+    import helios.storage.loader as loader_module
+
+    opened: list[MappedSafetensors] = []
+
+    class Recording(MappedSafetensors):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(loader_module, "MappedSafetensors", Recording)
+    [path] = safetensors_files(tiny_model_dir)
+    expected = load_file(str(path))
+    got = dict(iter_mapped_weights([path]))
+    [mapped] = opened
+    start, end = mapped.address_range()
+    for name, t in got.items():
+        ptr = t.untyped_storage().data_ptr()
+        assert start <= ptr and ptr + t.numel() * t.element_size() <= end, name
+        assert torch.equal(t, expected[name]), name
+    assert got.keys() == expected.keys()
 
 
 def test_snapshot_symlinks_are_resolved(tiny_model_dir: Path, tmp_path: Path) -> None:
