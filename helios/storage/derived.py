@@ -177,6 +177,9 @@ def open_blob(path: Path, key: DerivedKey) -> MappedSafetensors | None:
         blob = MappedSafetensors(path, shared=True)
     except FileNotFoundError:
         return None
+    except ValueError as e:  # not safetensors (damaged): treat as absent, the writer replaces it
+        log_event(logger, "derived_blob_unreadable", path=str(path), error=str(e))
+        return None
     if blob.metadata != key.metadata():
         log_event(logger, "derived_blob_stale", path=str(path))
         return None

@@ -281,6 +281,8 @@ def test_blob_with_another_key_is_not_used(tmp_path: Path) -> None:
     other = derived.DerivedKey("m", "Llama", "0.32.0", "bfloat16", 0, 1, 0, 1)
     assert other.file_name() != key.file_name()
     assert derived.open_blob(path, other) is None
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")  # damaged
+    assert derived.open_blob(path, key) is None
 
 
 def test_model_digest_prefers_the_manifest_and_sees_content(tiny_model_dir: Path, tmp_path: Path) -> None:
