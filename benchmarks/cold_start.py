@@ -159,8 +159,10 @@ def measure_local(files: list[Path], repeats: int) -> dict:
     methods = {"raw_read": lambda: raw_read(files), "safetensors": lambda: safetensors_load(files, dst),
                "helios": lambda: helios_load(files, dst)}
     rates: dict[str, list[float]] = {k: [] for k in methods}
+    names = list(methods)
     for r in range(repeats):
-        for name, fn in methods.items():  # interleaved, so host noise hits all alike
+        for name in names[r % 3:] + names[: r % 3]:  # interleaved, order rotated: drift hits all alike
+            fn = methods[name]
             method = drop_page_cache(files)
             t = time.perf_counter()
             nbytes = fn()
@@ -171,6 +173,8 @@ def measure_local(files: list[Path], repeats: int) -> dict:
         "load_gbps": gbps,
         "load_gbps_rounds": rates,
         "helios_over_raw_read": gbps["helios"] / gbps["raw_read"],
+        # The disk's speed drifts between rounds; the ratio within each round is steadier.
+        "helios_over_raw_read_paired": median([h / r for h, r in zip(rates["helios"], rates["raw_read"])]),
         "helios_over_safetensors": gbps["helios"] / gbps["safetensors"],
         "load_bytes": sum(f.stat().st_size for f in files),
         "page_cache_method": method,
@@ -266,6 +270,7 @@ class Controller:
 
     def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
         self.port = port
+        self.shm_before = set(Path("/dev/shm").glob("psm_*"))
         self.events: queue.Queue[dict] = queue.Queue()
         self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process it logs
         self.proc = subprocess.Popen(
@@ -321,13 +326,29 @@ class Controller:
             procs = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             procs = []
+        doomed = []
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 if "ServeReplica:bench" in p.name() or "ServeReplica:bench" in " ".join(p.cmdline()[:1]):
-                    for q in [p] + p.children(recursive=True):
-                        with contextlib.suppress(psutil.Error):
-                            q.kill()
+                    doomed += [p, *p.children(recursive=True)]
+        # The engine core first, alone, with SIGTERM: it stops its workers and removes its shared-memory
+        # queues from /dev/shm (killed all at once they are left behind); then the rest of the replica.
+        def name(q) -> str:
+            with contextlib.suppress(psutil.Error):
+                return q.name()
+            return ""
+
+        cores = [q for q in doomed if name(q).startswith("VLLM::EngineCore")]
+        for group, grace in ((cores, 15), (doomed, 5)):
+            for q in group:
+                with contextlib.suppress(psutil.Error):
+                    q.terminate()
+            _, alive = psutil.wait_procs(group, timeout=grace)
+            for q in alive if group is doomed else ():
+                with contextlib.suppress(psutil.Error):
+                    q.kill()
         self.expect("deleted", timeout=120)
+        remove_orphaned_shm(self.shm_before)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -335,6 +356,21 @@ class Controller:
             self.proc.wait(60)
         servers.stop(self.proc)
         self.log.close()
+
+
+def remove_orphaned_shm(before: set[Path]) -> None:
+    """vLLM shared-memory queues (/dev/shm/psm_*) made since `before` that no live process maps:
+    what a replica killed mid-teardown leaves behind."""
+    new = set(Path("/dev/shm").glob("psm_*")) - before
+    if not new:
+        return
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped.update(line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines() if "psm_" in line)
+    for path in new:
+        if path.name not in mapped:
+            path.unlink(missing_ok=True)
 
 
 async def first_token(base: str, proc: subprocess.Popen, timeout_s: float = 900) -> float:
@@ -569,8 +605,10 @@ class Engine:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.proc.stdin.close()
-        servers.stop(self.proc, grace_s=20)  # the engine core is in the child's process group too
+            self.proc.stdin.close()  # the child returns and vLLM shuts down cleanly (its /dev/shm queues too)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(30)
+        servers.stop(self.proc, grace_s=20)  # whatever is left; the engine core is in the child's group
         self.log.close()
 
 
@@ -726,7 +764,7 @@ def main() -> None:
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     repeats = 2 if args.quick else 5  # S3 transfers (~10 s each)
-    local_repeats = 3 if args.quick else 7  # cold-cache local loads (~1-3 s each)
+    local_repeats = 5 if args.quick else 9  # cold-cache local loads (~1-3 s each)
     ft_repeats = 1 if args.quick else 3  # first-token runs (~40-70 s each)
     decode_tokens = 32 if args.quick else 256
     started = time.monotonic()
@@ -822,6 +860,7 @@ def main() -> None:
             local = store.ensure_local(STORE_ID, STORE_VERSION, tier="ram")
             report["share_weights"] = measure_share(local.path, RAM_TIER / "derived", decode_tokens, 1 if args.quick else 3)
 
+    shutil.rmtree(RAM_TIER, ignore_errors=True)  # 1.4 GB (and a derived copy) of /dev/shm
     ratios = {}
     if "engine_start" in first:
         for k in ("helios_ram", "helios_nvme", "helios_s3", "rayserve_llm_s3"):
