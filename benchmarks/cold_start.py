@@ -745,7 +745,7 @@ def plot(report: dict, path: Path) -> None:
         c.axhline(1.2 * ft["engine_start"], color="black", ls="--", lw=0.8, label="target for RAM: 1.2 x engine")
     c.set_xticks(range(len(labels)), labels, fontsize=8)
     c.set_title("Deploy to first token (s); split as reported by each system", fontsize=10)
-    c.legend(fontsize=7, loc="upper left")
+    c.legend(fontsize=7, loc="upper right")
     quick = " (--quick: one run each)" if report.get("quick") else ""
     fig.suptitle(f"Cold start of the bench demo model (1.4 GB bf16, {report['machine']['cpus']} CPUs){quick}")
     fig.tight_layout()
