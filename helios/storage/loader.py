@@ -138,20 +138,91 @@ class LoadStats:
 
 
 def iter_mapped_weights(
-    files: Iterable[str | os.PathLike[str]], stats: LoadStats | None = None
+    files: Iterable[str | os.PathLike[str]], stats: LoadStats | None = None, readahead_mib: int = 256
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, view) for every tensor of every file; a file's mapping lives as long as its views."""
-    for path in files:
-        mapped = MappedSafetensors(path)
-        try:
-            mapped.mm.madvise(mmap.MADV_SEQUENTIAL)  # read-ahead for a cold file; harmless when cached
-        except (AttributeError, OSError):
-            pass
-        for name in mapped.names():
-            if stats is not None:
-                stats.bytes += mapped.nbytes(name)
-                stats.tensors += 1
-            yield name, mapped.tensor(name)
+    """(name, view) for every tensor of every file; a file's mapping lives as long as its views.
+
+    A cold file would otherwise be read one page fault at a time by whoever touches the
+    views; a read-ahead thread keeps up to `readahead_mib` of the files in the page cache
+    ahead of the consumer, so reading the disk overlaps vLLM copying into its parameters."""
+    files = [os.path.realpath(p) for p in files]
+    ahead = ReadAhead(files, readahead_mib << 20) if readahead_mib > 0 else None
+    try:
+        consumed = 0
+        for path in files:
+            mapped = MappedSafetensors(path)
+            try:
+                mapped.mm.madvise(mmap.MADV_SEQUENTIAL)  # read-ahead for a cold file; harmless when cached
+            except (AttributeError, OSError):
+                pass
+            for name in mapped.names():
+                nbytes = mapped.nbytes(name)
+                if stats is not None:
+                    stats.bytes += nbytes
+                    stats.tensors += 1
+                yield name, mapped.tensor(name)
+                consumed += nbytes
+                if ahead is not None:
+                    ahead.consumed(consumed)
+            consumed = ahead.file_end(path) if ahead is not None else 0
+    finally:
+        if ahead is not None:
+            ahead.stop()
+
+
+class ReadAhead:
+    """Reads files front to back in a thread, at most `window` bytes past the consumer.
+
+    `pread` into one scratch buffer fills the page cache at sequential-read speed; the
+    bytes are then found there by the consumer's page faults."""
+
+    _BLOCK = 8 << 20
+
+    def __init__(self, files: list[str], window: int) -> None:
+        import threading
+
+        self.files, self.window = files, window
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for f in files:
+            total += os.path.getsize(f)
+            self.offsets[f] = total
+        self._consumed = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="helios-readahead", daemon=True)
+        self._thread.start()
+
+    def file_end(self, path: str) -> int:
+        """Bytes of all files up to and including `path` (the consumer's position after it)."""
+        return self.offsets[path]
+
+    def consumed(self, position: int) -> None:
+        with self._cond:
+            self._consumed = position
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        buf = bytearray(self._BLOCK)
+        position = 0
+        for path in self.files:
+            with open(path, "rb", buffering=0) as f:
+                while True:
+                    with self._cond:
+                        while not self._stopped and position - self._consumed > self.window:
+                            self._cond.wait(0.5)
+                        if self._stopped:
+                            return
+                    n = f.readinto(buf)
+                    if not n:
+                        break
+                    position += n
 
 
 # --------------------------------------------------------------------------- GPU streaming
