@@ -7,6 +7,7 @@ key's full path (`models.0.engine.max_model_lenn`), never later in a replica.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,12 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 class ConfigError(ValueError):
     """A Serve config that cannot start; the message names every bad key."""
+
+
+def _repeated(values: Iterable[str]) -> list[str]:
+    """Values that occur more than once, sorted."""
+    seen = list(values)
+    return sorted({v for v in seen if seen.count(v) > 1})
 
 
 class _Strict(BaseModel):
@@ -184,8 +191,7 @@ class StorageConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_of_each(self) -> StorageConfig:
-        kinds = [t.kind for t in self.tiers]
-        dupes = sorted({k for k in kinds if kinds.count(k) > 1})
+        dupes = _repeated(t.kind for t in self.tiers)
         if dupes:
             raise ValueError(f"tiers: more than one tier of kind {dupes}")
         if all(t.kind == "remote" for t in self.tiers):
@@ -228,8 +234,7 @@ class HeliosArgs(_Strict):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> HeliosArgs:
-        ids = [m.id for m in self.models]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = _repeated(m.id for m in self.models)
         if dupes:
             raise ValueError(f"models: duplicate id(s) {dupes}")
         for i, m in enumerate(self.models):

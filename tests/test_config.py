@@ -35,12 +35,46 @@ def test_local_yaml_is_valid_and_serves_the_tiny_demo_model() -> None:
         ({"models": [_model(source="s3://bucket/model")]}, "models.0.source"),
         ({"models": []}, "models"),
         ({}, "models"),
+        ({"models": [_model()], "storage": {"tiers": [{"kind": "rma", "capacity": "1GiB"}]}}, "storage.tiers.0"),
+        ({"models": [_model()], "storage": {"tiers": [{"kind": "ram", "capacity": "lots"}]}},
+         "storage.tiers.0.ram.capacity"),
+        ({"models": [_model()], "storage": {"tiers": [{"kind": "remote", "url": "bucket/x"}]}},
+         "storage.tiers.0.remote.url"),
+        ({"models": [_model()], "storage": {"tiers": [{"kind": "ram", "capacity": "1GiB", "size": 1}]}},
+         "storage.tiers.0.ram.size"),
+        ({"models": [_model()], "storage": {"tiers": [{"kind": "ram", "capacity": "1GiB"}],
+                                           "transfer": {"chunk_mib": 0}}}, "storage.transfer.chunk_mib"),
     ],
 )
 def test_bad_config_names_the_bad_key(args: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_args(args)
     assert f"  {key}:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"models": [_model()], "storage": {"tiers": [{"kind": "ram", "capacity": "1GiB"}] * 2}},
+         "more than one tier of kind ['ram']"),
+        ({"models": [_model()], "storage": {"tiers": [{"kind": "remote", "url": "s3://b/p"}]}},
+         "at least one local tier"),
+        ({"models": [_model(source="store://org/m:v1")]}, "models.0.source: store:// needs a `storage:` section"),
+        ({"models": [_model(engine={"share_weights": True})]}, "share_weights: needs a `storage:` section"),
+    ],
+)
+def test_storage_rules_are_explained(args: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_args(args)
+    assert message in str(info.value)
+
+
+def test_storage_capacities_take_units() -> None:
+    args = parse_args({"models": [_model(source="store://org/m:v1")], "storage": {"tiers": [
+        {"kind": "ram", "capacity": "4GiB"}, {"kind": "nvme", "capacity": "500MB", "path": "/x"},
+        {"kind": "remote", "url": "s3://b/p", "storage_options": {"endpoint_url": "http://h:1"}}]}})
+    ram, nvme, remote = args.storage.tiers
+    assert (ram.capacity, nvme.capacity, remote.url) == (4 << 30, 500 * 10**6, "s3://b/p")
 
 
 def test_duplicate_model_ids_are_rejected() -> None:
