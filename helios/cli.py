@@ -207,6 +207,16 @@ def _storage_errors():
         _fail(str(getattr(exc, "message", "") or exc))
 
 
+def _table(*columns: str):
+    """A table whose cells wrap instead of being cut short in a narrow terminal (ids and paths matter)."""
+    from rich.table import Table
+
+    table = Table()
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    return table
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
@@ -259,15 +269,14 @@ def models_pull(
 @models_app.command("ls")
 def models_ls(config: Path | None = _CONFIG_OPTION) -> None:
     """Every model version in the store and the tiers holding all of it."""
-    from rich.table import Table
-
     store = _store(config)
     with _storage_errors():
         manifests = store.models()
-        table = Table("model", "version", "files", "size", "pushed", "tiers")
+        table = _table("model", "version", "files", "size", "pushed", "tiers")
         for m in manifests:
             pushed = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))
-            table.add_row(m.model_id, m.version, str(len(m.files)), _gib(m.total_bytes), pushed, " ".join(store.holders(m)))
+            tiers = " ".join(store.holders(m))
+            table.add_row(m.model_id, m.version, str(len(m.files)), _gib(m.total_bytes), pushed, tiers)
     if not manifests:
         console.print("The store holds no models yet; add one with `helios models push DIR --model ID --version V`.")
         return
@@ -277,10 +286,8 @@ def models_ls(config: Path | None = _CONFIG_OPTION) -> None:
 @cache_app.command("ls")
 def cache_ls(config: Path | None = _CONFIG_OPTION) -> None:
     """What each local tier holds, its size and capacity."""
-    from rich.table import Table
-
     store = _store(config)
-    table = Table("tier", "path", "used", "capacity", "blobs", "models held")
+    table = _table("tier", "path", "used", "capacity", "blobs", "models held")
     for t in store.local:
         held = [m.ref for m in t.manifests() if t.has_all(m)]
         blobs = t.blobs()
