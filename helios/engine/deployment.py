@@ -40,7 +40,7 @@ class EngineDeployment:
         timings["total_s"] = time.monotonic() - started
         self.engine.timings = {k: round(v, 3) for k, v in timings.items()}
         log_event(
-            logger, "engine_started", model=config.id, path=str(prepared.path),
+            logger, "engine_started", flush=True, model=config.id, path=str(prepared.path),
             sources=prepared.local.sources if prepared.local else None, **self.engine.timings,
         )
 
