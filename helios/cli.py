@@ -257,7 +257,7 @@ def models_pull(
     with _storage_errors():
         manifest = store.resolve(model_id, version)
         with progress_bar(manifest.total_bytes, f"pull {manifest.ref}") as progress:
-            local = store.ensure_local(model_id, manifest.version, tier, progress)
+            local = store.localize(manifest, tier, progress)
     seconds = local.timings["fetch_s"]
     moved = local.fetched_bytes
     rate = f", {moved / max(seconds, 1e-9) / 1e9:.2f} GB/s" if moved else ""

@@ -38,19 +38,18 @@ def demo_version(preset: str) -> str:
     return f"demo-{preset}"
 
 
-def store_ref(model: ModelConfig, store: ModelStore, cache_root: Path) -> tuple[str, str | None]:
-    """The (model id, version) a model's source names in the store, publishing a demo model first."""
+def store_manifest(model: ModelConfig, store: ModelStore, cache_root: Path) -> Manifest:
+    """The manifest a model's source names in the store, publishing a demo model first."""
     if model.source.startswith("store://"):
-        return parse_ref(model.source.removeprefix("store://"))
+        return store.resolve(*parse_ref(model.source.removeprefix("store://")))
     preset = model.source.removeprefix("demo://")
     version = demo_version(preset)
     try:
-        store.resolve(model.id, version)
+        return store.resolve(model.id, version)
     except ModelVersionNotFound:
-        built = resolve_source(model.source, cache_root)
-        store.push(built, model.id, version)
+        manifest = store.push(resolve_source(model.source, cache_root), model.id, version)
         log_event(logger, "demo_published", model=model.id, version=version, tier=store.durable.kind)
-    return model.id, version
+        return manifest
 
 
 def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path) -> PreparedModel:
@@ -58,8 +57,7 @@ def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path)
     if storage is None or not model.uses_store():
         return PreparedModel(resolve_source(model.source, cache_root), via_store=False)
     store = ModelStore.from_config(storage, cache_root)
-    model_id, version = store_ref(model, store, cache_root)
-    manifest = store.resolve(model_id, version)
+    manifest = store_manifest(model, store, cache_root)
     progress = LogProgress(manifest.total_bytes, manifest.ref)
-    local = store.ensure_local(model_id, manifest.version, progress=progress, background_fill=True)
+    local = store.localize(manifest, progress=progress, background_fill=True)
     return PreparedModel(local.path, True, dict(local.timings), local)

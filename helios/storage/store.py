@@ -21,7 +21,7 @@ from helios.observability.logs import get_logger, log_event
 from helios.storage.eviction import POLICIES
 from helios.storage.manifest import Manifest, build_manifest
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier
-from helios.storage.transfer import Progress, fetch_blob
+from helios.storage.transfer import Progress, TransferResult, fetch_blob
 
 logger = get_logger("storage.store")
 _UPLOAD_BLOCK = 16 << 20
@@ -91,18 +91,18 @@ class ModelStore:
     # --- catalog ---
     def versions(self, model_id: str) -> list[Manifest]:
         """Every known version of a model, newest first (a version in several tiers once)."""
-        seen: dict[str, Manifest] = {}
-        for t in self.tiers:
-            for m in t.manifests(model_id):
-                seen.setdefault(m.version, m)
-        return sorted(seen.values(), key=lambda m: m.created, reverse=True)
+        return sorted(self._known(model_id), key=lambda m: m.created, reverse=True)
 
     def models(self) -> list[Manifest]:
+        return sorted(self._known(), key=lambda m: (m.model_id, -m.created))
+
+    def _known(self, model_id: str | None = None) -> list[Manifest]:
+        """Manifests across the tiers, fastest tier's copy first, each (model, version) once."""
         seen: dict[tuple[str, str], Manifest] = {}
         for t in self.tiers:
-            for m in t.manifests():
+            for m in t.manifests(model_id):
                 seen.setdefault((m.model_id, m.version), m)
-        return sorted(seen.values(), key=lambda m: (m.model_id, -m.created))
+        return list(seen.values())
 
     def resolve(self, model_id: str, version: str | None = None) -> Manifest:
         """The manifest of `model_id:version`, or of its newest version."""
@@ -150,54 +150,56 @@ class ModelStore:
         background_fill: bool = False,
     ) -> LocalModel:
         """Bring every blob of a version into `tier` (default: the fastest local tier) and link a snapshot."""
+        return self.localize(self.resolve(model_id, version), tier, progress, background_fill)
+
+    def localize(
+        self,
+        manifest: Manifest,
+        tier: str | None = None,
+        progress: Progress | None = None,
+        background_fill: bool = False,
+    ) -> LocalModel:
+        """`ensure_local` for a manifest the caller already resolved (no second catalog lookup)."""
         started = time.monotonic()
-        manifest = self.resolve(model_id, version)
         target = self.tier(tier) if tier else self.local[0]
         if not isinstance(target, LocalTier):
             raise StorageError("models load from a local tier (ram, nvme or ssd)")
         protected = {f.sha256 for f in manifest.files}
         sources: dict[str, int] = {}
-        moved = {"fetched": 0, "resumed": 0}
-        below = False
+        fetched = resumed = 0
         for f in manifest.files:
-            src = self._bring(f.sha256, f.size, target, protected, progress, moved)
+            src, result = self._bring(f.sha256, f.size, target, protected, progress)
             sources[src.kind] = sources.get(src.kind, 0) + f.size
-            below |= src is not target
+            if result is not None:
+                fetched += result.fetched
+                resumed += result.resumed_from
         target.put_manifest(manifest)
         path = target.snapshot(manifest)
         fetch_s = time.monotonic() - started
-        local = LocalModel(
-            manifest, path, target.kind, {"fetch_s": fetch_s}, sources, moved["fetched"], moved["resumed"]
-        )
+        local = LocalModel(manifest, path, target.kind, {"fetch_s": fetch_s}, sources, fetched, resumed)
         fill_tiers = [t for t in self.local if self.tiers.index(t) > self.tiers.index(target)]
-        if below and fill_tiers:
-            job = lambda: self._fill(manifest, target, fill_tiers)
+        if set(sources) != {target.kind} and fill_tiers:
             if background_fill:
-                local.fill = threading.Thread(target=job, name="helios-fill", daemon=True)
+                args = (manifest, target, fill_tiers)
+                local.fill = threading.Thread(target=self._fill, args=args, name="helios-fill", daemon=True)
                 local.fill.start()
             else:
-                job()
+                self._fill(manifest, target, fill_tiers)
         log_event(
-            logger, "model_local", model=model_id, version=manifest.version, tier=target.kind,
+            logger, "model_local", model=manifest.model_id, version=manifest.version, tier=target.kind,
             seconds=round(fetch_s, 3), sources=sources, bytes=manifest.total_bytes,
         )
         return local
 
     def _bring(
-        self,
-        digest: str,
-        size: int,
-        target: LocalTier,
-        protected: set[str],
-        progress: Progress | None,
-        moved: dict[str, int],
-    ) -> Tier:
-        """Get one blob into `target` from the fastest tier holding a good copy; returns that tier."""
+        self, digest: str, size: int, target: LocalTier, protected: set[str], progress: Progress | None
+    ) -> tuple[Tier, TransferResult | None]:
+        """Get one blob into `target` from the fastest tier holding a good copy: (that tier, the transfer)."""
         if target.stat(digest) is not None:
             target.touch(digest)
             if progress:
                 progress(size)
-            return target
+            return target, None
         for src in self.tiers:
             if src is target or src.stat(digest) is None:
                 continue
@@ -209,11 +211,9 @@ class ModelStore:
                 log_event(logger, "blob_corrupt", digest=digest[:12], tier=src.kind, error=str(exc))
                 src.delete(digest)  # a bad local copy: drop it and take the next tier's
                 continue
-            moved["fetched"] += result.fetched
-            moved["resumed"] += result.resumed_from if result.fetched else 0
             if isinstance(src, LocalTier):
                 src.touch(digest)
-            return src
+            return src, result
         raise BlobNotFound(f"blob {digest[:12]} is in no tier ({self._where()})")
 
     def _fill(self, manifest: Manifest, src: LocalTier, tiers: list[LocalTier]) -> None:

@@ -138,7 +138,7 @@ class LocalTier(Tier):
         tmp = self.root / "partial" / f"{digest}.{uuid.uuid4().hex}.tmp"
         h = hashlib.sha256()
         try:
-            with self._disk_errors(), open(tmp, "wb") as f:
+            with self.disk_errors(), open(tmp, "wb") as f:
                 for chunk in chunks:
                     f.write(chunk)
                     h.update(chunk)
@@ -170,21 +170,22 @@ class LocalTier(Tier):
     def used(self) -> int:
         return sum(b.size for b in self.blobs())
 
-    def sync_policy(self) -> None:
-        """Align the policy with the directory, which other processes also change."""
+    def sync_policy(self) -> int:
+        """Align the policy with the directory, which other processes also change; returns bytes in use."""
         on_disk = {b.digest: b for b in self.blobs()}
         known = self.policy.known()
         for digest in known.keys() - on_disk.keys():
             self.policy.on_remove(digest)
         for digest in on_disk.keys() - known.keys():
             self.policy.on_insert(digest, on_disk[digest].size, on_disk[digest].last_access)
+        return sum(b.size for b in on_disk.values())
 
     def make_room(self, size: int, protected: Collection[str] = ()) -> list[str]:
         """Evict by policy until `size` more bytes fit; TierFull when they cannot."""
         if size > self.capacity:
             raise TierFull(f"tier {self.describe()}: a {size} B blob exceeds its capacity of {self.capacity} B")
-        self.sync_policy()
-        need = self.used() + size - self.capacity
+        used = self.sync_policy()
+        need = used + size - self.capacity
         if need <= 0:
             return []
         victims = self.policy.plan(need, protected)
@@ -196,12 +197,12 @@ class LocalTier(Tier):
         if freed < need:
             raise TierFull(
                 f"tier {self.describe()}: needs {need} B more room but only {freed} B are evictable "
-                f"(capacity {self.capacity} B, in use {self.used()} B)"
+                f"(capacity {self.capacity} B, in use {used - freed} B)"
             )
         return victims
 
     @contextlib.contextmanager
-    def _disk_errors(self) -> Iterator[None]:
+    def disk_errors(self) -> Iterator[None]:
         try:
             yield
         except OSError as exc:

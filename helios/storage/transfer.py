@@ -33,8 +33,8 @@ Progress = Callable[[int], None]
 class TransferResult:
     digest: str
     size: int
-    fetched: int  # bytes moved by this call (less than size after a resume)
-    resumed_from: int
+    fetched: int  # bytes moved by this call (less than size after a resume; 0 if another process did it)
+    resumed_from: int  # bytes an interrupted earlier transfer had already moved
     seconds: float
     waited_for_other: bool = False
 
@@ -66,7 +66,7 @@ def fetch_blob(
         if dst.stat(digest) is not None:
             if progress:
                 progress(size)
-            return TransferResult(digest, size, 0, size, time.monotonic() - started, waited)
+            return TransferResult(digest, size, 0, 0, time.monotonic() - started, waited)
         dst.make_room(size, set(protected) | {digest})
         resumed_from = _copy_ranges(src, dst, digest, size, cfg, progress)
         dst.commit(digest, dst.partial_path(digest), protected)
@@ -87,7 +87,7 @@ def _copy_ranges(
     chunk = cfg.chunk_mib << 20
     part = dst.partial_path(digest)
     h = hashlib.sha256()
-    with dst._disk_errors(), open(part, "a+b") as f:
+    with dst.disk_errors(), open(part, "a+b") as f:
         start = min(os.fstat(f.fileno()).st_size, size)
         start -= start % chunk if start < size else 0
         f.truncate(start)
