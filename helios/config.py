@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A Serve config that cannot start; the message names every bad key."""
 
 
+def default_cache_root() -> Path:
+    """HELIOS_CACHE_ROOT, else ~/.cache/helios: where a config without `cache_root` keeps models."""
+    return Path(os.environ.get("HELIOS_CACHE_ROOT") or "~/.cache/helios").expanduser()
+
+
 def _repeated(values: Iterable[str]) -> list[str]:
     """Values that occur more than once, sorted."""
     seen = list(values)
@@ -245,8 +250,7 @@ class HeliosArgs(_Strict):
         return self
 
     def resolved_cache_root(self) -> Path:
-        root = self.cache_root or os.environ.get("HELIOS_CACHE_ROOT") or "~/.cache/helios"
-        return Path(root).expanduser()
+        return Path(self.cache_root).expanduser() if self.cache_root else default_cache_root()
 
 
 def parse_args(args: dict[str, Any] | HeliosArgs) -> HeliosArgs:

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from helios.config import default_cache_root
 from helios.observability.logs import get_logger, log_event
 from helios.storage.loader import DTYPE_CODES, MappedSafetensors, safetensors_files
+from helios.storage.manifest import MANIFEST_NAME
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig, VllmConfig
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
 logger = get_logger("storage.derived")
 
 FORMAT_VERSION = 1  # bump when the blob's layout or the key's meaning changes
-MANIFEST = "helios-manifest.json"
 _SAMPLE_BYTES = 1 << 16
 
 
@@ -50,7 +51,7 @@ def derived_dir(configured: str | None) -> Path:
     """Where derived blobs live: the configured dir, else `$HELIOS_CACHE_ROOT/derived`."""
     if configured:
         return Path(configured).expanduser()
-    return Path(os.environ.get("HELIOS_CACHE_ROOT") or "~/.cache/helios").expanduser() / "derived"
+    return default_cache_root() / "derived"
 
 
 def model_digest(model_dir: str | os.PathLike[str]) -> str:
@@ -62,7 +63,7 @@ def model_digest(model_dir: str | os.PathLike[str]) -> str:
     checkpoint it replaces, and enough to tell apart two checkpoints of the same shape.
     """
     root = Path(model_dir)
-    manifest = root / MANIFEST
+    manifest = root / MANIFEST_NAME
     if manifest.is_file():
         return "manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
     h = hashlib.sha256()

@@ -34,6 +34,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from helios.observability.logs import get_logger, log_event
+from helios.storage.tiers import atomic_write_bytes
 
 logger = get_logger("storage.loader")
 
@@ -173,7 +174,7 @@ def iter_mapped_weights(
 class ReadAhead:
     """Reads files front to back in a thread, at most `window` bytes past the consumer.
 
-    `pread` into one scratch buffer fills the page cache at sequential-read speed; the
+    Sequential `readinto` one scratch buffer fills the page cache at sequential-read speed; the
     bytes are then found there by the consumer's page faults."""
 
     _BLOCK = 8 << 20
@@ -379,11 +380,9 @@ class HeliosModelLoader(BaseModelLoader):
         if not self.options.report_path:
             return
         report = {"load_seconds": seconds, "bytes": self.stats.bytes, "share_weights": share, "derived": derived}
-        path = self.options.report_path if rank == 0 else f"{self.options.report_path}.rank{rank}"
-        tmp = f"{path}.tmp-{os.getpid()}"
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(tmp).write_text(json.dumps(report) + "\n")
-        os.replace(tmp, path)
+        path = Path(self.options.report_path if rank == 0 else f"{self.options.report_path}.rank{rank}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(report) + "\n").encode())
 
 
 def _param_device(model: nn.Module) -> torch.device:

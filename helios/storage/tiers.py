@@ -217,7 +217,7 @@ class LocalTier(Tier):
     def put_manifest(self, manifest: Manifest) -> None:
         path = self._manifest_path(manifest.model_id, manifest.version)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, manifest.to_json())
+        atomic_write_bytes(path, manifest.to_json())
 
     def manifests(self, model_id: str | None = None) -> list[Manifest]:
         base = self.root / "manifests"
@@ -260,7 +260,8 @@ class LocalTier(Tier):
         return final
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a small file under a temporary name and rename it: readers see all of it or none."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.write_bytes(data)

@@ -21,6 +21,7 @@ import torch
 
 from helios.storage import derived
 from helios.storage.loader import LoaderOptions, MappedSafetensors, iter_mapped_weights, safetensors_files
+from helios.storage.manifest import MANIFEST_NAME
 
 PROBE = Path(__file__).with_name("loader_probe.py")
 PROMPTS = [
@@ -294,7 +295,7 @@ def test_model_digest_prefers_the_manifest_and_sees_content(tiny_model_dir: Path
         f.seek(-4, os.SEEK_END)
         f.write(b"\x01\x02\x03\x04")
     assert derived.model_digest(copy) != base
-    (copy / derived.MANIFEST).write_text('{"files": []}')
+    (copy / MANIFEST_NAME).write_text('{"files": []}')
     assert derived.model_digest(copy).startswith("manifest:")
 
 
