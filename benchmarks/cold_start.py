@@ -265,17 +265,16 @@ def measure_s3(server, plain_prefix: str, files: list[Path], store_cfg, cache_ro
 # --------------------------------------------------------------------------- serve runs
 
 
-class Controller:
-    """`servers.py cold_start PORT` in its own process group: Ray + Serve up, apps deployed on command."""
+class EventChild:
+    """A child in its own process group that takes JSON commands on stdin and prints `PREFIX {json}`
+    event lines; everything it prints goes to `log_path`, the events to a queue."""
 
-    def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
-        self.port = port
-        self.shm_before = set(Path("/dev/shm").glob("psm_*"))
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, prefix: str) -> None:
+        self.prefix = prefix
         self.events: queue.Queue[dict] = queue.Queue()
         self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process it logs
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(servers.__file__)), "cold_start", str(port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             start_new_session=True, text=True, bufsize=1,
         )
         threading.Thread(target=self._pump, daemon=True).start()
@@ -284,9 +283,23 @@ class Controller:
         for line in self.proc.stdout:
             self.log.write(line)
             self.log.flush()
-            if line.startswith("@@cold "):
-                self.events.put(json.loads(line[7:]))
+            if line.startswith(self.prefix):
+                self.events.put(json.loads(line[len(self.prefix):]))
         self.events.put({"event": "exited", "rc": self.proc.wait()})
+
+    def send(self, **cmd) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+
+class Controller(EventChild):
+    """`servers.py cold_start PORT` in its own process group: Ray + Serve up, apps deployed on command."""
+
+    def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
+        self.port = port
+        self.shm_before = set(Path("/dev/shm").glob("psm_*"))
+        super().__init__([sys.executable, str(Path(servers.__file__)), "cold_start", str(port)], env, log_path,
+                         "@@cold ")
 
     def expect(self, *names: str, timeout: float = 900) -> dict:
         deadline = time.monotonic() + timeout
@@ -299,10 +312,6 @@ class Controller:
                 return ev
             if ev["event"] in ("error", "exited"):
                 raise RuntimeError(f"controller: {ev}")
-
-    def send(self, **cmd) -> None:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
 
     def deploy(self, system: str, args: dict, deployment: str | None = None) -> dict:
         """Deploy, and time the first token from the moment `serve.run` was called."""
@@ -560,24 +569,13 @@ def engine_child(spec: dict) -> None:
                                         "tokens": tokens}), flush=True)
 
 
-class Engine:
+class Engine(EventChild):
+    """`vllm.LLM` in a child process (see `engine_child`), decoding when told."""
+
     def __init__(self, spec: dict, log_path: Path) -> None:
         self.spawned = time.time()
-        self.events: queue.Queue[dict] = queue.Queue()
-        self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process it logs
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_space_gib"])}
-        self.proc = subprocess.Popen([sys.executable, __file__, "--engine-child", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True, text=True, bufsize=1)
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
-            if line.startswith("@@engine "):
-                self.events.put(json.loads(line[9:]))
-        self.events.put({"event": "exited", "rc": self.proc.wait()})
+        super().__init__([sys.executable, __file__, "--engine-child", json.dumps(spec)], env, log_path, "@@engine ")
 
     def expect(self, name: str, timeout: float = 600) -> dict:
         ev = self.events.get(timeout=timeout)
@@ -586,8 +584,7 @@ class Engine:
         return ev
 
     def decode(self, tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"decode": tokens}) + "\n")
-        self.proc.stdin.flush()
+        self.send(decode=tokens)
         return self.expect("decoded")
 
     def uss_mib(self) -> dict:
