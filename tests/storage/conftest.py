@@ -35,7 +35,7 @@ def s3() -> Iterator[S3Server]:
     server.start()
     host, port = server.get_host_and_port()
     s = S3Server(f"http://{host}:{port}")
-    s3fs.S3FileSystem(**{k: v for k, v in s.options.items()}).mkdir(s.bucket)
+    s3fs.S3FileSystem(**s.options).mkdir(s.bucket)
     yield s
     server.stop()
 
