@@ -75,7 +75,13 @@ class EngineConfig(_Strict):
 class ModelDeploymentConfig(_Strict):
     """Ray Serve settings of one model's engine deployment."""
 
-    num_replicas: int = Field(1, ge=1, description="Engine replicas of this model.")
+    num_replicas: int = Field(1, ge=1, description="Engine replicas of this model at start (and its default min and max).")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Most replicas `POST /admin/scale` may ask for; default max(num_replicas, 4)."
+    )
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="Requests per replica the autoscaler aims at, between the model's min and max replicas."
+    )
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the engine runs.")
     num_cpus: float = Field(1.0, ge=0, description="Logical Ray CPUs one replica reserves.")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica takes at once before Serve queues.")
@@ -92,6 +98,15 @@ class ModelDeploymentConfig(_Strict):
         description="Least time between two streamed chunks of one request; tokens made meanwhile are coalesced "
         "into one message (the first token is never delayed).",
     )
+
+    @model_validator(mode="after")
+    def _ceiling(self) -> ModelDeploymentConfig:
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below num_replicas ({self.num_replicas})")
+        return self
+
+    def replica_ceiling(self) -> int:
+        return self.max_replicas or max(self.num_replicas, 4)
 
 
 class ModelConfig(_Strict):
@@ -128,12 +143,42 @@ class ModelConfig(_Strict):
         return self.source.startswith(("store://", "demo://"))
 
 
-class _LocalTierConfig(_Strict):
+DEFAULT_BANDWIDTH: dict[str, int] = {"ram": 10 * 10**9, "nvme": 2 * 10**9, "ssd": 5 * 10**8, "remote": 2 * 10**8}
+"""Read bytes/s of each tier kind when its config gives no `bandwidth` (typical node figures)."""
+
+
+class _TierBandwidth(_Strict):
+    """A tier's read bandwidth: what a blob costs to fetch again from it, which cost-aware eviction weighs."""
+
+    bandwidth: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="Read bandwidth in bytes per second, e.g. `2GB` or `2GB/s`; defaults by kind (ram 10GB/s, "
+        "nvme 2GB/s, ssd 0.5GB/s, remote 0.2GB/s). The `cost` eviction policy corrects it from measured fetches.",
+    )
+
+    @field_validator("bandwidth", mode="before")
+    @classmethod
+    def _per_second(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower().endswith("/s"):
+            value = value.strip()[:-2]
+        return value
+
+    def bytes_per_s(self) -> int:
+        return int(self.bandwidth) if self.bandwidth else DEFAULT_BANDWIDTH[self.kind]  # type: ignore[attr-defined]
+
+
+class _LocalTierConfig(_TierBandwidth):
     path: str | None = Field(
         None, description="Directory of this tier; defaults under the cache root (RAM: /dev/shm/helios-<user>)."
     )
     capacity: ByteSize = Field(..., description="Most bytes of blobs this tier holds, e.g. `8GiB`; it evicts beyond.")
-    eviction: Literal["lru"] = Field("lru", description="Which blobs go first when the tier is full.")
+    eviction: Literal["lru", "cost"] = Field(
+        "lru",
+        description="Which blobs go first when the tier is full: `lru` (least recently used) or `cost` (fewest "
+        "cold-start seconds lost per byte freed, weighing use counts and the bandwidth a refetch comes from; "
+        "honours keep-alive hints from the registry).",
+    )
 
 
 class RamTierConfig(_LocalTierConfig):
@@ -154,7 +199,7 @@ class SsdTierConfig(_LocalTierConfig):
     kind: Literal["ssd"]
 
 
-class RemoteTierConfig(_Strict):
+class RemoteTierConfig(_TierBandwidth):
     """The durable tier, any fsspec URL (`s3://bucket/prefix`, `gs://...`, `file:///dir`)."""
 
     kind: Literal["remote"]
@@ -218,11 +263,46 @@ class RouterConfig(_Strict):
     nice: int = Field(
         10, ge=0, le=19, description="CPU nice value added to router processes, so engines win contended cores."
     )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the /admin API (separate from `api_keys`); HELIOS_ADMIN_TOKEN also sets it. "
+        "Without one, /admin answers 403 to everyone.",
+    )
 
     def keys(self) -> list[str]:
         """The configured keys plus those from HELIOS_API_KEYS (secrets may come from the environment)."""
         env = [k.strip() for k in os.environ.get("HELIOS_API_KEYS", "").split(",") if k.strip()]
         return [k.get_secret_value() for k in self.api_keys] + env
+
+    def admin_key(self) -> str | None:
+        """The admin token: HELIOS_ADMIN_TOKEN wins over the config (secrets may come from the environment)."""
+        env = os.environ.get("HELIOS_ADMIN_TOKEN", "").strip()
+        return env or (self.admin_token.get_secret_value() if self.admin_token else None)
+
+
+class DynamicModelDefaults(_Strict):
+    """Engine and deployment settings of a model started on demand (a version may carry its own)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployment: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig)
+
+
+class RegistryConfig(_Strict):
+    """The registry actor and the models it starts on demand."""
+
+    state_dir: str | None = Field(None, description="Where the registry persists its state; default <cache_root>/registry.")
+    max_dynamic_models: int = Field(
+        2, ge=0, description="Most registered-but-not-configured models running at once (0: serve only the config's)."
+    )
+    start_timeout_s: float = Field(
+        60.0, gt=0, description="How long a request for a model that is not running waits for its cold start "
+        "before it gets 503 with Retry-After (the start goes on)."
+    )
+    retry_after_s: int = Field(15, ge=1, description="The Retry-After seconds sent with such a 503.")
+    prefetch_interval_s: float = Field(
+        30.0, ge=0, description="How often the registry plans keep-alive and prefetch into RAM (0: never)."
+    )
+    defaults: DynamicModelDefaults = Field(default_factory=DynamicModelDefaults)
 
 
 class HeliosArgs(_Strict):
@@ -236,6 +316,7 @@ class HeliosArgs(_Strict):
     storage: StorageConfig | None = Field(
         None, description="The multi-tier model cache; without it models load straight from their source directory."
     )
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> HeliosArgs:
@@ -251,6 +332,10 @@ class HeliosArgs(_Strict):
 
     def resolved_cache_root(self) -> Path:
         return Path(self.cache_root).expanduser() if self.cache_root else default_cache_root()
+
+    def registry_state_dir(self) -> Path:
+        state = self.registry.state_dir
+        return Path(state).expanduser() if state else self.resolved_cache_root() / "registry"
 
 
 def parse_args(args: dict[str, Any] | HeliosArgs) -> HeliosArgs:

@@ -14,6 +14,7 @@ class HeliosError(Exception):
     status_code = 500
     error_type = "server_error"
     code: str | None = None
+    headers: dict[str, str] = {}  # extra response headers (Retry-After on a 503)
 
     def __init__(self, message: str = "", *, param: str | None = None) -> None:
         super().__init__(message)
@@ -66,9 +67,28 @@ class MethodNotAllowed(HeliosError):
     error_type = "invalid_request_error"
 
 
+class PermissionDenied(HeliosError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class Conflict(HeliosError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
 class ServiceUnavailable(HeliosError):
     status_code = 503
     error_type = "service_unavailable"
+
+    def __init__(self, message: str = "", *, param: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None:
+            self.headers = {"Retry-After": str(max(int(retry_after_s), 1))}
+
+    def __reduce__(self):
+        return (_rebuild_unavailable, (self.message, self.retry_after_s))
 
     def to_body(self, request_id: str | None = None) -> dict:
         # A 503 is the client's cue to retry; its reason is safe to show.
@@ -101,3 +121,7 @@ class TierFull(StorageError):
 
 class RemoteUnavailable(StorageError):
     """The remote tier cannot be reached or refuses us (URL, endpoint, credentials, bucket)."""
+
+
+def _rebuild_unavailable(message: str, retry_after_s: int | None) -> ServiceUnavailable:
+    return ServiceUnavailable(message, retry_after_s=retry_after_s)

@@ -38,7 +38,7 @@ def invalid_from_validation(exc: ValidationError | RequestValidationError) -> In
 def error_response(exc: HeliosError, request_id: str | None) -> JSONResponse:
     if exc.status_code >= 500:
         log_event(logger, "request_failed", logging.ERROR, request_id=request_id, error=type(exc).__name__, detail=exc.message)
-    headers = {"x-request-id": request_id} if request_id else None
+    headers = {**exc.headers, **({"x-request-id": request_id} if request_id else {})}
     return JSONResponse(exc.to_body(request_id), status_code=exc.status_code, headers=headers)
 
 

@@ -20,7 +20,9 @@ logger = get_logger("engine.deployment")
 class EngineDeployment:
     """Serves one model; Serve restarts a replica whose engine fails its health check."""
 
-    def __init__(self, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None = None, pinned: bool = True
+    ) -> None:
         import time
 
         from helios.engine.llm_engine import LLMEngine
@@ -43,6 +45,7 @@ class EngineDeployment:
             logger, "engine_started", flush=True, model=config.id, path=str(prepared.path),
             sources=prepared.local.sources if prepared.local else None, **self.engine.timings,
         )
+        self._warm = _report_started(config, prepared, pinned)
 
     async def generate_stream(self, req: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream coalesced chunks (called with `stream=True`); cancelling it aborts in vLLM."""
@@ -62,9 +65,46 @@ class EngineDeployment:
         await self.engine.check_health()
 
     def __del__(self) -> None:
+        warm = getattr(self, "_warm", None)
+        if warm is not None:
+            _report_stopped(*warm)
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _report_started(config: ModelConfig, prepared: Any, pinned: bool) -> tuple[Any, str, str, str] | None:
+    """Tell the registry this replica has the model loaded (and, for a config model, that it exists).
+
+    Best effort: serving never waits on, or fails with, the registry. Returns what
+    `_report_stopped` needs, or None when there is no registry.
+    """
+    import ray
+
+    from helios.registry.actor import get_registry
+
+    registry = get_registry()
+    if registry is None:
+        return None
+    manifest = prepared.manifest
+    version = manifest.version if manifest else "local"
+    source = f"store://{manifest.model_id}:{manifest.version}" if manifest else str(prepared.path)
+    node_id = ray.get_runtime_context().get_node_id()
+    replica_id = serve.get_replica_context().replica_id.unique_id
+    if pinned:
+        registry.register.remote(config.id, version, source, manifest=manifest.model_dump(mode="json") if manifest
+                                 else None, make_default=True, pinned=True)
+    registry.set_replica.remote(config.id, replica_id, node_id, True, version)
+    if prepared.local is not None:
+        registry.record_cache.remote(node_id, prepared.local.tier, prepared.local.sources)
+    return registry, config.id, replica_id, node_id
+
+
+def _report_stopped(registry: Any, model_id: str, replica_id: str, node_id: str) -> None:
+    try:
+        registry.set_replica.remote(model_id, replica_id, node_id, False)
+    except Exception:  # noqa: BLE001 - the cluster may be going away
+        pass
 
 
 def _loader_options(config: ModelConfig, tier_root: Path) -> tuple[dict[str, Any], Path]:
@@ -97,15 +137,41 @@ def deployment_name(model_id: str) -> str:
     return "engine-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_id)
 
 
-def engine_deployment(model: ModelConfig, cache_root: str, storage: StorageConfig | None = None) -> serve.Application:
-    """Bind the engine deployment of one model with its Serve options."""
+def autoscaling_config(model: ModelConfig) -> dict[str, Any]:
+    """Serve autoscaling inside the registry's replica bounds (see helios.scaling.policy).
+
+    Until an admin scales the model, its bounds are `num_replicas` both ways, so a
+    config's replica count is exactly what runs; `max_replicas` is the ceiling.
+    """
+    d = model.deployment
+    return {
+        "min_replicas": 1,
+        "initial_replicas": d.num_replicas,
+        "max_replicas": d.replica_ceiling(),
+        "target_ongoing_requests": d.target_ongoing_requests,
+        "upscale_delay_s": 2.0,
+        "downscale_delay_s": 10.0,
+        "policy": {
+            "policy_function": "helios.scaling.policy:RegistryBoundedPolicy",
+            "policy_kwargs": {"model_id": model.id, "min_replicas": d.num_replicas, "max_replicas": d.num_replicas},
+        },
+    }
+
+
+def engine_deployment(
+    model: ModelConfig, cache_root: str, storage: StorageConfig | None = None, pinned: bool = True
+) -> serve.Application:
+    """Bind the engine deployment of one model with its Serve options.
+
+    `pinned`: the model comes from the Serve config (registered by its replicas), not
+    started on demand from the registry."""
     d = model.deployment
     actor_options: dict[str, Any] = {"num_cpus": d.num_cpus}
     if d.accelerator == "gpu":
         actor_options["num_gpus"] = model.engine.tensor_parallel_size
     return serve.deployment(EngineDeployment).options(
         name=deployment_name(model.id),
-        num_replicas=d.num_replicas,
+        autoscaling_config=autoscaling_config(model),
         max_ongoing_requests=d.max_ongoing_requests,
         ray_actor_options=actor_options,
         health_check_period_s=10,
@@ -113,4 +179,4 @@ def engine_deployment(model: ModelConfig, cache_root: str, storage: StorageConfi
         graceful_shutdown_timeout_s=20,
         # The router logs each request; a second access line per engine call only costs CPU.
         logging_config={"enable_access_log": False},
-    ).bind(model.model_dump(mode="json"), cache_root, storage.model_dump(mode="json") if storage else None)
+    ).bind(model.model_dump(mode="json"), cache_root, storage.model_dump(mode="json") if storage else None, pinned)

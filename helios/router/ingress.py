@@ -22,18 +22,21 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from helios.api import error_handlers
+from helios.api import admin, error_handlers
 from helios.api.protocol import ChatCompletionRequest, CompletionRequest, EngineChunk, EngineRequest
 from helios.api.responses import ResponseShape, error_event
-from helios.config import RouterConfig
+from helios.config import ModelConfig, RegistryConfig, RouterConfig, StorageConfig
 from helios.errors import AuthenticationFailed, HeliosError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
+from helios.router.on_demand import OnDemandModels
 
 logger = get_logger("router")
 
 app = FastAPI(title="Helios", docs_url=None, redoc_url=None, openapi_url=None)
 error_handlers.install(app)
+app.include_router(admin.router)
+USAGE_FLUSH_S = 1.0
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -56,12 +59,23 @@ def _engine_request_id(request: Request) -> str:
 class Router:
     """Routes OpenAI requests by `model` to engine deployments."""
 
-    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, config: dict[str, Any], engines: dict[str, DeploymentHandle], context: dict[str, Any] | None = None
+    ) -> None:
+        context = context or {}
         self.config = RouterConfig.model_validate(config)
         self.keys = [k.encode() for k in self.config.keys()]
         self.engines = engines
         self.streams = {m: h.options(stream=True) for m, h in engines.items()}
         self.infos: dict[str, dict[str, Any]] = {}
+        self.cache_root: str = context.get("cache_root", "")
+        self.storage = StorageConfig.model_validate(context["storage"]) if context.get("storage") else None
+        self.registry_config = RegistryConfig.model_validate(context.get("registry") or {})
+        self.models = {m["id"]: ModelConfig.model_validate(m) for m in context.get("models", [])}
+        self.on_demand = OnDemandModels(self.cache_root, self.storage, self.registry_config)
+        self._usage: dict[str, list[float]] = {}
+        self._usage_task: asyncio.Task | None = None
+        app.state.helios = self  # the admin routes reach the router's state through the app
         lower_priority(self.config.nice)
 
     # -- edge checks -------------------------------------------------------------
@@ -80,10 +94,51 @@ class Router:
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.keys):
             raise AuthenticationFailed("Missing or invalid API key: send 'Authorization: Bearer <key>'")
 
-    def _engine(self, model: str) -> DeploymentHandle:
-        if model not in self.engines:
+    async def _handles(self, model: str) -> tuple[DeploymentHandle, DeploymentHandle]:
+        """(handle, streaming handle) of the model's engine: a config model's, or one started on demand."""
+        self._record_use(model)
+        if model in self.engines:
+            return self.engines[model], self.streams[model]
+        if not self.on_demand.ready(model):
+            record = await self.resolve(model)
+            await self.on_demand.handle(model, record)
+        return self.on_demand.handles[model], self.on_demand.streams[model]
+
+    async def resolve(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """The registry's record of a model version; 404 for a model nobody registered."""
+        from helios.registry.actor import get_registry
+
+        registry = get_registry()
+        if registry is None:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        return self.engines[model]
+        try:
+            return await registry.resolve.remote(model, version)
+        except Exception as exc:
+            inner = error_handlers.unwrap(exc)
+            if isinstance(inner, ModelNotFound):
+                raise ModelNotFound(f"The model `{model}` does not exist.", param="model") from None
+            raise ServiceUnavailable("The model registry is not answering; retry shortly.", retry_after_s=5) from None
+
+    # -- usage -----------------------------------------------------------------------
+
+    def _record_use(self, model: str) -> None:
+        """Count a request for the registry's usage statistics, sent in batches (one message a second)."""
+        self._usage.setdefault(model, []).append(time.time())
+        if self._usage_task is None or self._usage_task.done():
+            self._usage_task = asyncio.get_running_loop().create_task(self._flush_usage())
+
+    async def _flush_usage(self) -> None:
+        from helios.registry.actor import get_registry
+
+        while self._usage:
+            await asyncio.sleep(USAGE_FLUSH_S)
+            batch, self._usage = self._usage, {}
+            registry = get_registry()
+            if registry is not None:
+                try:
+                    await registry.record_requests.remote(batch)
+                except Exception as exc:  # noqa: BLE001 - usage is statistics: never fail serving over it
+                    log_event(logger, "usage_flush_failed", error=repr(exc))
 
     async def _probe(self, model: str) -> dict[str, Any] | None:
         """The model's engine facts if a replica answers within the ready timeout, else None."""
@@ -127,13 +182,33 @@ class Router:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
+        """Every model: the config's (with readiness) and every registered one, with versions, profile, warm view."""
         self._authorize(request)
+        probes = await self._probe_all()
+        registered = {m["id"]: m for m in await self._registered()}
         data = []
-        for model, info in (await self._probe_all()).items():
+        for model in [*self.engines, *(m for m in registered if m not in self.engines)]:
+            info = probes.get(model)
             known = info or self.infos.get(model) or {}
-            data.append({"id": model, "object": "model", "created": known.get("created", 0), "owned_by": "helios",
-                         "max_model_len": known.get("max_model_len"), "ready": info is not None})
+            entry = {"id": model, "object": "model", "created": known.get("created", 0), "owned_by": "helios",
+                     "max_model_len": known.get("max_model_len"),
+                     "ready": info is not None if model in self.engines else self.on_demand.ready(model)}
+            entry.update(_registry_view(registered.get(model)))
+            data.append(entry)
         return JSONResponse({"object": "list", "data": data})
+
+    async def _registered(self) -> list[dict[str, Any]]:
+        """The registry's models, or none when it does not answer in time (listing must not hang on it)."""
+        from helios.registry.actor import get_registry
+
+        registry = get_registry()
+        if registry is None:
+            return []
+        try:
+            return await asyncio.wait_for(registry.list_models.remote(), self.config.ready_timeout_s * 5)
+        except Exception as exc:  # noqa: BLE001 - list the config's models without the registry's view
+            log_event(logger, "registry_unavailable", error=repr(exc))
+            return []
 
     # -- health --------------------------------------------------------------------
 
@@ -156,13 +231,13 @@ class Router:
             raise error_handlers.invalid_from_validation(exc) from None
 
     async def _serve(self, body: Any, ereq: EngineRequest, chat: bool, request_id: str) -> Response:
-        engine = self._engine(body.model)
+        engine, streams = await self._handles(body.model)
         shape = ResponseShape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, int(time.time()), body.model)
         headers = {"x-request-id": request_id}
         if not body.stream:
             chunk = await self._call(engine.generate.remote(ereq))
             return JSONResponse(shape.full(chunk), headers=headers)
-        gen = self.streams[body.model].generate_stream.remote(ereq)
+        gen = streams.generate_stream.remote(ereq)
         try:
             first = await self._call(gen.__anext__())
         except StopAsyncIteration:
@@ -202,11 +277,32 @@ class Router:
                 log_event(logger, "stream_cancelled", request_id=request_id, completion_tokens=last.completion_tokens)
 
 
-def router_deployment(config: RouterConfig, engines: dict[str, Any]) -> serve.Application:
-    """Bind the router with its Serve options over the bound engine deployments."""
+def _registry_view(model: dict[str, Any] | None) -> dict[str, Any]:
+    """The registry's part of a /v1/models entry: versions, profile (weights GiB, KV bytes/token), warm status."""
+    if model is None:
+        return {}
+    default = model.get("default_version")
+    versions = model.get("versions", [])
+    profile = next((v.get("profile") for v in versions if v["version"] == default), None) or {}
+    warm = model.get("warm", {})
+    tiers = sorted({kind for node in warm.get("tiers", {}).values() for kind, held in node.items() if held})
+    return {
+        "default_version": default,
+        "versions": [v["version"] for v in versions],
+        "profile": {"weights_gib": profile.get("weights_gib"), "kv_bytes_per_token": profile.get("kv_bytes_per_token"),
+                    "dtype": profile.get("dtype")},
+        "warm": {"replicas_loaded": len(warm.get("replicas", [])), "tiers_cached": tiers},
+    }
+
+
+def router_deployment(config: RouterConfig, engines: dict[str, Any], context: dict[str, Any]) -> serve.Application:
+    """Bind the router with its Serve options over the bound engine deployments.
+
+    `context`: what on-demand models and the admin API need (cache root, storage and
+    registry settings, the config's models), as plain JSON."""
     return serve.deployment(Router).options(
         name="router",
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus},
-    ).bind(config.model_dump(), engines)
+    ).bind(config.model_dump(), engines, context)

@@ -2,14 +2,26 @@
 
 A policy is told about inserts, hits and removals and, asked to free bytes, answers
 with the blobs to drop, in order. It never touches files: the tier executes the plan,
-so policies are tested without disks and swapped by name in config. The registry issue
-adds a cost-aware policy behind the same contract; LRU is the baseline.
+so policies are tested without disks and swapped by name in config.
+
+Two policies: `lru`, the baseline, and `cost` (`CostAwarePolicy`), which evicts the blobs
+whose loss costs the fewest cold-start seconds per byte freed. Policies may also take
+hints through optional hooks that default to no-ops, so a plug-in implements only what it
+uses: `set_keepalive` (the registry's prediction that a model is needed soon) and
+`observe_bandwidth` (how fast a refetch really was).
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
+
+from helios.config import DEFAULT_BANDWIDTH
+
+Locate = Callable[[str], "str | None"]
+"""digest -> kind of the tier an evicted copy would be fetched back from (None: the default)."""
 
 
 class EvictionPolicy(ABC):
@@ -33,6 +45,23 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def known(self) -> dict[str, int]:
         """digest -> size of every blob the policy tracks."""
+
+    # -- optional hints: no-ops unless a policy uses them ------------------------------
+
+    @classmethod
+    def for_tier(
+        cls, refetch_from: str, bandwidths: Mapping[str, float], locate: Locate | None = None
+    ) -> EvictionPolicy:
+        """The policy of one tier, told where its evicted blobs would come back from and how fast
+        each tier reads (bytes/s by kind). Policies that weigh no cost ignore it."""
+        return cls()
+
+    def set_keepalive(self, digests: Collection[str], until: float) -> None:
+        """A hint that these blobs will be needed before `until` (epoch seconds): plan them last.
+        Unlike `protected` it is not a hard rule, so a tier never fills up on stale predictions."""
+
+    def observe_bandwidth(self, source: str, nbytes: int, seconds: float) -> None:
+        """A fetch from tier kind `source` into this tier moved `nbytes` in `seconds`."""
 
 
 class LRUPolicy(EvictionPolicy):
@@ -69,4 +98,129 @@ class LRUPolicy(EvictionPolicy):
         return dict(self._size)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
+class CostAwarePolicy(EvictionPolicy):
+    """Greedy-Dual-Size-Frequency with cold-start seconds as the cost (Cherkasova, 1998).
+
+    A blob's priority is `H = L + f * cost / size`: `cost` the seconds a miss would cost
+    (a fixed latency plus size / read bandwidth of the tier the copy would come back from,
+    asked per blob through `locate`), `f` how often it was used, `size` in GB, and `L` the
+    inflation value, the priority of the last blob evicted, which every access re-bases on.
+    The lowest H goes first. Why not plain GreedyDual-Size: with a cost that grows with size,
+    cost / size is one number per source tier and GDS degenerates to LRU; the use count is
+    what tells a model that comes back every hour from one that was tried once, and L ages
+    counts that stopped growing so yesterday's favourite does not stay forever.
+
+    A blob that is evicted and fetched again keeps its count (a bounded ghost list, as in
+    ARC), so a model that cycles through a small RAM tier is still recognised as popular.
+    Kept-alive blobs (`set_keepalive`) go after every other candidate; blobs whose copy is
+    only on the slow remote cost more than those still on NVMe, so they stay longer.
+    """
+
+    def __init__(
+        self,
+        refetch_from: str = "remote",
+        bandwidths: Mapping[str, float] | None = None,
+        locate: Locate | None = None,
+        latency_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+        history: int = 4096,
+    ) -> None:
+        """`refetch_from`: the kind of tier a miss here is served from when `locate` does not
+        say (the next slower tier); `bandwidths`: read bytes/s by tier kind (defaults from
+        config); `latency_s`: fixed seconds per fetch on top of the transfer; `clock`: what
+        "now" is for keep-alive deadlines (a simulation passes its own); `history`: how many
+        evicted blobs' use counts are remembered."""
+        self.refetch_from = refetch_from
+        self.bandwidths: dict[str, float] = {**DEFAULT_BANDWIDTH, **(bandwidths or {})}
+        self.locate = locate
+        self.latency_s = latency_s
+        self.clock = clock
+        self.inflation = 0.0
+        self._size: dict[str, int] = {}
+        self._freq: dict[str, float] = {}
+        self._base: dict[str, float] = {}
+        self._ghost: OrderedDict[str, float] = OrderedDict()
+        self._history = history
+        self._keep: dict[str, float] = {}
+        self._planned: dict[str, float] = {}
+
+    @classmethod
+    def for_tier(
+        cls, refetch_from: str, bandwidths: Mapping[str, float], locate: Locate | None = None
+    ) -> CostAwarePolicy:
+        return cls(refetch_from, bandwidths, locate)
+
+    # -- accounting ---------------------------------------------------------------------
+
+    def on_insert(self, digest: str, size: int, now: float) -> None:
+        self._size[digest] = size
+        self._freq[digest] = self._ghost.pop(digest, 0.0) + 1
+        self._base[digest] = self.inflation
+
+    def on_hit(self, digest: str, now: float) -> None:
+        if digest in self._size:
+            self._freq[digest] += 1
+            self._base[digest] = self.inflation
+
+    def on_remove(self, digest: str) -> None:
+        if digest in self._planned:  # an eviction this policy chose: it sets the new floor
+            self.inflation = max(self.inflation, self._planned.pop(digest))
+        if digest in self._freq:
+            self._ghost[digest] = self._freq[digest]
+            self._ghost.move_to_end(digest)
+            while len(self._ghost) > self._history:
+                self._ghost.popitem(last=False)
+        self._size.pop(digest, None)
+        self._freq.pop(digest, None)
+        self._base.pop(digest, None)
+
+    def set_keepalive(self, digests: Collection[str], until: float) -> None:
+        for digest in digests:
+            self._keep[digest] = until
+
+    def observe_bandwidth(self, source: str, nbytes: int, seconds: float) -> None:
+        """Move the source's bandwidth towards what a real fetch achieved (small fetches say
+        more about latency than bandwidth, so they are ignored)."""
+        if nbytes < _MIN_OBSERVED or seconds <= 0:
+            return
+        old = self.bandwidths.get(source, nbytes / seconds)
+        self.bandwidths[source] = (1 - _EWMA) * old + _EWMA * nbytes / seconds
+
+    # -- planning -----------------------------------------------------------------------
+
+    def cost_s(self, digest: str) -> float:
+        """Seconds of cold start a miss on this blob would cost now."""
+        source = (self.locate(digest) if self.locate else None) or self.refetch_from
+        return self.latency_s + self._size[digest] / self.bandwidths[source]
+
+    def priority(self, digest: str) -> float:
+        size_gb = max(self._size[digest], 1) / 1e9
+        return self._base[digest] + self._freq[digest] * self.cost_s(digest) / size_gb
+
+    def kept_alive(self, now: float) -> set[str]:
+        self._keep = {d: until for d, until in self._keep.items() if until > now}
+        return set(self._keep)
+
+    def plan(self, need: int, protected: Collection[str] = ()) -> list[str]:
+        if need <= 0:
+            return []
+        kept = self.kept_alive(self.clock())
+        scored = {d: self.priority(d) for d in self._size if d not in protected}
+        victims, freed = [], 0
+        self._planned = {}
+        for digest in sorted(scored, key=lambda d: (d in kept, scored[d])):
+            if freed >= need:
+                break
+            victims.append(digest)
+            self._planned[digest] = scored[digest]
+            freed += self._size[digest]
+        return victims
+
+    def known(self) -> dict[str, int]:
+        return dict(self._size)
+
+
+_MIN_OBSERVED = 64 << 20
+_EWMA = 0.3
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "cost": CostAwarePolicy}
