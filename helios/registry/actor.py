@@ -1,0 +1,353 @@
+"""The registry as a named, detached Ray actor: one per cluster, restarted by Ray, state on disk.
+
+`RegistryCore` holds the logic; this wrapper adds what an actor needs: a lock (it is a
+threaded actor, so a slow store listing or profile read runs outside the lock while other
+calls go on), persistence, and a thread that flushes usage every few seconds.
+
+Files under the state directory (default `<cache root>/registry`):
+- `catalog.json`: models, versions, profiles, defaults, scale; rewritten atomically after every change;
+- `warm.json`: the warm view, saved with the periodic flush;
+- `usage/`: request timestamps as Parquet (`part-*.parquet` per flush, compacted into `base.parquet`).
+
+A killed registry loses at most the last `flush_interval_s` of usage; the catalog of every
+completed call survives. Ray restarts it (`max_restarts=-1`) with the same arguments, and
+`__init__` reads the files back.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from helios.config import StorageConfig, default_cache_root
+from helios.errors import ModelNotFound
+from helios.observability.logs import get_logger, log_event
+from helios.registry.catalog import Catalog
+from helios.registry.core import RegistryCore
+from helios.registry.usage import UsageBook, UsageLog
+from helios.registry.warm import WarmView
+from helios.storage.manifest import Manifest
+from helios.storage.store import ModelStore
+
+logger = get_logger("registry.actor")
+
+REGISTRY_NAME = "helios-registry"
+REGISTRY_NAMESPACE = "helios"
+CATALOG_NAME = "catalog.json"
+WARM_NAME = "warm.json"
+USAGE_DIR = "usage"
+
+
+class RegistrySettings(BaseModel):
+    """Timings and bounds of the registry (defaults suit a cluster; tests shorten them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flush_interval_s: float = Field(2.0, gt=0, description="How often new usage and the warm view are saved.")
+    sync_interval_s: float = Field(5.0, ge=0, description="Least time between two store listings by list_models.")
+    miss_sync_interval_s: float = Field(1.0, ge=0, description="Least time between two store lookups of one id.")
+    profile_retry_s: float = Field(10.0, ge=0, description="Least time between attempts at a missing profile.")
+    usage_window_s: float = Field(60.0, gt=0, description="Window of the requests-per-minute rate.")
+    usage_history: int = Field(4096, ge=2, description="Request timestamps kept per model.")
+    usage_compact_after: int = Field(64, ge=2, description="Usage part files that trigger a compaction.")
+
+
+def default_state_dir(cache_root: Path | None = None) -> Path:
+    return (cache_root or default_cache_root()) / "registry"
+
+
+class Registry:
+    """The Ray actor. Every method returns plain JSON-able data; unknown ids raise ModelNotFound."""
+
+    def __init__(
+        self,
+        state_dir: str,
+        storage: dict[str, Any] | None = None,
+        cache_root: str | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir).expanduser()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = RegistrySettings.model_validate(settings or {})
+        s = self.settings
+        self._lock = threading.RLock()
+        self._catalog_path = self.state_dir / CATALOG_NAME
+        self._warm_path = self.state_dir / WARM_NAME
+        restored = self._catalog_path.exists()
+        book = UsageBook(s.usage_window_s, s.usage_history)
+        self._usage_log = UsageLog(self.state_dir / USAGE_DIR, s.usage_compact_after)
+        events = self._usage_log.load(book)
+        root = Path(cache_root).expanduser() if cache_root else default_cache_root()
+        self.store_error: str | None = None
+        self.core = RegistryCore(
+            Catalog.load(self._catalog_path),
+            book,
+            WarmView.load(self._warm_path),
+            self._open_store(storage, root),
+            root,
+            s.sync_interval_s,
+            s.miss_sync_interval_s,
+            s.profile_retry_s,
+        )
+        self.started = time.time()
+        self.last_persisted: float | None = None
+        self._warm_dirty = False
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="helios-registry-flush", daemon=True)
+        self._flusher.start()
+        log_event(
+            logger, "registry_started", state_dir=str(self.state_dir), restored=restored,
+            models=len(self.core.catalog.models), usage_events=events, store=self.core.store is not None,
+            pid=os.getpid(),
+        )
+
+    def _open_store(self, storage: dict[str, Any] | None, cache_root: Path) -> ModelStore | None:
+        """The model store, or None (and the reason in status) when the storage section cannot open one."""
+        if not storage:
+            return None
+        try:
+            return ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
+        except Exception as exc:  # a bad storage section must not stop the catalog from being served
+            self.store_error = f"{type(exc).__name__}: {exc}"
+            log_event(logger, "registry_store_unavailable", error=self.store_error)
+            return None
+
+    # --- catalog ---
+    def register(
+        self,
+        model_id: str,
+        version: str,
+        source: str,
+        manifest: dict[str, Any] | None = None,
+        make_default: bool = False,
+        deploy: dict[str, Any] | None = None,
+        pinned: bool = False,
+        scale: dict[str, int] | None = None,
+    ) -> dict:
+        """Add (or update) a version and return its record; its profile is computed once, here."""
+        parsed = Manifest.model_validate(manifest) if manifest is not None else None
+        with self._lock:
+            record = self.core.reusable(model_id, version, source, parsed)
+        if record is None:
+            record = self.core.new_record(model_id, version, source, parsed, pinned)  # reads files, unlocked
+        elif pinned and not record.pinned:
+            record = record.model_copy(update={"pinned": True})
+        with self._lock:
+            out = self.core.put(model_id, record, make_default, deploy, scale)
+            self._save_catalog()
+        return out
+
+    def delete(self, model_id: str, version: str | None = None) -> None:
+        """Drop a model or one version from the catalog (the store keeps its files)."""
+        with self._lock:
+            self.core.delete(model_id, version)
+            self._save_catalog()
+            if model_id not in self.core.catalog.models:
+                self._usage_log.compact(self.core.usage)  # its history leaves the files too
+                self._warm_dirty = True
+
+    def set_default(self, model_id: str, version: str) -> dict:
+        with self._lock:
+            out = self.core.set_default(model_id, version)
+            self._save_catalog()
+        return out
+
+    def resolve(self, model_id: str, version: str | None = None) -> dict:
+        """The version record (default version when None); a miss looks in the store first."""
+        try:
+            with self._lock:
+                out = self.core.version_dict(model_id, version)
+        except ModelNotFound:
+            if not self._sync(model_id):
+                raise
+            with self._lock:
+                out = self.core.version_dict(model_id, version)
+        if out["profile"] is None and self._retry_profiles(model_id):
+            with self._lock:
+                out = self.core.version_dict(model_id, version)
+        return out
+
+    def list_models(self) -> list[dict]:
+        """Every model with versions, usage, warm view and scale (syncs with the store when due)."""
+        self._sync()
+        self._retry_profiles()
+        with self._lock:
+            return self.core.list_models()
+
+    def sync(self, force: bool = True) -> int:
+        """Register versions pushed to the store since the last sync; returns how many were added."""
+        return self._sync(force=force)
+
+    def memory_needed(
+        self,
+        model_id: str,
+        context_len: int | None = None,
+        batch: int = 1,
+        version: str | None = None,
+        kv_dtype: str | None = None,
+    ) -> int:
+        """Bytes of weights plus KV for `batch` sequences of `context_len` tokens (default: max_model_len)."""
+        resolved = self.resolve(model_id, version)
+        with self._lock:
+            return self.core.memory_needed(model_id, context_len, batch, resolved["version"], kv_dtype)
+
+    def set_scale(self, model_id: str, min_replicas: int, max_replicas: int) -> dict:
+        with self._lock:
+            out = self.core.set_scale(model_id, min_replicas, max_replicas)
+            self._save_catalog()
+        return out
+
+    def scale(self, model_id: str) -> dict:
+        with self._lock:
+            return self.core.scale(model_id)
+
+    # --- usage ---
+    def record_requests(self, counts: dict[str, list[float]]) -> None:
+        """Add request timestamps (unix seconds) per model id; saved by the next flush."""
+        with self._lock:
+            self.core.usage.record(counts)
+
+    def usage(self, model_id: str | None = None) -> dict:
+        with self._lock:
+            return self.core.usage_of(model_id)
+
+    # --- warm view ---
+    def set_replica(
+        self, model_id: str, replica_id: str, node_id: str, loaded: bool, version: str | None = None
+    ) -> None:
+        with self._lock:
+            self.core.warm.set_replica(model_id, replica_id, node_id, loaded, version)
+            self._warm_dirty = True
+
+    def set_tiers(self, node_id: str, view: dict[str, dict[str, int]]) -> None:
+        """Replace one node's cache report: model id -> tier kind -> bytes cached there."""
+        with self._lock:
+            self.core.warm.set_tiers(node_id, view)
+            self._warm_dirty = True
+
+    def warm(self, model_id: str) -> dict:
+        with self._lock:
+            return self.core.warm.of(model_id)
+
+    # --- state ---
+    def status(self) -> dict:
+        with self._lock:
+            return {
+                **self.core.status(),
+                "state_dir": str(self.state_dir),
+                "started": self.started,
+                "last_persisted": self.last_persisted,
+                "store_error": self.store_error,
+                "pid": os.getpid(),
+            }
+
+    def persist(self) -> None:
+        """Save everything now: catalog, warm view and pending usage."""
+        with self._lock:
+            self._save_catalog()
+            self.core.warm.save(self._warm_path)
+            self._warm_dirty = False
+            self._usage_log.flush(self.core.usage)
+            self.last_persisted = time.time()
+
+    def __ray_shutdown__(self) -> None:
+        """Ray calls this on a graceful exit: save what the flush thread has not yet."""
+        self._stop.set()
+        self.persist()
+
+    # --- internals ---
+    def _save_catalog(self) -> None:
+        self.core.catalog.save(self._catalog_path)
+        self.last_persisted = time.time()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.settings.flush_interval_s):
+            try:
+                with self._lock:
+                    if self._warm_dirty:
+                        self.core.warm.save(self._warm_path)
+                        self._warm_dirty = False
+                    if self._usage_log.flush(self.core.usage):
+                        self.last_persisted = time.time()
+            except Exception as exc:  # a full disk must not kill the thread; the next tick tries again
+                log_event(logger, "registry_flush_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _sync(self, model_id: str | None = None, force: bool = False) -> int:
+        with self._lock:
+            due = self.core.sync_due(model_id) or (force and self.core.store is not None)
+        if not due:
+            return 0
+        manifests = self.core.store_manifests(model_id)  # the store, unlocked
+        with self._lock:
+            todo = self.core.unknown(manifests)
+        found = [(m, self.core.synced_record(m)) for m in todo]  # headers, unlocked
+        with self._lock:
+            added = sum(self.core.add_synced(m, r) for m, r in found)
+            if added:
+                self._save_catalog()
+        return added
+
+    def _retry_profiles(self, model_id: str | None = None) -> bool:
+        with self._lock:
+            todo = self.core.profiles_to_retry(model_id)
+        results = [(m, r, *self.core.retry_profile(m, r)) for m, r in todo]  # files, unlocked
+        with self._lock:
+            changed = [self.core.set_profile(m, r, p, e) for m, r, p, e in results]
+            if any(changed):
+                self._save_catalog()
+        return any(changed)
+
+
+def get_or_create_registry(
+    state_dir: str | os.PathLike[str] | None = None,
+    storage: dict[str, Any] | StorageConfig | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
+    settings: dict[str, Any] | None = None,
+):
+    """The cluster's registry actor, started if there is none yet (needs `ray.init` first).
+
+    Detached, so it outlives the app that started it; on the head node, whose disk holds its
+    state; restarted by Ray after a crash or kill (`max_restarts=-1`), and calls made while
+    it restarts are retried on the new instance (`max_task_retries=-1`: every method is safe
+    to repeat, except that a repeated `record_requests` may count a batch twice)."""
+    import ray
+
+    root = Path(cache_root).expanduser() if cache_root else None
+    path = Path(state_dir).expanduser() if state_dir else default_state_dir(root)
+    if isinstance(storage, StorageConfig):
+        storage = storage.model_dump(mode="json")
+    handle = (
+        ray.remote(Registry)
+        .options(
+            name=REGISTRY_NAME,
+            namespace=REGISTRY_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=8,
+            num_cpus=0,
+            resources={"node:__internal_head__": 0.001},
+            scheduling_strategy="DEFAULT",  # not inside the caller's placement group
+        )
+        .remote(str(path), storage, str(root) if root else None, settings)
+    )
+    running = ray.get(handle.status.remote())["state_dir"]
+    if Path(running) != path:
+        log_event(logger, "registry_state_dir_differs", running=running, requested=str(path))
+    return handle
+
+
+def get_registry():
+    """The running registry actor, or None when no app has started one."""
+    import ray
+
+    try:
+        return ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
+    except ValueError:
+        return None
