@@ -1,0 +1,86 @@
+"""The registry's logic without Ray: registration, store discovery, missing profiles."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helios.config import StorageConfig
+from helios.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from helios.registry.core import RegistryCore
+from helios.storage.store import ModelStore
+from tests.registry.conftest import store_section
+
+TINY_WEIGHT_BYTES = 9_987_072  # see test_profile.py
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore.from_config(StorageConfig.model_validate(store_section(tmp_path / "store")), tmp_path)
+
+
+def _register(core: RegistryCore, model_id: str, version: str, source: str, **kw: object) -> dict:
+    record = core.new_record(model_id, version, source, None, pinned=bool(kw.pop("pinned", False)))
+    return core.put(model_id, record, **kw)  # type: ignore[arg-type]
+
+
+def test_a_directory_source_gets_its_profile_at_registration(tiny_model_dir: Path) -> None:
+    core = RegistryCore()
+    out = _register(core, "m", "v1", str(tiny_model_dir), pinned=True)
+    assert out["profile"]["weight_bytes"] == TINY_WEIGHT_BYTES and out["is_default"] and out["pinned"]
+    assert core.memory_needed("m", 100, 1) == TINY_WEIGHT_BYTES + 4096 * 100
+
+
+def test_a_demo_model_not_built_yet_gets_its_profile_once_it_is(tiny_model_dir: Path, tmp_path: Path) -> None:
+    core = RegistryCore(cache_root=tmp_path, profile_retry_s=0)
+    out = _register(core, "demo", "demo-tiny", "demo://tiny")
+    assert out["profile"] is None and "no model files" in out["profile_error"]
+    with pytest.raises(ServiceUnavailable, match="no resource profile yet"):
+        core.memory_needed("demo", 100, 1)
+    shutil.copytree(tiny_model_dir, tmp_path / "demo" / "tiny")  # what the replica's build leaves
+    (model_id, record), = core.profiles_to_retry()
+    assert core.set_profile(model_id, record, *core.retry_profile(model_id, record))
+    assert core.version_dict("demo")["profile"]["weight_bytes"] == TINY_WEIGHT_BYTES
+
+
+def test_a_malformed_checkpoint_fails_registration(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 8}')
+    (tmp_path / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}x")
+    with pytest.raises(InvalidRequest, match="the file has"):
+        _register(RegistryCore(), "m", "v1", str(tmp_path))
+
+
+def test_store_versions_are_discovered_once_and_deletions_stick(
+    tiny_model_dir: Path, store: ModelStore
+) -> None:
+    core = RegistryCore(store=store, sync_interval_s=0)
+    store.push(tiny_model_dir, "org/pushed", "v1")
+    manifests = core.store_manifests()
+    new = core.unknown(manifests)
+    assert [m.ref for m in new] == ["org/pushed:v1"]
+    assert core.add_synced(new[0], core.synced_record(new[0]))
+    got = core.version_dict("org/pushed")
+    assert got["source"] == "store://org/pushed:v1" and got["profile"]["weight_bytes"] == TINY_WEIGHT_BYTES
+    assert got["manifest_digest"] == new[0].digest()
+    assert core.unknown(core.store_manifests()) == []
+
+    core.delete("org/pushed", "v1")
+    assert core.unknown(core.store_manifests()) == []  # still in the store, but deleted here
+    with pytest.raises(ModelNotFound):
+        core.version_dict("org/pushed")
+
+
+def test_a_store_source_without_version_uses_the_registered_one(tiny_model_dir: Path, store: ModelStore) -> None:
+    store.push(tiny_model_dir, "org/m", "v1")
+    core = RegistryCore(store=store)
+    out = _register(core, "org/m", "v1", "store://org/m")
+    assert out["profile"]["kv_bytes_per_token"] == 4096
+
+
+def test_full_syncs_are_spaced_and_misses_per_id(store: ModelStore) -> None:
+    core = RegistryCore(store=store, sync_interval_s=5, miss_sync_interval_s=1)
+    assert core.sync_due(now=100) and not core.sync_due(now=104) and core.sync_due(now=105)
+    assert core.sync_due("a", now=100) and not core.sync_due("a", now=100.5) and core.sync_due("b", now=100.5)
+    assert not RegistryCore().sync_due(now=100)  # no store, nothing to sync
