@@ -25,11 +25,14 @@ from helios.observability.logs import get_logger, log_event
 logger = get_logger("engine")
 
 
-def engine_kwargs(model: ModelConfig, model_dir: Path, loader: dict[str, Any] | None = None) -> dict[str, Any]:
+def engine_kwargs(
+    model: ModelConfig, model_dir: Path, loader: dict[str, Any] | None = None, kv_transfer: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for one model; `extra_args` are checked by name.
 
     `loader` set means the model sits in a Helios cache tier: vLLM loads it with the
-    Helios loader (`load_format="helios"`), with these `model_loader_extra_config` keys."""
+    Helios loader (`load_format="helios"`), with these `model_loader_extra_config` keys.
+    `kv_transfer` plugs in a KV connector: a dict from `kv_connector.kv_transfer_config()`."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     e = model.engine
@@ -50,6 +53,10 @@ def engine_kwargs(model: ModelConfig, model_dir: Path, loader: dict[str, Any] | 
     if loader is not None:
         kwargs["load_format"] = "helios"
         kwargs["model_loader_extra_config"] = loader
+    if kv_transfer is not None:
+        from vllm.config import KVTransferConfig
+
+        kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer)
     if model.deployment.accelerator == "gpu":
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
     known = set(AsyncEngineArgs.__dataclass_fields__)
@@ -63,7 +70,9 @@ def engine_kwargs(model: ModelConfig, model_dir: Path, loader: dict[str, Any] | 
 class LLMEngine:
     """A started vLLM engine for one model, with tokenization and limits in front of it."""
 
-    def __init__(self, model: ModelConfig, model_dir: Path, loader: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: ModelConfig, model_dir: Path, loader: dict[str, Any] | None = None, kv_transfer: dict[str, Any] | None = None
+    ) -> None:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -74,7 +83,7 @@ class LLMEngine:
         started = time.monotonic()
         self.model_id = model.id
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, model_dir, loader)))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, model_dir, loader, kv_transfer)))
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.stream_interval_s = model.deployment.stream_interval_ms / 1000.0
         self.created = int(time.time())

@@ -1,0 +1,231 @@
+"""Helios's KV connector in real vLLM engines (the tiny demo model, float32, on the CPU).
+
+Four engines live for the whole module, each in its own process (kv_probe.py): a plain
+engine (no connector: the unified reference), a prefill engine (`kv_producer`) and a
+decode engine (`kv_consumer`) sharing store A, and a unified `kv_both` engine on a
+separate store B, standing in for another node. Prompts are token ids, so block counts
+are exact (the CPU backend's blocks hold 128 tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from helios.engine.kv_connector import connector_stats, kv_transfer_config
+from helios.engine.kv_store import KVStore, KVStoreConfig
+
+pytestmark = pytest.mark.integration
+
+PROBE = Path(__file__).with_name("kv_probe.py")
+BLOCK = 128
+TINY = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_space_gib": 1}
+DECODE_TOKENS = 12
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    """`n` byte tokens, a fixed function of `seed` (no RNG: stable across versions)."""
+    return [(seed * 131 + i * 37 + (i * i) % 17) % 256 for i in range(n)]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+
+
+class Engine:
+    """One probe process: an engine answering generate commands."""
+
+    def __init__(self, name: str, model_dir: Path, engine: dict[str, Any], log_dir: Path) -> None:
+        env = dict(os.environ)
+        env.pop("VLLM_PLUGINS", None)
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PROBE), str(model_dir), json.dumps(engine)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, start_new_session=True,
+        )
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip() == "READY":
+                return
+        raise AssertionError(f"engine {self.name} died (rc={self.proc.poll()}):\n{self.log_path.read_text()[-6000:]}")
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, params: list[dict | None] | None = None) -> list[dict]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens, "kv_transfer_params": params}) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line.removeprefix("RESULT "))
+        raise AssertionError(f"engine {self.name} died (rc={self.proc.poll()}):\n{self.log_path.read_text()[-6000:]}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=60)
+        _kill_tree(self.proc)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def stores() -> Iterator[dict[str, KVStoreConfig]]:
+    """Store A (RAM tier in /dev/shm, NVMe tier on disk) and a separate store B."""
+    ram = Path(tempfile.mkdtemp(prefix="helios-kv-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    disk = Path(tempfile.mkdtemp(prefix="helios-kv-test-"))
+    try:
+        yield {
+            "A": KVStoreConfig(root=ram / "a", ram_bytes=256 << 20, nvme_path=disk / "a", nvme_bytes=1 << 30),
+            "B": KVStoreConfig(root=ram / "b", ram_bytes=256 << 20, nvme_path=disk / "b", nvme_bytes=1 << 30),
+        }
+    finally:
+        shutil.rmtree(ram, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir: Path, stores: dict[str, KVStoreConfig], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Engine]]:
+    logs = tmp_path_factory.mktemp("kv-engine-logs")
+    local = {"server_host": "127.0.0.1"}
+    specs = {
+        "ref": dict(TINY),
+        "prod": {**TINY, "kv_transfer_config": kv_transfer_config("kv_producer", stores["A"], instance="prod", **local)},
+        "cons": {**TINY, "enable_prefix_caching": False,
+                 "kv_transfer_config": kv_transfer_config("kv_consumer", stores["A"], instance="cons", **local)},
+        "both": {**TINY, "enable_prefix_caching": False,
+                 "kv_transfer_config": kv_transfer_config("kv_both", stores["B"], instance="both", **local)},
+    }
+    started: dict[str, Engine] = {}
+    try:
+        for name, spec in specs.items():  # one at a time: two cores do not start four engines faster
+            started[name] = Engine(name, tiny_model_dir, spec, logs)
+            started[name].wait_ready()
+        yield started
+    finally:
+        for e in started.values():
+            e.close()
+
+
+def reference(engines: dict[str, Engine], prompts: list[list[int]], n: int = DECODE_TOKENS) -> list[list[int]]:
+    return [r["tokens"] for r in engines["ref"].generate(prompts, n)]
+
+
+def prefill(engines: dict[str, Engine], prompts: list[list[int]]) -> list[dict]:
+    """The PD router's first leg: max_tokens=1 on the producer, asking for remote decode."""
+    return engines["prod"].generate(prompts, 1, [{"do_remote_decode": True}] * len(prompts))
+
+
+def test_disaggregated_output_is_token_identical_to_unified(engines: dict[str, Engine], stores: dict[str, KVStoreConfig]) -> None:
+    prompts = [prompt(1, 300), prompt(2, 421), prompt(3, 640)]
+    expected = reference(engines, prompts)
+    first = prefill(engines, prompts)
+    for p, out, want in zip(prompts, first, expected):
+        assert out["tokens"] == want[:1]
+        helios = out["kv_transfer_params"]["helios"]
+        assert helios["num_tokens"] == len(p) // BLOCK * BLOCK
+        assert helios["store"] == str(stores["A"].root) and helios["addr"].startswith("127.0.0.1:")
+    before = connector_stats(stores["A"], "cons")
+    decoded = engines["cons"].generate(prompts, DECODE_TOKENS, [o["kv_transfer_params"] for o in first])
+    assert [d["tokens"] for d in decoded] == expected
+    # Prefix caching is off on the decode engine: every cached token came through the connector.
+    assert [d["num_cached_tokens"] for d in decoded] == [(len(p) - 1) // BLOCK * BLOCK for p in prompts]
+    after = connector_stats(stores["A"], "cons")
+    loaded = sum((len(p) - 1) // BLOCK for p in prompts)
+    assert after["load_blocks"] - before.get("load_blocks", 0) == loaded
+    assert after.get("recompute_fallbacks", 0) == before.get("recompute_fallbacks", 0)
+    assert after.get("remote_fetches", 0) == 0  # same node, same store: nothing goes over the network
+
+
+def test_separate_store_roots_fetch_from_the_producer(engines: dict[str, Engine], stores: dict[str, KVStoreConfig]) -> None:
+    prompts = [prompt(4, 390), prompt(5, 515)]
+    expected = reference(engines, prompts)
+    first = prefill(engines, prompts)
+    b = KVStore(stores["B"])
+    blocks_before = b.usage()["ram"]["blocks"]
+    decoded = engines["both"].generate(prompts, DECODE_TOKENS, [o["kv_transfer_params"] for o in first])
+    assert [d["tokens"] for d in decoded] == expected
+    assert [d["num_cached_tokens"] for d in decoded] == [(len(p) - 1) // BLOCK * BLOCK for p in prompts]
+    stats = connector_stats(stores["B"], "both")
+    assert stats["remote_fetched_blocks"] == sum((len(p) - 1) // BLOCK for p in prompts)
+    assert stats.get("recompute_fallbacks", 0) == 0
+    assert connector_stats(stores["A"], "prod")["served_bytes"] == stats["remote_fetched_bytes"]
+    assert b.usage()["ram"]["blocks"] - blocks_before == stats["remote_fetched_blocks"]  # now B holds its own copy
+
+
+def test_shared_prefix_is_prefilled_once_then_loaded(engines: dict[str, Engine], stores: dict[str, KVStoreConfig]) -> None:
+    shared = prompt(6, 4 * BLOCK)
+    prompts = [shared + prompt(7, 90), shared + prompt(8, 150), shared + prompt(9, 40)]
+    expected = reference(engines, prompts)
+    before = connector_stats(stores["B"], "both")
+    outs = engines["both"].generate(prompts, DECODE_TOKENS)
+    assert [o["tokens"] for o in outs] == expected
+    # The first prompt computes the prefix; the others load all four of its blocks.
+    assert [o["num_cached_tokens"] for o in outs] == [0, 4 * BLOCK, 4 * BLOCK]
+    after = connector_stats(stores["B"], "both")
+    # Saved: the prefix's 4 blocks once, plus the second prompt's own 5th block.
+    assert after["save_blocks"] - before.get("save_blocks", 0) == 5
+    assert after["load_blocks"] - before.get("load_blocks", 0) == 8
+
+
+def test_spilled_block_is_read_back_from_nvme(engines: dict[str, Engine], stores: dict[str, KVStoreConfig]) -> None:
+    prompts = [prompt(10, 333)]
+    expected = reference(engines, prompts)
+    first = prefill(engines, prompts)
+    # Another process squeezes the RAM tier to nothing: every block spills to NVMe.
+    squeezer = KVStore(stores["A"].model_copy(update={"ram_bytes": 0}))
+    squeezer.make_room()
+    usage = squeezer.usage()
+    assert usage["ram"]["blocks"] == 0 and usage["nvme"]["blocks"] >= 2
+    assert squeezer.counters["spilled_blocks"] >= 2
+    before = connector_stats(stores["A"], "cons")
+    decoded = engines["cons"].generate(prompts, DECODE_TOKENS, [first[0]["kv_transfer_params"]])
+    assert decoded[0]["tokens"] == expected[0]
+    assert decoded[0]["num_cached_tokens"] == 2 * BLOCK
+    after = connector_stats(stores["A"], "cons")
+    assert after["hits_nvme"] - before.get("hits_nvme", 0) == 2
+
+
+def test_missing_blocks_fall_back_to_recompute(engines: dict[str, Engine], stores: dict[str, KVStoreConfig]) -> None:
+    prompts = [prompt(11, 470)]
+    expected = reference(engines, prompts)
+    first = prefill(engines, prompts)
+    a = KVStore(stores["A"])
+    assert a.drop(_all_keys(a)) > 0  # evicted everywhere before the decode arrives
+    before = connector_stats(stores["A"], "cons")
+    decoded = engines["cons"].generate(prompts, DECODE_TOKENS, [first[0]["kv_transfer_params"]])
+    assert decoded[0]["tokens"] == expected[0]
+    assert decoded[0]["num_cached_tokens"] == 0
+    after = connector_stats(stores["A"], "cons")
+    assert after["recompute_fallbacks"] - before.get("recompute_fallbacks", 0) == 1
+    assert after["recompute_fallback_tokens"] - before.get("recompute_fallback_tokens", 0) == 3 * BLOCK
+
+
+def _all_keys(store: KVStore) -> list[str]:
+    return sorted({p.name for d in store.dirs.values() for p in (d / "blocks").glob("*/*")})
