@@ -29,6 +29,7 @@ from helios.errors import ModelNotFound
 from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import Catalog
 from helios.registry.core import RegistryCore
+from helios.registry.profile import ResourceProfile
 from helios.registry.usage import UsageBook, UsageLog
 from helios.registry.warm import WarmView
 from helios.storage.manifest import Manifest
@@ -195,6 +196,16 @@ class Registry:
         resolved = self.resolve(model_id, version)
         with self._lock:
             return self.core.memory_needed(model_id, context_len, batch, resolved["version"], kv_dtype)
+
+    def report_profile(self, model_id: str, version: str, profile: dict[str, Any]) -> dict:
+        """A profile computed where the files are (`profile_from_dir` in a replica), for a version the
+        registry could not read itself (a directory that exists only on another node); a version that
+        has one keeps it."""
+        parsed = ResourceProfile.model_validate(profile)
+        with self._lock:
+            out = self.core.report_profile(model_id, version, parsed)
+            self._save_catalog()
+        return out
 
     def set_scale(self, model_id: str, min_replicas: int, max_replicas: int) -> dict:
         with self._lock:

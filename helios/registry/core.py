@@ -262,6 +262,16 @@ class RegistryCore:
         current.versions[record.version] = now.model_copy(update={"profile": profile, "profile_error": error})
         return True
 
+    def report_profile(self, model_id: str, version: str, profile: ResourceProfile) -> dict:
+        """Take a profile computed where the files are (a replica on another node) for a version lacking one."""
+        record = self.catalog.get(model_id, version)
+        if record.profile is None:
+            self.catalog.models[model_id].versions[version] = record.model_copy(
+                update={"profile": profile, "profile_error": None}
+            )
+            log_event(logger, "profile_reported", model=model_id, version=version, weight_bytes=profile.weight_bytes)
+        return self.version_dict(model_id, version)
+
     # --- store discovery ---
     def sync_due(self, model_id: str | None = None, now: float | None = None) -> bool:
         """Whether a (full, or one model's miss) sync may run now; marks it started if so."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from helios.errors import InvalidRequest
 from helios.observability.logs import get_logger, log_event
 
 logger = get_logger("registry.usage")
@@ -65,10 +67,10 @@ class UsageBook:
         self.pending: list[tuple[str, float]] = []
 
     def record(self, counts: dict[str, list[float]]) -> int:
-        """Add request timestamps per model; returns how many."""
+        """Add request timestamps (unix seconds) per model; returns how many."""
+        checked = {m: _timestamps(m, stamps) for m, stamps in counts.items()}  # all or nothing
         added = 0
-        for model_id, stamps in counts.items():
-            stamps = [float(t) for t in stamps]
+        for model_id, stamps in checked.items():
             if not stamps:
                 continue
             self.models.setdefault(model_id, ModelUsage()).add(stamps, self.history)
@@ -103,6 +105,16 @@ class UsageBook:
         """The summary plus the most recent inter-arrival times, oldest first."""
         u = self.models.get(model_id, ModelUsage())
         return {**self.summary(model_id, now), "inter_arrival_s": u.gaps()[-RECENT_GAPS:]}
+
+
+def _timestamps(model_id: str, stamps: list[float]) -> list[float]:
+    try:
+        out = [float(t) for t in stamps]
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"usage of {model_id!r}: timestamps must be numbers", param=model_id) from None
+    if not all(math.isfinite(t) for t in out):
+        raise InvalidRequest(f"usage of {model_id!r}: timestamps must be finite", param=model_id)
+    return out
 
 
 def _first_after(times: list[float], since: float) -> int:

@@ -84,3 +84,15 @@ def test_full_syncs_are_spaced_and_misses_per_id(store: ModelStore) -> None:
     assert core.sync_due(now=100) and not core.sync_due(now=104) and core.sync_due(now=105)
     assert core.sync_due("a", now=100) and not core.sync_due("a", now=100.5) and core.sync_due("b", now=100.5)
     assert not RegistryCore().sync_due(now=100)  # no store, nothing to sync
+
+
+def test_a_replica_reports_the_profile_of_a_directory_on_its_node(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from helios.registry.profile import profile_from_dir
+
+    core = RegistryCore()
+    out = _register(core, "m", "v1", str(tmp_path / "only-on-another-node"))
+    assert out["profile"] is None
+    got = core.report_profile("m", "v1", profile_from_dir(tiny_model_dir))
+    assert got["profile"]["weight_bytes"] == TINY_WEIGHT_BYTES and got["profile_error"] is None
+    with pytest.raises(ModelNotFound):
+        core.report_profile("m", "v9", profile_from_dir(tiny_model_dir))

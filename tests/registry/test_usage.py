@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from helios.errors import InvalidRequest
 from helios.registry.usage import BASE_NAME, UsageBook, UsageLog
 
 NOW = 1_700_000_000.0
@@ -117,3 +119,12 @@ def test_an_unreadable_part_loses_only_its_events(tmp_path: Path) -> None:
     log3 = UsageLog(tmp_path)
     log3.load(UsageBook())
     assert log3.next_seq == 3  # never overwrites the bad file's number
+
+
+def test_bad_timestamps_are_refused_whole() -> None:
+    book = UsageBook()
+    with pytest.raises(InvalidRequest, match="'b'"):
+        book.record({"a": [NOW], "b": ["soon"]})
+    with pytest.raises(InvalidRequest, match="finite"):
+        book.record({"a": [float("nan")]})
+    assert book.models == {} and book.pending == []
