@@ -241,6 +241,18 @@ class Registry:
             self.core.warm.set_tiers(node_id, view)
             self._warm_dirty = True
 
+    def record_cache(self, node_id: str, tier: str, sources: dict[str, int]) -> None:
+        """Count a replica load into `tier` on a node; `sources` is tier kind -> bytes taken from it
+        (LocalModel.sources)."""
+        with self._lock:
+            self.core.warm.record_load(node_id, tier, sources)
+            self._warm_dirty = True
+
+    def cache_stats(self) -> dict:
+        """node id -> tier kind -> {hits, misses, bytes_served} of replica loads (kept across restarts)."""
+        with self._lock:
+            return {node: {k: dict(c) for k, c in kinds.items()} for node, kinds in self.core.warm.state.loads.items()}
+
     def warm(self, model_id: str) -> dict:
         with self._lock:
             return self.core.warm.of(model_id)

@@ -37,6 +37,9 @@ class WarmState(BaseModel):
         default_factory=dict, description="node id -> model id -> tier kind -> bytes cached"
     )
     tiers_updated: dict[str, float] = Field(default_factory=dict, description="node id -> when it last reported")
+    loads: dict[str, dict[str, dict[str, int]]] = Field(
+        default_factory=dict, description="node id -> tier kind -> {hits, misses, bytes_served} of replica loads"
+    )
 
 
 class WarmView:
@@ -59,6 +62,22 @@ class WarmView:
         clean = {m: {k: int(b) for k, b in kinds.items() if int(b) > 0} for m, kinds in view.items()}
         self.state.tiers[node_id] = {m: kinds for m, kinds in clean.items() if kinds}
         self.state.tiers_updated[node_id] = time.time()
+
+    def record_load(self, node_id: str, tier: str, sources: dict[str, int]) -> None:
+        """Count one replica load into `tier`: a hit there when it supplied every byte, else a miss;
+        each other tier that supplied bytes served them (a hit one level down)."""
+        kinds = self.state.loads.setdefault(node_id, {})
+
+        def bump(kind: str, key: str, n: int = 1) -> None:
+            counts = kinds.setdefault(kind, {"hits": 0, "misses": 0, "bytes_served": 0})
+            counts[key] += n
+
+        served = {k: int(b) for k, b in sources.items() if int(b) > 0}
+        bump(tier, "hits" if set(served) <= {tier} else "misses")
+        for kind, size in served.items():
+            if kind != tier:
+                bump(kind, "hits")
+            bump(kind, "bytes_served", size)
 
     def forget(self, model_id: str) -> None:
         self.state.replicas.pop(model_id, None)

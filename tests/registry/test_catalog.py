@@ -79,3 +79,4 @@ def test_saved_catalog_reads_back_and_a_bad_file_is_set_aside(tmp_path: Path) ->
     path.write_text("{not json")
     assert Catalog.load(path).models == {}
     assert [p.name.startswith("catalog.json.unreadable-") for p in tmp_path.iterdir()] == [True]
+

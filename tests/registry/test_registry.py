@@ -198,6 +198,11 @@ def test_warm_view_reports_replicas_and_tiers(registry: Any, tiny_model_dir: Pat
     warm = ray.get(registry.list_models.remote())[0]["warm"]
     assert [(r["replica_id"], r["node_id"], r["version"]) for r in warm["replicas"]] == [("r1", "node-a", "v1")]
     assert warm["tiers"] == {"node-a": {"ram": 100, "nvme": 100}}
+    ray.get(registry.record_cache.remote("node-a", "ram", {"nvme": 100}))
+    assert ray.get(registry.cache_stats.remote()) == {
+        "node-a": {"ram": {"hits": 0, "misses": 1, "bytes_served": 0},
+                   "nvme": {"hits": 1, "misses": 0, "bytes_served": 100}}
+    }
 
 
 def _wait_until_gone() -> None:
