@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+CONFIG ?= serve_configs/local.yaml
 
 .PHONY: serve test bench-overhead lint clean
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/helios serve serve_configs/local.yaml
+	$(BIN)/helios serve $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -159,6 +159,7 @@ class EngineRequest:
     messages: list[dict[str, str]] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     return_token_ids: bool = False
+    kv_transfer_params: dict[str, Any] | None = None  # disaggregated serving: where the prompt's KV is (or goes)
 
 
 @dataclass(slots=True)
@@ -170,3 +171,4 @@ class EngineChunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    kv_transfer_params: dict[str, Any] | None = None  # on the last chunk of a prefill: where its KV blocks are

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ray import serve
 
@@ -15,13 +15,19 @@ from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
 
 logger = get_logger("engine.deployment")
+Role = Literal["unified", "prefill", "decode"]
 
 
 class EngineDeployment:
     """Serves one model; Serve restarts a replica whose engine fails its health check."""
 
     def __init__(
-        self, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None = None, pinned: bool = True
+        self,
+        model: dict[str, Any],
+        cache_root: str,
+        storage: dict[str, Any] | None = None,
+        pinned: bool = True,
+        role: Role = "unified",
     ) -> None:
         import time
 
@@ -33,7 +39,9 @@ class EngineDeployment:
         storage_cfg = StorageConfig.model_validate(storage) if storage else None
         prepared = prepare(config, storage_cfg, Path(cache_root))
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
-        self.engine = LLMEngine(config, prepared.path, loader)
+        kv_transfer, self.kv_metrics = _kv_connector(config, role)
+        self.role = role
+        self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
         timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
@@ -56,7 +64,11 @@ class EngineDeployment:
         return await self.engine.generate_full(req)
 
     def info(self) -> dict[str, Any]:
-        return self.engine.info()
+        info = self.engine.info()
+        info["role"] = self.role
+        if self.kv_metrics is not None:
+            info["kv"] = self.kv_metrics.snapshot()
+        return info
 
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests()
@@ -65,12 +77,39 @@ class EngineDeployment:
         await self.engine.check_health()
 
     def __del__(self) -> None:
+        metrics = getattr(self, "kv_metrics", None)
+        if metrics is not None:
+            metrics.close()
         warm = getattr(self, "_warm", None)
         if warm is not None:
             _report_stopped(*warm)
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _kv_connector(config: ModelConfig, role: Role) -> tuple[dict[str, Any] | None, Any]:
+    """The engine's `kv_transfer_config` for its role, and the exporter of its connector counters.
+
+    A disaggregated model's prefill replicas produce KV, its decode replicas consume it; a
+    unified model with `kv_cache` set does both (reuse across requests). Each replica's
+    connector writes its counters under its own name (the Serve replica id)."""
+    if role == "unified" and config.kv_cache is None:
+        return None, None
+    from helios.engine.kv_connector import kv_transfer_config
+    from helios.engine.kv_metrics import KVMetrics
+    from helios.engine.kv_store import KVStoreConfig
+
+    store = KVStoreConfig.model_validate(config.kv_store(None if role == "unified" else role))
+    kv_role = {"unified": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}[role]
+    try:
+        instance = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (direct construction in tests)
+        import uuid
+
+        instance = uuid.uuid4().hex[:12]
+    instance = f"{role}-{instance}"
+    return kv_transfer_config(kv_role, store, instance=instance), KVMetrics(store, instance, config.id, role)
 
 
 def _report_started(config: ModelConfig, prepared: Any, pinned: bool) -> tuple[Any, str, str, str] | None:
@@ -132,9 +171,9 @@ def _load_report(report: Path | None) -> dict[str, float]:
     return {"load_s": float(data["load_seconds"]), "load_bytes": float(data["bytes"])}
 
 
-def deployment_name(model_id: str) -> str:
+def deployment_name(model_id: str, role: Role = "unified") -> str:
     """Serve deployment names allow no '/' or ':'; model ids often have them."""
-    return "engine-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_id)
+    return "engine-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_id) + ("" if role == "unified" else f"-{role}")
 
 
 def autoscaling_config(model: ModelConfig) -> dict[str, Any]:
@@ -159,19 +198,25 @@ def autoscaling_config(model: ModelConfig) -> dict[str, Any]:
 
 
 def engine_deployment(
-    model: ModelConfig, cache_root: str, storage: StorageConfig | None = None, pinned: bool = True
+    model: ModelConfig, cache_root: str, storage: StorageConfig | None = None, pinned: bool = True,
+    role: Role = "unified",
 ) -> serve.Application:
-    """Bind the engine deployment of one model with its Serve options.
+    """Bind the engine deployment of one model (or one side of a disaggregated model) with its Serve options.
 
     `pinned`: the model comes from the Serve config (registered by its replicas), not
-    started on demand from the registry."""
+    started on demand from the registry. Unified deployments autoscale within the
+    registry's bounds; prefill and decode sides run their configured replica counts."""
     d = model.deployment
     actor_options: dict[str, Any] = {"num_cpus": d.num_cpus}
     if d.accelerator == "gpu":
         actor_options["num_gpus"] = model.engine.tensor_parallel_size
+    if role == "unified":
+        scaling: dict[str, Any] = {"autoscaling_config": autoscaling_config(model)}
+    else:
+        pd = model.disaggregated
+        scaling = {"num_replicas": pd.prefill_replicas if role == "prefill" else pd.decode_replicas}
     return serve.deployment(EngineDeployment).options(
-        name=deployment_name(model.id),
-        autoscaling_config=autoscaling_config(model),
+        name=deployment_name(model.id, role),
         max_ongoing_requests=d.max_ongoing_requests,
         ray_actor_options=actor_options,
         health_check_period_s=10,
@@ -179,4 +224,6 @@ def engine_deployment(
         graceful_shutdown_timeout_s=20,
         # The router logs each request; a second access line per engine call only costs CPU.
         logging_config={"enable_access_log": False},
-    ).bind(model.model_dump(mode="json"), cache_root, storage.model_dump(mode="json") if storage else None, pinned)
+        **scaling,
+    ).bind(model.model_dump(mode="json"), cache_root, storage.model_dump(mode="json") if storage else None, pinned,
+           role)

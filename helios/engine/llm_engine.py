@@ -129,6 +129,8 @@ class LLMEngine:
                 param="max_tokens" if room > 0 else "prompt",
             )
         params = {**req.sampling, "max_tokens": max_tokens if max_tokens is not None else room}
+        if req.kv_transfer_params is not None:
+            params["extra_args"] = {**(params.get("extra_args") or {}), "kv_transfer_params": req.kv_transfer_params}
         try:
             return SamplingParams(**params, output_kind=RequestOutputKind.DELTA)
         except (ValueError, TypeError) as exc:
@@ -166,6 +168,7 @@ class LLMEngine:
                         finish_reason=completion.finish_reason if finished else None,
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=completion_tokens,
+                        kv_transfer_params=out.kv_transfer_params if finished else None,
                     )
                     text, token_ids, send_at = [], [], now + interval
         except (InvalidRequest, asyncio.CancelledError, GeneratorExit):

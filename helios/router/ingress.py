@@ -9,6 +9,7 @@ before the 200 is sent for exactly that reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -60,12 +61,17 @@ class Router:
     """Routes OpenAI requests by `model` to engine deployments."""
 
     def __init__(
-        self, config: dict[str, Any], engines: dict[str, DeploymentHandle], context: dict[str, Any] | None = None
+        self,
+        config: dict[str, Any],
+        engines: dict[str, DeploymentHandle],
+        context: dict[str, Any] | None = None,
+        prefill: dict[str, DeploymentHandle] | None = None,
     ) -> None:
         context = context or {}
         self.config = RouterConfig.model_validate(config)
         self.keys = [k.encode() for k in self.config.keys()]
-        self.engines = engines
+        self.engines = engines  # a disaggregated model's entry is its decode side
+        self.prefill = prefill or {}
         self.streams = {m: h.options(stream=True) for m, h in engines.items()}
         self.infos: dict[str, dict[str, Any]] = {}
         self.cache_root: str = context.get("cache_root", "")
@@ -141,9 +147,11 @@ class Router:
                     log_event(logger, "usage_flush_failed", error=repr(exc))
 
     async def _probe(self, model: str) -> dict[str, Any] | None:
-        """The model's engine facts if a replica answers within the ready timeout, else None."""
+        """The model's engine facts if a replica (of each side, if disaggregated) answers in time, else None."""
+        sides = [self.engines[model], *([self.prefill[model]] if model in self.prefill else [])]
         try:
-            info = await asyncio.wait_for(self.engines[model].info.remote(), self.config.ready_timeout_s)
+            info, *_ = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in sides)),
+                                              self.config.ready_timeout_s)
         except Exception:
             return None
         self.infos[model] = info
@@ -232,6 +240,8 @@ class Router:
 
     async def _serve(self, body: Any, ereq: EngineRequest, chat: bool, request_id: str) -> Response:
         engine, streams = await self._handles(body.model)
+        if body.model in self.prefill:
+            ereq = await self._prefill(body.model, ereq)
         shape = ResponseShape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, int(time.time()), body.model)
         headers = {"x-request-id": request_id}
         if not body.stream:
@@ -247,6 +257,16 @@ class Router:
             raise
         return StreamingResponse(self._events(shape, first, gen, body.include_usage, request_id),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+
+    async def _prefill(self, model: str, ereq: EngineRequest) -> EngineRequest:
+        """Run the prompt on a prefill replica (one token, its KV saved to the store); return the
+        decode request that continues from that KV. A decode side that cannot find the blocks
+        recomputes them (and counts it), so this never changes the tokens, only who computes them."""
+        sampling = {k: v for k, v in ereq.sampling.items() if k != "min_tokens"}
+        pre = dataclasses.replace(ereq, request_id=ereq.request_id + "-prefill", sampling={**sampling, "max_tokens": 1},
+                                  return_token_ids=False, kv_transfer_params={"do_remote_decode": True})
+        chunk = await self._call(self.prefill[model].generate.remote(pre))
+        return dataclasses.replace(ereq, kv_transfer_params=chunk.kv_transfer_params)
 
     @staticmethod
     async def _call(awaitable: Any) -> Any:
@@ -295,7 +315,9 @@ def _registry_view(model: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def router_deployment(config: RouterConfig, engines: dict[str, Any], context: dict[str, Any]) -> serve.Application:
+def router_deployment(
+    config: RouterConfig, engines: dict[str, Any], context: dict[str, Any], prefill: dict[str, Any] | None = None
+) -> serve.Application:
     """Bind the router with its Serve options over the bound engine deployments.
 
     `context`: what on-demand models and the admin API need (cache root, storage and
@@ -305,4 +327,4 @@ def router_deployment(config: RouterConfig, engines: dict[str, Any], context: di
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus},
-    ).bind(config.model_dump(), engines, context)
+    ).bind(config.model_dump(), engines, context, prefill or {})
