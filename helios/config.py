@@ -109,6 +109,26 @@ class ModelDeploymentConfig(_Strict):
         return self.max_replicas or max(self.num_replicas, 4)
 
 
+def _kv_store_config() -> type:
+    from helios.engine.kv_store import KVStoreConfig
+
+    return KVStoreConfig
+
+
+class DisaggregatedConfig(_Strict):
+    """Prefill and decode in separate replicas, KV moving between them through Helios's KV store."""
+
+    prefill_replicas: int = Field(1, ge=1, description="Replicas that run prompts (vLLM kv_producer).")
+    decode_replicas: int = Field(1, ge=1, description="Replicas that continue from the stored KV (kv_consumer).")
+    prefill_kv_cache: dict[str, Any] | None = Field(
+        None, description="KV store of the prefill replicas, if not the model's `kv_cache` (e.g. another root, as "
+        "on another node)."
+    )
+    decode_kv_cache: dict[str, Any] | None = Field(
+        None, description="KV store of the decode replicas, if not the model's `kv_cache`."
+    )
+
+
 class ModelConfig(_Strict):
     """One model to serve: where its files come from and how to run it."""
 
@@ -121,6 +141,44 @@ class ModelConfig(_Strict):
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig)
+    serving: Literal["unified", "disaggregated"] = Field(
+        "unified",
+        description="`unified`: each replica prefills and decodes. `disaggregated`: prompts run on prefill replicas, "
+        "whose KV blocks decode replicas load through the Helios KV store (see `disaggregated`).",
+    )
+    disaggregated: DisaggregatedConfig = Field(default_factory=DisaggregatedConfig)
+    kv_cache: dict[str, Any] | None = Field(
+        None,
+        description="Helios KV connector store (root, ram_bytes, nvme_path, nvme_bytes). Set on a unified model, its "
+        "replicas also save and reuse KV across requests beyond the engine's own cache; a disaggregated model "
+        "always uses it (defaults when unset).",
+    )
+
+    @field_validator("kv_cache", mode="after")
+    @classmethod
+    def _kv_store(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _kv_store_config().model_validate(value)  # errors name the bad key inside kv_cache
+        return value
+
+    @model_validator(mode="after")
+    def _one_kv_connector(self) -> ModelConfig:
+        if (self.serving == "disaggregated" or self.kv_cache is not None) and "kv_transfer_config" in self.engine.extra_args:
+            raise ValueError("engine.extra_args.kv_transfer_config: Helios sets it for kv_cache / disaggregated serving")
+        for key in ("prefill_kv_cache", "decode_kv_cache"):
+            value = getattr(self.disaggregated, key)
+            if value is not None:
+                try:
+                    _kv_store_config().model_validate(value)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    raise ValueError(f"disaggregated.{key}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return self
+
+    def kv_store(self, role: str | None = None) -> dict[str, Any]:
+        """The KV store settings of this model's replicas of `role` (prefill, decode or None: unified)."""
+        override = {"prefill": self.disaggregated.prefill_kv_cache, "decode": self.disaggregated.decode_kv_cache}
+        return (override.get(role or "") or self.kv_cache or {})
 
     @field_validator("source")
     @classmethod
