@@ -253,13 +253,13 @@ class RegistryCore:
         self, model_id: str, record: VersionRecord, profile: ResourceProfile | None, error: str | None
     ) -> bool:
         """Store a retried profile if the version is still the one it was computed for; True when it changed."""
-        current = self.catalog.models.get(model_id, None)
-        now = current.versions.get(record.version) if current else None
-        if now is None or now.source != record.source or now.manifest_digest != record.manifest_digest:
+        model = self.catalog.models.get(model_id)
+        latest = model.versions.get(record.version) if model else None
+        if latest is None or latest.source != record.source or latest.manifest_digest != record.manifest_digest:
             return False
-        if profile is None and now.profile_error == error:
+        if latest.profile is not None or (profile is None and latest.profile_error == error):
             return False
-        current.versions[record.version] = now.model_copy(update={"profile": profile, "profile_error": error})
+        model.versions[record.version] = latest.model_copy(update={"profile": profile, "profile_error": error})
         return True
 
     def report_profile(self, model_id: str, version: str, profile: ResourceProfile) -> dict:
