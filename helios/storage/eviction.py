@@ -60,6 +60,15 @@ class EvictionPolicy(ABC):
         """A hint that these blobs will be needed before `until` (epoch seconds): plan them last.
         Unlike `protected` it is not a hard rule, so a tier never fills up on stale predictions."""
 
+    def admit(self, digest: str, size: int, need: int) -> bool:
+        """Whether a copy that is optional (filling a slower tier behind a load) should come in
+        when `need` bytes must be evicted for it. A blob a load needs is never asked about."""
+        return True
+
+    def set_idle(self, digests: Collection[str], until: float) -> None:
+        """A hint that these blobs will not be needed before `until`: plan them first. A new use
+        cancels it (the prediction was wrong)."""
+
     def observe_bandwidth(self, source: str, nbytes: int, seconds: float) -> None:
         """A fetch from tier kind `source` into this tier moved `nbytes` in `seconds`."""
 
@@ -142,6 +151,7 @@ class CostAwarePolicy(EvictionPolicy):
         self._ghost: OrderedDict[str, float] = OrderedDict()
         self._history = history
         self._keep: dict[str, float] = {}
+        self._idle: dict[str, float] = {}
         self._planned: dict[str, float] = {}
 
     @classmethod
@@ -161,22 +171,33 @@ class CostAwarePolicy(EvictionPolicy):
         if digest in self._size:
             self._freq[digest] += 1
             self._base[digest] = self.inflation
+            self._idle.pop(digest, None)
 
     def on_remove(self, digest: str) -> None:
         if digest in self._planned:  # an eviction this policy chose: it sets the new floor
             self.inflation = max(self.inflation, self._planned.pop(digest))
         if digest in self._freq:
-            self._ghost[digest] = self._freq[digest]
-            self._ghost.move_to_end(digest)
-            while len(self._ghost) > self._history:
-                self._ghost.popitem(last=False)
+            self._remember(digest, self._freq[digest])
         self._size.pop(digest, None)
         self._freq.pop(digest, None)
         self._base.pop(digest, None)
 
+    def _remember(self, digest: str, uses: float) -> None:
+        """Keep the use count of a blob that is not (or no longer) here, the newest `history` of them."""
+        self._ghost[digest] = uses
+        self._ghost.move_to_end(digest)
+        while len(self._ghost) > self._history:
+            self._ghost.popitem(last=False)
+
     def set_keepalive(self, digests: Collection[str], until: float) -> None:
         for digest in digests:
             self._keep[digest] = until
+            self._idle.pop(digest, None)
+
+    def set_idle(self, digests: Collection[str], until: float) -> None:
+        for digest in digests:
+            self._idle[digest] = until
+            self._keep.pop(digest, None)
 
     def observe_bandwidth(self, source: str, nbytes: int, seconds: float) -> None:
         """Move the source's bandwidth towards what a real fetch achieved (small fetches say
@@ -197,18 +218,46 @@ class CostAwarePolicy(EvictionPolicy):
         size_gb = max(self._size[digest], 1) / 1e9
         return self._base[digest] + self._freq[digest] * self.cost_s(digest) / size_gb
 
+    def admit(self, digest: str, size: int, need: int) -> bool:
+        """Only if it outranks what it would push out: a blob used once must not flush a third of
+        NVMe of blobs used every hour (the priority it would enter with, its remembered count
+        included, against the highest priority among the victims). A refused blob's count still
+        grows, so one that keeps being asked for gets in: the tier cannot freeze."""
+        if need <= 0:
+            return True
+        kept = self.kept_alive(self.clock())
+        uses = self._ghost.pop(digest, 0.0) + 1
+        cost = self.latency_s + size / self.bandwidths[self.refetch_from]
+        incoming = self.inflation + uses * cost / (max(size, 1) / 1e9)
+        freed = 0
+        for d in sorted(self._size, key=self.priority):
+            if freed >= need:
+                break
+            if d in kept or self.priority(d) > incoming:
+                self._remember(digest, uses)
+                return False
+            freed += self._size[d]
+        if freed < need:
+            self._remember(digest, uses)
+        return freed >= need
+
     def kept_alive(self, now: float) -> set[str]:
         self._keep = {d: until for d, until in self._keep.items() if until > now}
         return set(self._keep)
 
+    def idle(self, now: float) -> set[str]:
+        self._idle = {d: until for d, until in self._idle.items() if until > now}
+        return set(self._idle)
+
     def plan(self, need: int, protected: Collection[str] = ()) -> list[str]:
         if need <= 0:
             return []
-        kept = self.kept_alive(self.clock())
+        now = self.clock()
+        kept, idle = self.kept_alive(now), self.idle(now)
         scored = {d: self.priority(d) for d in self._size if d not in protected}
         victims, freed = [], 0
         self._planned = {}
-        for digest in sorted(scored, key=lambda d: (d in kept, scored[d])):
+        for digest in sorted(scored, key=lambda d: (d in kept, d not in idle, scored[d])):
             if freed >= need:
                 break
             victims.append(digest)

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from helios.config import RemoteTierConfig, StorageConfig, TransferConfig
@@ -74,14 +75,31 @@ class ModelStore:
                 tiers.append(RemoteTier(t.url, t.storage_options))
             else:
                 root = Path(t.path).expanduser() if t.path else default_local_path(t.kind, cache_root)
-                tiers.append(LocalTier(t.kind, root, int(t.capacity), POLICIES[t.eviction]()))
-        return cls(tiers, cfg.transfer)
+                tiers.append(LocalTier(t.kind, root, int(t.capacity)))
+        store = cls(tiers, cfg.transfer)
+        eviction = {t.kind: t.eviction for t in cfg.tiers if not isinstance(t, RemoteTierConfig)}
+        bandwidths = {t.kind: float(t.bytes_per_s()) for t in cfg.tiers}
+        for t in store.local:  # each policy learns where its evicted blobs would come back from
+            slower = store.tiers[store.tiers.index(t) + 1 :]
+            refetch_from = slower[0].kind if slower else t.kind
+            t.policy = POLICIES[eviction[t.kind]].for_tier(refetch_from, bandwidths, partial(store.refetch_source, t))
+        return store
 
     def tier(self, kind: str) -> Tier:
         for t in self.tiers:
             if t.kind == kind:
                 return t
         raise StorageError(f"no {kind} tier configured (have: {', '.join(t.kind for t in self.tiers)})")
+
+    def refetch_source(self, tier: LocalTier, digest: str) -> str | None:
+        """The kind of tier a blob evicted from `tier` would come back from: the first slower local
+        tier holding it, else the remote (None without one). Local stats only, no network."""
+        for t in self.tiers[self.tiers.index(tier) + 1 :]:
+            if not isinstance(t, LocalTier):
+                return t.kind
+            if t.stat(digest) is not None:
+                return t.kind
+        return None
 
     @property
     def durable(self) -> Tier:
@@ -196,7 +214,8 @@ class ModelStore:
     ) -> tuple[Tier, TransferResult | None]:
         """Get one blob into `target` from the fastest tier holding a good copy: (that tier, the transfer)."""
         if target.stat(digest) is not None:
-            target.touch(digest)
+            for t in self.local[self.local.index(target) :]:
+                t.touch(digest)  # slower copies too: their policies must see what is used, not only what was missed
             if progress:
                 progress(size)
             return target, None
@@ -213,6 +232,8 @@ class ModelStore:
                 continue
             if isinstance(src, LocalTier):
                 src.touch(digest)
+            if result.fetched and not result.waited_for_other:
+                target.policy.observe_bandwidth(src.kind, result.fetched, result.seconds)
             return src, result
         raise BlobNotFound(f"blob {digest[:12]} is in no tier ({self._where()})")
 
@@ -223,8 +244,11 @@ class ModelStore:
             try:
                 for f in manifest.files:
                     if t.stat(f.sha256) is None and src.stat(f.sha256) is not None:
+                        if not t.policy.admit(f.sha256, f.size, t.sync_policy() + f.size - t.capacity):
+                            continue  # the tier's policy would rather keep what it has
                         fetch_blob(src, t, f.sha256, f.size, self.transfer, None, protected)
-                t.put_manifest(manifest)
+                if t.has_all(manifest):
+                    t.put_manifest(manifest)
             except StorageError as exc:  # a full lower tier must not fail the load that already succeeded
                 log_event(logger, "tier_fill_failed", model=manifest.model_id, tier=t.kind, error=str(exc))
 
