@@ -231,7 +231,7 @@ class Metrics:
     late_prefetch_requests: int = 0  # requests that found their prefetch still in flight
     bytes_from: dict[str, int] = field(default_factory=lambda: {"nvme": 0, "remote": 0})
     prefetch_bytes: int = 0
-    prefetch_used_bytes: int = 0  # prefetched bytes a request found in RAM (landed or not)
+    prefetch_used_bytes: int = 0  # prefetched bytes a request found in RAM or on their way (not evicted first)
 
     def report(self, tiers: list[SimTier]) -> dict:
         return {
@@ -349,10 +349,11 @@ class Simulation:
             self.planner.record(model.id, now)
         done, ready_bytes, late = now, 0, False
         for digest, size in model.shards:
-            if digest in self.prefetched:
+            if digest in self.prefetched:  # its first request since the prefetch
                 self.prefetched.discard(digest)
-                self.m.prefetch_used_bytes += size
-                late = late or digest in self.inflight
+                if self.ram.has(digest) or digest in self.inflight:  # not evicted before it was used
+                    self.m.prefetch_used_bytes += size
+                    late = late or digest in self.inflight
             if self.ram.has(digest):
                 self.ram.touch(digest)
                 if self.nvme.has(digest):

@@ -7,8 +7,10 @@ so policies are tested without disks and swapped by name in config.
 Two policies: `lru`, the baseline, and `cost` (`CostAwarePolicy`), which evicts the blobs
 whose loss costs the fewest cold-start seconds per byte freed. Policies may also take
 hints through optional hooks that default to no-ops, so a plug-in implements only what it
-uses: `set_keepalive` (the registry's prediction that a model is needed soon) and
-`observe_bandwidth` (how fast a refetch really was).
+uses: `for_tier` (where this tier's misses are served from, and how fast), `set_keepalive`
+and `set_idle` (the registry's predictions, see `prefetch.py`), `observe_bandwidth` (how fast
+a refetch really was) and `admit` (whether an optional copy, filling a slower tier behind a
+load, is worth what it would push out).
 """
 
 from __future__ import annotations
@@ -121,8 +123,10 @@ class CostAwarePolicy(EvictionPolicy):
 
     A blob that is evicted and fetched again keeps its count (a bounded ghost list, as in
     ARC), so a model that cycles through a small RAM tier is still recognised as popular.
-    Kept-alive blobs (`set_keepalive`) go after every other candidate; blobs whose copy is
-    only on the slow remote cost more than those still on NVMe, so they stay longer.
+    Kept-alive blobs (`set_keepalive`) go after every other candidate, idle ones (`set_idle`)
+    before; blobs whose copy is only on the slow remote cost more than those still on NVMe,
+    so they stay longer. `admit` turns away fill-behind copies that rank below what they
+    would evict, so one big model used once does not flush NVMe.
     """
 
     def __init__(

@@ -11,18 +11,26 @@ RAM before the request does).
 
 Pure logic, no Ray and no files; the registry owns one planner and acts on its plans::
 
-    planner = PrefetchPlanner(ram_capacity, bandwidths={"ram": ..., "nvme": ..., "remote": ...},
+    planner = PrefetchPlanner(ram_capacity, bandwidths={t.kind: t.bytes_per_s() for t in storage.tiers},
                               interval_s=registry.prefetch_interval_s)
     planner.record(model_id, t)                       # on every request (epoch seconds)
+    # every interval_s:
     plan = planner.plan(now, {model_id: ModelState(size=bytes, tier="nvme"), ...})
-    for k in plan.keep_alive:                         # models in RAM, or prewarmed below
-        ram_tier.policy.set_keepalive(digests_of(k.model_id), k.until)
+    ram = store.tier("ram")
+    for k in plan.keep_alive:                         # models in RAM, and those prewarmed below
+        ram.policy.set_keepalive(digests_of(k.model_id), k.until)
+    for i in plan.idle:                               # in RAM, but not expected for a while
+        ram.policy.set_idle(digests_of(i.model_id), i.until)
     for p in plan.prewarm:                            # start now, in the background
         store.localize(manifest_of(p.model_id), tier="ram")
 
 `ModelState.tier` is the fastest tier holding all of the model ("ram", "nvme", "ssd",
-"remote"). Keep-alive is a hint to the `cost` eviction policy (kept-alive blobs are
-evicted last, never refused); `lru` ignores it.
+"remote"; a model being fetched into RAM counts as "ram"). Keep-alive and idle are hints
+to the `cost` eviction policy (kept-alive blobs are evicted last, never refused; idle ones
+first); `lru` ignores them. Hints live in the policy of the process that sets them: the
+registry's store, which also runs the prewarms. Prewarms come only from local tiers by
+default (`prewarm_from`): a speculative fetch from the remote holds up the demand misses
+that share its link, which the benchmark showed costs more than it saves.
 """
 
 from __future__ import annotations
