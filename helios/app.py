@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import serve
 
-from helios.config import HeliosArgs, parse_args
+from helios.config import HeliosArgs, ModelConfig, parse_args
 from helios.engine.deployment import engine_deployment
 from helios.router.ingress import router_deployment
 
@@ -18,7 +18,11 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
     config = parse_args(args)
     cache_root = str(config.resolved_cache_root())
     storage = config.storage.model_dump(mode="json") if config.storage else None
-    get_or_create_registry(str(config.registry_state_dir()), storage)
+    registry = get_or_create_registry(str(config.registry_state_dir()), storage, cache_root)
+    for m in config.models:  # listed at once; each replica registers its version again once loaded
+        ref = _config_version(m, config.storage is not None)
+        if ref is not None:
+            registry.register.remote(m.id, ref[0], ref[1], make_default=True, pinned=True)
     engines, prefill = {}, {}
     for m in config.models:
         if m.serving == "disaggregated":  # the router prefills on one side, then decodes on the other
@@ -33,3 +37,23 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
         "models": [m.model_dump(mode="json") for m in config.models],
     }
     return router_deployment(config.router, engines, context, prefill)
+
+
+def _config_version(model: ModelConfig, has_storage: bool) -> tuple[str, str] | None:
+    """(version, source) a config model is registered under before its replicas load it.
+
+    Replicas register what they actually loaded (`store://ID:VERSION` or a directory);
+    this gives the same answer up front, or None for `store://ID` without a version,
+    which only the store resolves."""
+    from helios.storage.manifest import parse_ref
+    from helios.storage.sources import demo_version
+
+    if model.source.startswith("demo://"):
+        preset = model.source.removeprefix("demo://")
+        if has_storage:
+            return demo_version(preset), f"store://{model.id}:{demo_version(preset)}"
+        return "local", model.source
+    if model.source.startswith("store://"):
+        model_id, version = parse_ref(model.source.removeprefix("store://"))
+        return (version, model.source) if version else None
+    return "local", model.source.removeprefix("file://")

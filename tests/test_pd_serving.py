@@ -46,7 +46,7 @@ def base_url(serve_port: int, cache_root: Path, root: Path) -> str:
     args["models"][0].update({
         "serving": "disaggregated",
         "disaggregated": {
-            "prefill_kv_cache": {"root": str(root / "prefill-ram"), "ram_bytes": "256MiB"},
+            "prefill_kv_cache": {"root": str(root / "prefill-ram"), "ram_bytes": "2MiB"},
             "decode_kv_cache": {"root": str(root / "decode-ram"), "ram_bytes": "256MiB",
                                 "nvme_path": str(root / "decode-nvme"), "nvme_bytes": "1GiB"},
         },
@@ -65,6 +65,10 @@ def client(base_url: str) -> openai.OpenAI:
 def reference(tiny_model_dir: Path) -> list[list[int]]:
     """vLLM's own greedy token ids (one unified engine, no connector) for PROMPTS then CHAT."""
     items = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS] + [{"messages": CHAT, "max_tokens": MAX_TOKENS}]
+    return _reference(tiny_model_dir, items)
+
+
+def _reference(tiny_model_dir: Path, items: list[dict]) -> list[list[int]]:
     script = Path(__file__).with_name("reference_vllm.py")
     proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), json.dumps(items), json.dumps(TINY_ENGINE)],
                           capture_output=True, text=True, timeout=600)
@@ -128,21 +132,18 @@ def test_disaggregated_chat(client: openai.OpenAI, reference: list[list[int]]) -
     assert resp.choices[0].token_ids == reference[-1]
 
 
-def _drop_blocks(store_root: Path) -> int:
-    dropped = 0
-    for path in store_root.rglob("*"):
-        if path.is_file() and "stats" not in path.parts:
-            path.unlink()
-            dropped += 1
-    return dropped
-
-
-def test_missing_blocks_are_recomputed_and_counted(client: openai.OpenAI, root: Path, reference: list[list[int]]) -> None:
-    # Evicted everywhere (both stores, RAM and NVMe); the prefill engine still has the prompt in its own
-    # prefix cache, so it computes nothing and saves nothing: the decode side finds no blocks.
-    for d in ("prefill-ram", "decode-ram", "decode-nvme"):
-        _drop_blocks(root / d)
+def test_blocks_evicted_before_decode_are_recomputed_and_counted(
+    client: openai.OpenAI, root: Path, tiny_model_dir: Path
+) -> None:
+    # 7 blocks of prompt into a producer store that holds 4 (2 MiB of 512 KiB blocks): saving the
+    # last blocks evicts the first, so the decode side finds no stored prefix and recomputes.
+    prompt = "Blocks evicted from the KV store must be recomputed, never fail the request. " * 12
     before = decode_kv()
-    assert completion_ids(client, PROMPTS[0], stream=False) == reference[0]
+    ids = completion_ids(client, prompt, stream=False)
     after = wait_kv(lambda kv: kv.get("recompute_fallbacks", 0) > before.get("recompute_fallbacks", 0))
-    assert after["recompute_fallbacks"] > before.get("recompute_fallbacks", 0)
+    assert after.get("recompute_fallbacks", 0) > before.get("recompute_fallbacks", 0)
+    assert after.get("recompute_fallback_tokens", 0) >= 128
+    blocks = [p for p in (root / "prefill-ram").rglob("*") if p.is_file() and "stats" not in p.parts]
+    assert sum(p.stat().st_size for p in blocks) <= 2 << 20  # the producer's store stayed within its budget
+    (expected,) = _reference(tiny_model_dir, [{"prompt": prompt, "max_tokens": MAX_TOKENS}])
+    assert ids == expected

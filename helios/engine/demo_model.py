@@ -298,9 +298,15 @@ def file_digests(model_dir: str | os.PathLike) -> Iterator[tuple[str, str]]:
             yield path.name, h.hexdigest()
 
 
+def source_dir(source: str, cache_root: Path) -> Path:
+    """Where a model `source`'s files are on this node (a demo model's once built), without building it."""
+    if source.startswith("demo://"):
+        return cache_root / "demo" / source.removeprefix("demo://")
+    return Path(source.removeprefix("file://")).expanduser()
+
+
 def resolve_source(source: str, cache_root: Path) -> Path:
     """Turn a model `source` into a local directory, building the demo model if asked."""
     if source.startswith("demo://"):
-        preset = source.removeprefix("demo://")
-        return build(preset, cache_root / "demo" / preset)
-    return Path(source.removeprefix("file://")).expanduser()
+        return build(source.removeprefix("demo://"), source_dir(source, cache_root))
+    return source_dir(source, cache_root)

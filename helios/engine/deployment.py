@@ -133,6 +133,10 @@ def _report_started(config: ModelConfig, prepared: Any, pinned: bool) -> tuple[A
     if pinned:
         registry.register.remote(config.id, version, source, manifest=manifest.model_dump(mode="json") if manifest
                                  else None, make_default=True, pinned=True)
+    if manifest is None:  # a directory only this node may have: the registry cannot profile it itself
+        from helios.registry.profile import profile_from_dir
+
+        registry.report_profile.remote(config.id, version, profile_from_dir(prepared.path).model_dump(mode="json"))
     registry.set_replica.remote(config.id, replica_id, node_id, True, version)
     if prepared.local is not None:
         registry.record_cache.remote(node_id, prepared.local.tier, prepared.local.sources)

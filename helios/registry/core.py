@@ -84,13 +84,11 @@ class RegistryCore:
 
     def local_dir(self, source: str) -> Path | None:
         """Where a source's files are on this node, if it names a directory (a demo model once built)."""
-        if source.startswith(STORE_SCHEME):
+        if source.startswith(STORE_SCHEME) or (source.startswith("demo://") and self.cache_root is None):
             return None
-        if source.startswith("demo://"):
-            # helios.engine.demo_model.resolve_source builds here; the registry only reads
-            root = self.cache_root
-            return root / "demo" / source.removeprefix("demo://") if root is not None else None
-        return Path(source.removeprefix("file://")).expanduser()
+        from helios.engine.demo_model import source_dir
+
+        return source_dir(source, self.cache_root or Path())
 
     def _stored_manifest(self, model_id: str, version: str, source: str) -> Manifest:
         assert self.store is not None
