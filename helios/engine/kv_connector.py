@@ -98,6 +98,7 @@ class HeliosConnectorConfig(BaseModel):
     server_port: int = Field(0, ge=0, le=65535, description="Block server port; 0 picks a free one.")
     fetch_timeout_s: float = Field(30.0, gt=0, description="How long a consumer waits for a remote store before recomputing.")
     instance: str | None = Field(None, description="Name of this engine's stats files; unset: vLLM's engine_id.")
+    prefault: bool = Field(True, description="Touch every page of the KV cache at start, so a load never waits on page faults.")
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> HeliosConnectorConfig:
@@ -445,7 +446,11 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
             if not t.is_contiguous() or num_blocks not in t.shape[:2]:
                 raise NotImplementedError(f"HeliosConnector: layer {name}: unsupported KV cache layout {tuple(t.shape)}/{t.stride()}")
             dim = 0 if t.shape[0] == num_blocks else 1
-            self._slabs.append((t.view(torch.uint8).numpy(), dim))
+            arr = t.view(torch.uint8).numpy()
+            if self.cfg.prefault:
+                flat = arr.reshape(-1)
+                flat[::4096] = flat[::4096]  # fault every page in now, not on a load's critical path
+            self._slabs.append((arr, dim))
             self._payload += t.select(dim, 0).nbytes
         logger.info("HeliosConnector: %d KV layers, %d bytes per block", len(self._slabs), self._payload)
 

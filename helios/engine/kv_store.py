@@ -168,7 +168,7 @@ class KVStore:
         with self._lock:
             data = json.dumps({"name": self.stats_name, "pid": os.getpid(), "updated": time.time(), "counters": self.counters})
         path = self.dirs["ram"] / "stats" / f"{self.stats_name}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # a block server thread flushes too
         tmp.write_text(data)
         os.replace(tmp, path)
 
