@@ -44,8 +44,8 @@ def base_url(serve_port: int, cache_root: Path, root: Path, tiny_model_dir: Path
             time.sleep(0.2)
     storage = local_storage(root / "tiers")
     store = ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
-    for model in (PUSHED, OTHER):  # what `helios models push` does
-        store.push(tiny_model_dir, model, "v1")
+    store.push(tiny_model_dir, PUSHED, "v1")  # what `helios models push` does
+    store.push(_variant(tiny_model_dir, root / "other"), OTHER, "v1")
     args = {
         **tiny_args(cache_root, admin_token=ADMIN),
         "storage": storage,
@@ -58,6 +58,18 @@ def base_url(serve_port: int, cache_root: Path, root: Path, tiny_model_dir: Path
         if name.startswith("helios-model-"):
             serve.delete(name)
     serve.delete(APP)
+
+
+def _variant(src: Path, dst: Path) -> Path:
+    """A copy of a model whose weights file differs in one byte (same shapes): blobs of its own."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return dst
 
 
 def admin(base_url: str, method: str, path: str, token: str | None = ADMIN, **kw) -> requests.Response:
@@ -107,6 +119,7 @@ def test_models_lists_every_registered_model_with_profile_and_warm_status(base_u
     pushed = data[PUSHED]
     assert pushed["ready"] is False and pushed["versions"] == ["v1"] and pushed["warm"]["replicas_loaded"] == 0
     assert pushed["profile"] == profile  # the same files, profiled from the store without loading them
+    assert data[OTHER]["profile"] == profile  # same shapes
 
 
 # -- serving a pushed model ------------------------------------------------------------
@@ -159,7 +172,9 @@ def test_evict_then_preload_moves_blobs_between_tiers(base_url: str, root: Path)
     from helios.storage.store import ModelStore
 
     store = ModelStore.from_config(StorageConfig.model_validate(local_storage(root / "tiers")), root)
-    digests = {f.sha256 for f in store.resolve(OTHER, "v1").files}
+    files = store.resolve(OTHER, "v1").files
+    digests = {f.sha256 for f in files}
+    weights = next(f for f in files if f.name == "model.safetensors")  # its own; config and tokenizer are shared
     ram, nvme = root / "tiers" / "ram", root / "tiers" / "nvme"
 
     r = admin(base_url, "post", "/preload", json={"model": OTHER, "tier": "nvme"})
@@ -169,7 +184,8 @@ def test_evict_then_preload_moves_blobs_between_tiers(base_url: str, root: Path)
     assert r.status_code == 200, r.text
     assert digests <= _blobs(ram)
     (node,) = r.json()["nodes"].values()
-    assert node["tier"] == "ram" and node["sources"] == {"nvme": node["bytes"]}
+    assert node["tier"] == "ram" and node["sources"]["nvme"] >= weights.size
+    assert sum(node["sources"].values()) == node["bytes"]
 
     cache = admin(base_url, "get", "/cache").json()["nodes"]
     (tiers,) = (n["tiers"] for n in cache.values())
@@ -178,7 +194,7 @@ def test_evict_then_preload_moves_blobs_between_tiers(base_url: str, root: Path)
 
     r = admin(base_url, "post", "/evict", json={"model": OTHER, "tier": "ram"})
     assert r.status_code == 200, r.text
-    assert not digests & _blobs(ram)
+    assert weights.sha256 not in _blobs(ram)  # files PUSHED (in RAM) shares stay for it
     assert digests <= _blobs(nvme)  # only the named tier
 
 

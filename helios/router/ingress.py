@@ -56,6 +56,24 @@ def _engine_request_id(request: Request) -> str:
     return f"{request.state.request_id}.{uuid.uuid4().hex[:8]}"
 
 
+def _registry_view(model: dict[str, Any] | None) -> dict[str, Any]:
+    """The registry's part of a /v1/models entry: versions, profile (weights GiB, KV bytes/token), warm status."""
+    if model is None:
+        return {}
+    default = model.get("default_version")
+    versions = model.get("versions", [])
+    profile = next((v.get("profile") for v in versions if v["version"] == default), None) or {}
+    warm = model.get("warm", {})
+    tiers = sorted({kind for node in warm.get("tiers", {}).values() for kind, held in node.items() if held})
+    return {
+        "default_version": default,
+        "versions": [v["version"] for v in versions],
+        "profile": {"weights_gib": profile.get("weights_gib"), "kv_bytes_per_token": profile.get("kv_bytes_per_token"),
+                    "dtype": profile.get("dtype")},
+        "warm": {"replicas_loaded": len(warm.get("replicas", [])), "tiers_cached": tiers},
+    }
+
+
 @serve.ingress(app)
 class Router:
     """Routes OpenAI requests by `model` to engine deployments."""
@@ -295,24 +313,6 @@ class Router:
             if not finished:
                 gen.cancel()
                 log_event(logger, "stream_cancelled", request_id=request_id, completion_tokens=last.completion_tokens)
-
-
-def _registry_view(model: dict[str, Any] | None) -> dict[str, Any]:
-    """The registry's part of a /v1/models entry: versions, profile (weights GiB, KV bytes/token), warm status."""
-    if model is None:
-        return {}
-    default = model.get("default_version")
-    versions = model.get("versions", [])
-    profile = next((v.get("profile") for v in versions if v["version"] == default), None) or {}
-    warm = model.get("warm", {})
-    tiers = sorted({kind for node in warm.get("tiers", {}).values() for kind, held in node.items() if held})
-    return {
-        "default_version": default,
-        "versions": [v["version"] for v in versions],
-        "profile": {"weights_gib": profile.get("weights_gib"), "kv_bytes_per_token": profile.get("kv_bytes_per_token"),
-                    "dtype": profile.get("dtype")},
-        "warm": {"replicas_loaded": len(warm.get("replicas", [])), "tiers_cached": tiers},
-    }
 
 
 def router_deployment(
