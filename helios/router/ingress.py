@@ -120,12 +120,15 @@ class Router:
 
     async def _handles(self, model: str) -> tuple[DeploymentHandle, DeploymentHandle]:
         """(handle, streaming handle) of the model's engine: a config model's, or one started on demand."""
-        self._record_use(model)
         if model in self.engines:
+            self._record_use(model)
             return self.engines[model], self.streams[model]
         if not self.on_demand.ready(model):
             record = await self.resolve(model)
+            self._record_use(model)  # demand counts even while the model cold-starts (it drives prefetch)
             await self.on_demand.handle(model, record)
+        else:
+            self._record_use(model)
         return self.on_demand.handles[model], self.on_demand.streams[model]
 
     async def resolve(self, model: str, version: str | None = None) -> dict[str, Any]:
