@@ -18,7 +18,8 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
     config = parse_args(args)
     cache_root = str(config.resolved_cache_root())
     storage = config.storage.model_dump(mode="json") if config.storage else None
-    registry = get_or_create_registry(str(config.registry_state_dir()), storage, cache_root)
+    settings = {"prefetch_interval_s": config.registry.prefetch_interval_s}
+    registry = get_or_create_registry(str(config.registry_state_dir()), storage, cache_root, settings)
     for m in config.models:  # listed at once; each replica registers its version again once loaded
         ref = _config_version(m, config.storage is not None)
         if ref is not None:

@@ -2,7 +2,9 @@
 
 `RegistryCore` holds the logic; this wrapper adds what an actor needs: a lock (it is a
 threaded actor, so a slow store listing or profile read runs outside the lock while other
-calls go on), persistence, and a thread that flushes usage every few seconds.
+calls go on), persistence, a thread that flushes usage every few seconds, and one that runs
+a prefetch round every `prefetch_interval_s` (`prefetch.py`: keep-alive hints and prewarms
+into RAM on every node, planned from each model's inter-arrival histogram).
 
 Files under the state directory (default `<cache root>/registry`):
 - `catalog.json`: models, versions, profiles, defaults, scale; rewritten atomically after every change;
@@ -29,6 +31,7 @@ from helios.errors import ModelNotFound
 from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import Catalog
 from helios.registry.core import RegistryCore
+from helios.registry.prefetch import NodeDispatcher
 from helios.registry.profile import ResourceProfile
 from helios.registry.usage import UsageBook, UsageLog
 from helios.registry.warm import WarmView
@@ -56,6 +59,9 @@ class RegistrySettings(BaseModel):
     usage_window_s: float = Field(60.0, gt=0, description="Window of the requests-per-minute rate.")
     usage_history: int = Field(4096, ge=2, description="Request timestamps kept per model.")
     usage_compact_after: int = Field(64, ge=2, description="Usage part files that trigger a compaction.")
+    prefetch_interval_s: float = Field(
+        30.0, ge=0, description="How often keep-alive and prewarm into RAM are planned (0: never; needs a RAM tier)."
+    )
 
 
 def default_state_dir(cache_root: Path | None = None) -> Path:
@@ -85,6 +91,8 @@ class Registry:
         events = self._usage_log.load(book)
         root = Path(cache_root).expanduser() if cache_root else default_cache_root()
         self.store_error: str | None = None
+        self._storage = storage
+        self._root = root
         self.core = RegistryCore(
             Catalog.load(self._catalog_path),
             book,
@@ -94,6 +102,8 @@ class Registry:
             s.sync_interval_s,
             s.miss_sync_interval_s,
             s.profile_retry_s,
+            s.prefetch_interval_s,
+            _bandwidths(storage),
         )
         self.started = time.time()
         self.last_persisted: float | None = None
@@ -101,6 +111,11 @@ class Registry:
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="helios-registry-flush", daemon=True)
         self._flusher.start()
+        self._prefetch_lock = threading.Lock()  # one round at a time (the loop, or prefetch_now)
+        self._dispatcher: NodeDispatcher | None = None
+        if self.core.prefetch.enabled:
+            loop = threading.Thread(target=self._prefetch_loop, name="helios-registry-prefetch", daemon=True)
+            loop.start()
         log_event(
             logger, "registry_started", state_dir=str(self.state_dir), restored=restored,
             models=len(self.core.catalog.models), usage_events=events, store=self.core.store is not None,
@@ -221,7 +236,7 @@ class Registry:
     def record_requests(self, counts: dict[str, list[float]]) -> None:
         """Add request timestamps (unix seconds) per model id; saved by the next flush."""
         with self._lock:
-            self.core.usage.record(counts)
+            self.core.record_requests(counts)
 
     def usage(self, model_id: str | None = None) -> dict:
         with self._lock:
@@ -256,6 +271,34 @@ class Registry:
     def warm(self, model_id: str) -> dict:
         with self._lock:
             return self.core.warm.of(model_id)
+
+    # --- prefetch ---
+    def prefetch_now(self, wait_s: float | None = None) -> dict:
+        """Run one prefetch round now (the loop runs them every `prefetch_interval_s`) and return it
+        as status() shows it; waits up to `wait_s` (default: the interval) for the nodes."""
+        if not self.core.prefetch.enabled:
+            return self.core.prefetch.status()
+        with self._prefetch_lock:
+            started = time.monotonic()
+            with self._lock:
+                defaults, tiers, replicas = self.core.prefetch_inputs()
+            targets = self.core.prefetch_targets(defaults, tiers)  # the store, unlocked
+            with self._lock:
+                decision = self.core.prefetch.decide(time.time(), targets, replicas)
+            results, error = {}, None
+            try:  # the nodes, unlocked
+                if self._dispatcher is None:
+                    self._dispatcher = NodeDispatcher(
+                        self._storage or {}, str(self._root), self.core.prefetch.planner.prewarm_from
+                    )
+                wait = self.settings.prefetch_interval_s if wait_s is None else wait_s
+                results = self._dispatcher.collect(0) if decision.empty else self._dispatcher.run(decision, wait)
+            except Exception as exc:  # Ray unreachable: the plan stands in status, the next round tries again
+                error = f"{type(exc).__name__}: {exc}"
+                log_event(logger, "prefetch_dispatch_failed", error=error)
+            with self._lock:
+                self.core.prefetch.finish(decision, results, time.monotonic() - started, error)
+                return self.core.prefetch.status()
 
     # --- state ---
     def status(self) -> dict:
@@ -300,6 +343,13 @@ class Registry:
             except Exception as exc:  # a full disk must not kill the thread; the next tick tries again
                 log_event(logger, "registry_flush_failed", error=f"{type(exc).__name__}: {exc}")
 
+    def _prefetch_loop(self) -> None:
+        while not self._stop.wait(self.settings.prefetch_interval_s):
+            try:
+                self.prefetch_now()
+            except Exception as exc:  # a store hiccup must not kill the thread; the next round tries again
+                log_event(logger, "prefetch_failed", error=f"{type(exc).__name__}: {exc}")
+
     def _sync(self, model_id: str | None = None, force: bool = False) -> int:
         with self._lock:
             due = self.core.sync_due(model_id) or (force and self.core.store is not None)
@@ -324,6 +374,15 @@ class Registry:
             if any(changed):
                 self._save_catalog()
         return any(changed)
+
+
+def _bandwidths(storage: dict[str, Any] | None) -> dict[str, float] | None:
+    """Read bytes/s per tier kind from the storage section (what prefetch weighs a fetch by)."""
+    try:
+        cfg = StorageConfig.model_validate(storage) if storage else None
+    except ValueError:  # _open_store reports a bad section
+        return None
+    return {t.kind: float(t.bytes_per_s()) for t in cfg.tiers} if cfg else None
 
 
 def get_or_create_registry(

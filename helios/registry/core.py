@@ -9,12 +9,14 @@ its lock and a slow S3 listing never stalls the router's calls.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from helios.errors import HeliosError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import Catalog, VersionRecord, check_ids, scale_settings
+from helios.registry.prefetch import Prefetcher, Target, WarmTiers
 from helios.registry.profile import CONFIG_NAME, ResourceProfile, profile_from_dir, profile_from_store
 from helios.registry.usage import UsageBook
 from helios.registry.warm import WarmView
@@ -43,6 +45,8 @@ class RegistryCore:
         sync_interval_s: float = 5.0,
         miss_sync_interval_s: float = 1.0,
         profile_retry_s: float = 10.0,
+        prefetch_interval_s: float = 0.0,
+        bandwidths: Mapping[str, float] | None = None,
     ) -> None:
         self.catalog = catalog or Catalog()
         self.usage = usage or UsageBook()
@@ -55,6 +59,8 @@ class RegistryCore:
         self.last_sync: float | None = None
         self._miss_synced: dict[str, float] = {}
         self._profile_tried: dict[tuple[str, str], float] = {}
+        self.prefetch = Prefetcher(store, prefetch_interval_s, bandwidths)
+        self.prefetch.seed(self.usage)  # histograms from the persisted history
 
     # --- profiles (no state touched) ---
     def compute_profile(
@@ -155,6 +161,7 @@ class RegistryCore:
         if model_id not in self.catalog.models:
             self.usage.forget(model_id)
             self.warm.forget(model_id)
+            self.prefetch.forget(model_id)
         log_event(logger, "model_deleted", model=model_id, version=version, refs=len(refs))
         return refs
 
@@ -169,6 +176,26 @@ class RegistryCore:
 
     def scale(self, model_id: str) -> dict:
         return self.catalog.model(model_id).scale.model_dump()
+
+    # --- usage and prefetch ---
+    def record_requests(self, counts: dict[str, list[float]]) -> int:
+        """Request timestamps (unix seconds) per model: into the usage history and the prefetch planner."""
+        added = self.usage.record(counts)  # validates all before taking any
+        self.prefetch.record(counts)
+        return added
+
+    def prefetch_inputs(self) -> tuple[list[tuple[str, VersionRecord]], WarmTiers, dict[str, list[str]]]:
+        """A copy of what a prefetch round reads from registry state: each model's default version,
+        the warm view's tiers per node, and the nodes running each model's replicas."""
+        defaults = [(m, model.versions[model.default_version]) for m, model in sorted(self.catalog.models.items())
+                    if model.default_version in model.versions]
+        tiers = {n: {m: dict(k) for m, k in models.items()} for n, models in self.warm.state.tiers.items()}
+        replicas = {m: sorted({e.node_id for e in r.values()}) for m, r in self.warm.state.replicas.items()}
+        return defaults, tiers, replicas
+
+    def prefetch_targets(self, defaults: list[tuple[str, VersionRecord]], tiers: WarmTiers) -> dict[str, Target]:
+        """Manifests and fastest tiers of the models to plan for (reads the store; touches no state)."""
+        return self.prefetch.targets(defaults, tiers, self._stored_manifest)
 
     # --- views ---
     def version_dict(self, model_id: str, version: str | None = None) -> dict:
@@ -346,5 +373,6 @@ class RegistryCore:
             "usage_events_pending": len(self.usage.pending),
             "last_sync": self.last_sync,
             "store": ", ".join(t.describe() for t in self.store.tiers) if self.store else None,
+            "prefetch": self.prefetch.status(),
         }
 

@@ -9,28 +9,28 @@ is high (keep the model in RAM); past the burst it drops (let it go); for a peri
 model it rises again just before the next period (start fetching it now, so it lands in
 RAM before the request does).
 
-Pure logic, no Ray and no files; the registry owns one planner and acts on its plans::
+Pure logic, no Ray and no files; the registry owns one planner and acts on its plans
+(`helios/registry/prefetch.py`)::
 
     planner = PrefetchPlanner(ram_capacity, bandwidths={t.kind: t.bytes_per_s() for t in storage.tiers},
                               interval_s=registry.prefetch_interval_s)
     planner.record(model_id, t)                       # on every request (epoch seconds)
     # every interval_s:
     plan = planner.plan(now, {model_id: ModelState(size=bytes, tier="nvme"), ...})
-    ram = store.tier("ram")
-    for k in plan.keep_alive:                         # models in RAM, and those prewarmed below
-        ram.policy.set_keepalive(digests_of(k.model_id), k.until)
-    for i in plan.idle:                               # in RAM, but not expected for a while
-        ram.policy.set_idle(digests_of(i.model_id), i.until)
-    for p in plan.prewarm:                            # start now, in the background
+    # on every node:
+    write_hints(ram.root, keep_alive={digest: k.until for each blob of plan.keep_alive},
+                idle={digest: i.until for each blob of plan.idle})
+    for p in plan.prewarm:                            # start now
         store.localize(manifest_of(p.model_id), tier="ram")
 
 `ModelState.tier` is the fastest tier holding all of the model ("ram", "nvme", "ssd",
 "remote"; a model being fetched into RAM counts as "ram"). Keep-alive and idle are hints
 to the `cost` eviction policy (kept-alive blobs are evicted last, never refused; idle ones
-first); `lru` ignores them. Hints live in the policy of the process that sets them: the
-registry's store, which also runs the prewarms. Prewarms come only from local tiers by
-default (`prewarm_from`): a speculative fetch from the remote holds up the demand misses
-that share its link, which the benchmark showed costs more than it saves.
+first); `lru` ignores them. Policies live in each process, so the hints travel as a file in
+the RAM tier's root (`hints.json`) that every tier hands to its policy when it syncs.
+Prewarms come only from local tiers by default (`prewarm_from`): a speculative fetch from
+the remote holds up the demand misses that share its link, which the benchmark showed
+costs more than it saves.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Every tier holds blobs by sha256 and manifests by model and version, in the same
 (`blobs/<digest>`, `manifests/<model>/<version>.json`), so a tier can be inspected
 with `ls` and copied with any tool. Writes are atomic: a blob is written under a
 temporary name and renamed only once its digest is checked.
+
+A local tier's root may also hold `hints.json`, the registry's keep-alive and idle hints
+(`write_hints`): eviction policies live in each process, so the registry leaves its
+predictions where every process's tier reads them when it syncs its policy.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +31,7 @@ from helios.storage.eviction import EvictionPolicy, LRUPolicy
 from helios.storage.manifest import MANIFEST_NAME, Manifest, model_key
 
 LOCAL_KINDS = ("ram", "nvme", "ssd")
+HINTS_NAME = "hints.json"
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class LocalTier(Tier):
         self.root = Path(root).expanduser()
         self.capacity = capacity
         self.policy = policy or LRUPolicy()
+        self._hints_seen: tuple[int, int] | None = None  # (inode, mtime) of the hints file last applied
         for sub in ("blobs", "partial", "locks", "manifests", "snapshots"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -172,6 +179,7 @@ class LocalTier(Tier):
 
     def sync_policy(self) -> int:
         """Align the policy with the directory, which other processes also change; returns bytes in use."""
+        self.apply_hints()
         on_disk = {b.digest: b for b in self.blobs()}
         known = self.policy.known()
         for digest in known.keys() - on_disk.keys():
@@ -179,6 +187,24 @@ class LocalTier(Tier):
         for digest in on_disk.keys() - known.keys():
             self.policy.on_insert(digest, on_disk[digest].size, on_disk[digest].last_access)
         return sum(b.size for b in on_disk.values())
+
+    def apply_hints(self) -> None:
+        """Hand the registry's hints (`hints.json`) to the policy, once per new file; deadlines
+        already given stay until they pass (every hint expires on its own)."""
+        path = self.root / HINTS_NAME
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp == self._hints_seen:
+            return
+        self._hints_seen = stamp
+        keep, idle = read_hints(path)
+        for until, digests in _by_deadline(idle).items():
+            self.policy.set_idle(digests, until)
+        for until, digests in _by_deadline(keep).items():  # after idle: keep-alive wins a conflict
+            self.policy.set_keepalive(digests, until)
 
     def make_room(self, size: int, protected: Collection[str] = ()) -> list[str]:
         """Evict by policy until `size` more bytes fit; TierFull when they cannot."""
@@ -268,6 +294,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_hints(root: Path, keep_alive: Mapping[str, float], idle: Mapping[str, float]) -> Path:
+    """Publish keep-alive and idle hints (digest -> until, epoch seconds) for the tier at `root`."""
+    path = Path(root) / HINTS_NAME
+    body = {"written": time.time(), "keep_alive": dict(keep_alive), "idle": dict(idle)}
+    atomic_write_bytes(path, json.dumps(body, sort_keys=True).encode())
+    return path
+
+
+def read_hints(path: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(keep_alive, idle) from a hints file; a missing or malformed file (or entry) is no hint."""
+    try:
+        body = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}, {}
+    out: list[dict[str, float]] = []
+    for key in ("keep_alive", "idle"):
+        entries = body.get(key) if isinstance(body, dict) else None
+        good = {}
+        for digest, until in (entries or {}).items() if isinstance(entries, dict) else ():
+            if isinstance(until, (int, float)) and not isinstance(until, bool):
+                good[str(digest)] = float(until)
+        out.append(good)
+    return out[0], out[1]
+
+
+def _by_deadline(hints: Mapping[str, float]) -> dict[float, list[str]]:
+    grouped: dict[float, list[str]] = {}
+    for digest, until in hints.items():
+        grouped.setdefault(until, []).append(digest)
+    return grouped
 
 
 class RemoteTier(Tier):

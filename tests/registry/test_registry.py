@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,5 +241,37 @@ def test_a_graceful_exit_saves_pending_usage(ray_cluster: None, state: dict[str,
     reg = get_or_create_registry(**slow)
     try:
         assert ray.get(reg.usage.remote("m"))["requests_total"] == 2
+    finally:
+        kill_for_good(reg)
+
+
+def test_a_prefetch_round_prewarms_a_periodic_model_into_ram_on_the_node(ray_cluster: None, tmp_path: Path) -> None:
+    import ray
+
+    from tests.registry.conftest import HOUR, periodic, ram_store_config
+    from tests.storage.conftest import random_bytes, write_model
+
+    cfg = ram_store_config(tmp_path / "store")
+    store = ModelStore.from_config(cfg, tmp_path)
+    manifest = store.push(write_model(tmp_path / "src", random_bytes(2 << 20)), "org/nightly", "v1")
+    store.ensure_local("org/nightly", "v1", tier="nvme")
+    settings = {"sync_interval_s": 0, "miss_sync_interval_s": 0, "prefetch_interval_s": 3600}  # rounds on demand
+    reg = get_or_create_registry(
+        tmp_path / "registry", cfg.model_dump(mode="json"), tmp_path / "cache", settings
+    )
+    try:
+        assert ray.get(reg.sync.remote()) == 1
+        start = time.time() - 12 * HOUR + 600  # an hourly job whose next burst is ten minutes away
+        ray.get(reg.record_requests.remote({"org/nightly": periodic(start)}))
+        status = ray.get(reg.prefetch_now.remote(wait_s=120))
+        [prewarm] = status["prewarmed"]
+        [(node, done)] = prewarm["nodes"].items()
+        assert done["sources"] == {"nvme": manifest.total_bytes}
+        ram = tmp_path / "store" / "ram"
+        for f in manifest.files:
+            assert (ram / "blobs" / f.sha256).read_bytes() == (tmp_path / "src" / f.name).read_bytes()
+        hints = json.loads((ram / "hints.json").read_bytes())
+        assert set(hints["keep_alive"]) == {f.sha256 for f in manifest.files}
+        assert ray.get(reg.status.remote())["prefetch"]["keep_alive"][0]["model"] == "org/nightly"
     finally:
         kill_for_good(reg)

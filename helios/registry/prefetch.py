@@ -1,0 +1,340 @@
+"""The registry's prefetch rounds: feed the planner every request, plan every interval, act on the plan.
+
+`PrefetchPlanner` (`helios/storage/prefetch.py`) decides; this module gives it the facts
+and carries the decisions out. Facts: each model's default version, its bytes (the
+manifest) and the fastest tier holding all of it (the registry's own store, upgraded by
+what nodes reported to the warm view). Decisions go to every alive node as one Ray task
+per node (`NodeDispatcher`):
+
+- keep-alive and idle hints are written to `<ram tier root>/hints.json`: eviction policies
+  live in each replica's process, and every `LocalTier` reads the file when it syncs its
+  policy, before it plans an eviction;
+- prewarms bring the version into the RAM tier on the nodes running replicas of the model
+  (every node when none does), and only from a local tier: a node that has the model only on
+  the remote skips it, as the planner's `prewarm_from` says.
+
+A round runs in three steps so the actor holds its lock only around registry state:
+`targets` reads the store (unlocked), `decide` asks the planner (locked: requests mutate
+it), the dispatcher waits on the nodes (unlocked), and `finish` records what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helios.errors import HeliosError
+from helios.observability.logs import get_logger, log_event
+from helios.registry.catalog import VersionRecord
+from helios.registry.usage import UsageBook
+from helios.storage.manifest import Manifest
+from helios.storage.prefetch import Idle, KeepAlive, ModelState, PrefetchPlan, PrefetchPlanner
+from helios.storage.store import ModelStore
+from helios.storage.tiers import LOCAL_KINDS, LocalTier, write_hints
+
+logger = get_logger("registry.prefetch")
+
+Resolve = Callable[[str, str, str], Manifest]
+"""(model id, version, source) -> the version's manifest (raises HeliosError when the store lacks it)."""
+WarmTiers = Mapping[str, Mapping[str, Mapping[str, int]]]
+"""node id -> model id -> tier kind -> bytes cached there (the warm view's `tiers`)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model's default version as the planner sees it."""
+
+    model_id: str
+    version: str
+    manifest: Manifest
+    tier: str  # the fastest tier holding all of it, here or on any node that reported
+
+
+@dataclass
+class Decision:
+    """One round's plan, translated into blob hints and per-node prewarm work."""
+
+    at: float
+    plan: PrefetchPlan
+    targets: dict[str, Target]
+    keep_alive: dict[str, float] = field(default_factory=dict)  # digest -> until
+    idle: dict[str, float] = field(default_factory=dict)
+    prewarm_nodes: dict[str, list[str]] = field(default_factory=dict)  # model id -> replica nodes ([]: any)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.keep_alive or self.idle or self.plan.prewarm)
+
+    def hints(self) -> dict[str, dict[str, float]]:
+        return {"keep_alive": dict(self.keep_alive), "idle": dict(self.idle)}
+
+    def prewarms_for(self, node_id: str, alive: Iterable[str]) -> list[dict[str, Any]]:
+        """Manifests (as JSON) to bring into RAM on `node_id`: models whose replicas run there, and
+        models with no replica on an alive node (they may start anywhere)."""
+        alive = set(alive)
+        out = []
+        for p in self.plan.prewarm:
+            nodes = set(self.prewarm_nodes.get(p.model_id, ())) & alive
+            if not nodes or node_id in nodes:
+                out.append(self.targets[p.model_id].manifest.model_dump(mode="json"))
+        return out
+
+
+class Prefetcher:
+    """The registry's planner and what it needs to act: the store, the interval, manifests seen."""
+
+    def __init__(
+        self,
+        store: ModelStore | None,
+        interval_s: float,
+        bandwidths: Mapping[str, float] | None = None,
+        planner: PrefetchPlanner | None = None,
+        retry_s: float = 300.0,
+    ) -> None:
+        """`retry_s`: how long a default version the store cannot resolve (a plain directory) is
+        left out before it is looked up again."""
+        self.store = store
+        self.interval_s = interval_s
+        self.ram = _ram_tier(store)
+        capacity = self.ram.capacity if self.ram else 0
+        self.planner = planner or PrefetchPlanner(capacity, bandwidths, interval_s=interval_s or 30.0)
+        self.retry_s = retry_s
+        self.last: dict[str, Any] | None = None  # the last round, for status()
+        self._manifests: dict[tuple[str, str, str, str | None], Manifest] = {}
+        self._unresolved: dict[tuple[str, str, str, str | None], float] = {}
+        self._state: dict[str, str] = {}  # model id -> "keep_alive" | "idle": log changes, not renewals
+
+    @property
+    def enabled(self) -> bool:
+        """Rounds run only with an interval and a RAM tier to prewarm into and hint."""
+        return self.interval_s > 0 and self.ram is not None
+
+    # --- usage ---
+    def record(self, counts: Mapping[str, Iterable[float]]) -> None:
+        for model_id, stamps in counts.items():
+            for t in sorted(float(s) for s in stamps):  # one batch arrives in any order
+                self.planner.record(model_id, t)
+
+    def seed(self, book: UsageBook) -> None:
+        """Rebuild the histograms from the persisted history (a restarted registry keeps them)."""
+        self.record({m: u.times for m, u in book.models.items() if u.times})
+
+    def forget(self, model_id: str) -> None:
+        self.planner.forget(model_id)
+        self._state.pop(model_id, None)
+
+    # --- a round ---
+    def targets(
+        self, candidates: Iterable[tuple[str, VersionRecord]], warm: WarmTiers, resolve: Resolve
+    ) -> dict[str, Target]:
+        """Each candidate's manifest and fastest tier (reads the store and local tiers; no registry state)."""
+        now = time.time()
+        out = {}
+        for model_id, record in candidates:
+            if model_id not in self.planner.usage:
+                continue  # never requested: nothing to predict, no need to look it up
+            manifest = self._manifest(model_id, record, resolve, now)
+            if manifest is not None and manifest.total_bytes > 0:
+                out[model_id] = Target(model_id, record.version, manifest, self._fastest(model_id, manifest, warm))
+        return out
+
+    def decide(self, now: float, targets: Mapping[str, Target], replicas: Mapping[str, list[str]]) -> Decision:
+        """The planner's verdict at `now` as blob hints and prewarm work; logs every change of mind."""
+        states = {m: ModelState(t.manifest.total_bytes, t.tier) for m, t in targets.items()}
+        plan = self.planner.plan(now, states)
+        d = Decision(now, plan, dict(targets))
+        for i in plan.idle:
+            d.idle.update(dict.fromkeys(_digests(targets[i.model_id]), i.until))
+        for k in plan.keep_alive:
+            for digest in _digests(targets[k.model_id]):
+                d.keep_alive[digest] = max(k.until, d.keep_alive.get(digest, 0.0))
+                d.idle.pop(digest, None)  # a blob shared with an idle version stays: keep-alive wins
+        for p in plan.prewarm:
+            t = targets[p.model_id]
+            d.prewarm_nodes[p.model_id] = sorted(replicas.get(p.model_id, ()))
+            log_event(
+                logger, "prefetch_prewarm", model=p.model_id, version=t.version, source=p.source,
+                bytes=t.manifest.total_bytes, fetch_s=round(p.fetch_s, 1), probability=round(p.probability, 3),
+                expected_use=p.expected_use, nodes=d.prewarm_nodes[p.model_id] or "all",
+            )
+        self._log_changes(plan)
+        return d
+
+    def finish(
+        self, decision: Decision, results: Mapping[str, Mapping[str, Any]], seconds: float, error: str | None = None
+    ) -> dict:
+        """Record a round's outcome (what each node did) for status(), and log each prewarm's result."""
+        done: dict[str, dict[str, Any]] = {}
+        for node, result in results.items():
+            why = {k: result[k] for k in ("error", "busy_since") if k in result}
+            if why:
+                log_event(logger, "prefetch_node_skipped", node=node, **why)
+            for item in result.get("prewarmed", ()):
+                done.setdefault(item["model"], {})[node] = item
+                log_event(logger, "prefetch_prewarmed", node=node, **item)
+        plan = decision.plan
+        self.last = {
+            "last_run": decision.at,
+            "seconds": round(seconds, 3),
+            "error": error,
+            "models": len(decision.targets),
+            "prewarmed": [
+                {"model": p.model_id, "version": decision.targets[p.model_id].version, "source": p.source,
+                 "probability": round(p.probability, 3), "expected_use": p.expected_use,
+                 "nodes": done.get(p.model_id, {})}
+                for p in plan.prewarm
+            ],
+            "keep_alive": [_hinted(k) for k in plan.keep_alive],
+            "idle": [_hinted(i) for i in plan.idle],
+        }
+        return self.last
+
+    def status(self) -> dict:
+        return {"enabled": self.enabled, "interval_s": self.interval_s, **(self.last or {"last_run": None})}
+
+    # --- internals ---
+    def _manifest(self, model_id: str, record: VersionRecord, resolve: Resolve, now: float) -> Manifest | None:
+        key = (model_id, record.version, record.source, record.manifest_digest)
+        if key in self._manifests:
+            return self._manifests[key]
+        if self._unresolved.get(key, 0.0) > now:
+            return None
+        try:
+            manifest = resolve(model_id, record.version, record.source)
+        except (HeliosError, OSError) as exc:  # a directory model, or the remote is down: not prefetched
+            self._unresolved[key] = now + self.retry_s
+            log_event(logger, "prefetch_unresolved", model=model_id, version=record.version, error=str(exc)[:200])
+            return None
+        if len(self._manifests) > 10_000:  # bounded: versions come and go
+            self._manifests.clear()
+        self._manifests[key] = manifest
+        return manifest
+
+    def _fastest(self, model_id: str, manifest: Manifest, warm: WarmTiers) -> str:
+        """The fastest tier holding the whole version: local tiers here (stats, no network), or a faster
+        one a node reported; "remote" when none does (the store's durable copy)."""
+        kinds = {t.kind for t in (self.store.local if self.store else []) if t.has_all(manifest)}
+        for models in warm.values():
+            kinds |= {k for k, size in models.get(model_id, {}).items() if size >= manifest.total_bytes}
+        return next((k for k in LOCAL_KINDS if k in kinds), "remote")
+
+    def _log_changes(self, plan: PrefetchPlan) -> None:
+        now_state = {i.model_id: "idle" for i in plan.idle} | {k.model_id: "keep_alive" for k in plan.keep_alive}
+        for item in (*plan.keep_alive, *plan.idle):
+            state = now_state[item.model_id]
+            if isinstance(item, KeepAlive) == (state == "keep_alive") and self._state.get(item.model_id) != state:
+                log_event(logger, f"prefetch_{state}", **_hinted(item))
+        for model_id in self._state.keys() - now_state.keys():
+            log_event(logger, "prefetch_released", model=model_id, was=self._state[model_id])
+        self._state = now_state
+
+
+def _hinted(item: KeepAlive | Idle) -> dict[str, Any]:
+    return {"model": item.model_id, "until": item.until, "probability": round(item.probability, 3)}
+
+
+def _ram_tier(store: ModelStore | None) -> LocalTier | None:
+    return next((t for t in store.local if t.kind == "ram"), None) if store else None
+
+
+def _digests(target: Target) -> list[str]:
+    return [f.sha256 for f in target.manifest.files]
+
+
+def apply_to_store(
+    store: ModelStore, hints: Mapping[str, Mapping[str, float]], manifests: Iterable[Mapping[str, Any]],
+    prewarm_from: Iterable[str] = ("nvme", "ssd"),
+) -> dict[str, Any]:
+    """One node's share of a round: publish the hints in its RAM tier, then bring each manifest's
+    version into RAM if a local tier in `prewarm_from` holds it (never from the remote)."""
+    ram = _ram_tier(store)
+    if ram is None:
+        return {"error": "no ram tier on this node"}
+    path = write_hints(ram.root, hints.get("keep_alive", {}), hints.get("idle", {}))
+    allowed = set(prewarm_from)
+    done = []
+    for data in manifests:
+        manifest = Manifest.model_validate(data)
+        item: dict[str, Any] = {"model": manifest.model_id, "version": manifest.version}
+        held = [t.kind for t in store.local if t.has_all(manifest)]
+        if "ram" in held:
+            done.append({**item, "skipped": "already in ram"})
+            continue
+        if not allowed & set(held):
+            done.append({**item, "skipped": f"not on {'/'.join(sorted(allowed))} here"})
+            continue
+        try:
+            local = store.localize(manifest, "ram")
+        except HeliosError as exc:  # a full RAM tier: the round goes on with the next model
+            done.append({**item, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        done.append({**item, "bytes": manifest.total_bytes, "fetched_bytes": local.fetched_bytes,
+                     "sources": local.sources, "seconds": round(local.timings["fetch_s"], 3)})
+    return {"hints": str(path), "prewarmed": done}
+
+
+def apply_on_node(
+    storage: dict[str, Any], cache_root: str, hints: dict[str, dict[str, float]], manifests: list[dict[str, Any]],
+    prewarm_from: list[str],
+) -> dict[str, Any]:
+    """The Ray task body: this node's store from the shared storage config, then `apply_to_store`."""
+    from helios.config import StorageConfig
+
+    store = ModelStore.from_config(StorageConfig.model_validate(storage), Path(cache_root))
+    return apply_to_store(store, hints, manifests, prewarm_from)
+
+
+class NodeDispatcher:
+    """Runs each round on every alive node as a Ray task pinned there, at most one in flight per node:
+    a node still busy with a long prewarm is skipped, and its result reported when it lands."""
+
+    def __init__(self, storage: dict[str, Any], cache_root: str, prewarm_from: Iterable[str]) -> None:
+        self.storage = storage
+        self.cache_root = cache_root
+        self.prewarm_from = list(prewarm_from)
+        self._inflight: dict[str, tuple[Any, float]] = {}  # node id -> (object ref, started)
+        self._task: Any = None  # the Ray remote function, made once
+
+    def run(self, decision: Decision, wait_s: float) -> dict[str, dict[str, Any]]:
+        """node id -> what it did (or {"error"} / {"busy_since"}), waiting at most `wait_s` for this round."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from helios.storage.node_ops import alive_nodes
+
+        results = self.collect(0)
+        nodes = alive_nodes()
+        if self._task is None:
+            self._task = ray.remote(num_cpus=0, max_retries=0)(apply_on_node)
+        hints = decision.hints()
+        for node in nodes:
+            if node in self._inflight:
+                results[node] = {"busy_since": self._inflight[node][1]}
+                continue
+            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+            ref = self._task.options(scheduling_strategy=strategy, name="helios-prefetch").remote(
+                self.storage, self.cache_root, hints, decision.prewarms_for(node, nodes), self.prewarm_from
+            )
+            self._inflight[node] = (ref, time.time())
+        results.update(self.collect(wait_s))
+        return results
+
+    def collect(self, wait_s: float) -> dict[str, dict[str, Any]]:
+        import ray
+
+        if not self._inflight:
+            return {}
+        refs = {ref: node for node, (ref, _) in self._inflight.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+        out = {}
+        for ref in ready:
+            node = refs[ref]
+            del self._inflight[node]
+            try:
+                out[node] = ray.get(ref)
+            except Exception as exc:  # the node died, or the task failed: say so, next round tries again
+                out[node] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        return out

@@ -1,0 +1,202 @@
+"""The registry's prefetch rounds without Ray: usage -> plan -> blobs in the RAM tier and hints on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from helios.config import StorageConfig
+from helios.registry.catalog import VersionRecord
+from helios.registry.core import RegistryCore, store_source
+from helios.registry.prefetch import apply_to_store
+from helios.registry.usage import UsageBook, UsageLog
+from helios.storage.eviction import CostAwarePolicy
+from helios.storage.manifest import Manifest
+from helios.storage.store import ModelStore
+from helios.storage.tiers import HINTS_NAME, LocalTier, read_hints, write_hints
+from tests.registry.conftest import HOUR, periodic, ram_store_config
+from tests.storage.conftest import random_bytes, write_model
+
+MODEL = "org/nightly"
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> StorageConfig:
+    return ram_store_config(tmp_path / "store")
+
+
+@pytest.fixture
+def store(cfg: StorageConfig, tmp_path: Path) -> ModelStore:
+    return ModelStore.from_config(cfg, tmp_path)
+
+
+@pytest.fixture
+def manifest(store: ModelStore, tmp_path: Path) -> Manifest:
+    """A model pushed to the remote and cached on NVMe (not in RAM)."""
+    m = store.push(write_model(tmp_path / "src", random_bytes(3 << 20)), MODEL, "v1")
+    store.ensure_local(MODEL, "v1", tier="nvme")
+    assert store.holders(m) == ["nvme", "remote"]
+    return m
+
+
+def registered(store: ModelStore, manifest: Manifest, book: UsageBook | None = None) -> RegistryCore:
+    core = RegistryCore(usage=book, store=store, prefetch_interval_s=30)
+    record = VersionRecord(
+        version=manifest.version, source=store_source(MODEL, manifest.version),
+        manifest_digest=manifest.digest(), created=manifest.created,
+    )
+    core.put(MODEL, record, make_default=True)
+    return core
+
+
+def decide(core: RegistryCore, now: float):
+    defaults, tiers, replicas = core.prefetch_inputs()
+    return core.prefetch.decide(now, core.prefetch_targets(defaults, tiers), replicas)
+
+
+def test_a_periodic_model_is_prewarmed_into_the_ram_tier_from_nvme(
+    store: ModelStore, manifest: Manifest, cfg: StorageConfig, tmp_path: Path
+) -> None:
+    core = registered(store, manifest)
+    start = time.time() - 12 * HOUR
+    core.record_requests({MODEL: periodic(start)})
+    next_burst = start + 12 * HOUR
+
+    early = decide(core, next_burst - 1800)  # half an hour before: nothing to do yet
+    assert early.plan.prewarm == [] and early.empty
+
+    due = decide(core, next_burst - 20)
+    assert [p.model_id for p in due.plan.prewarm] == [MODEL]
+    assert due.plan.prewarm[0].source == "nvme"
+    digests = {f.sha256 for f in manifest.files}
+    assert set(due.keep_alive) == digests  # and kept alive until the burst has come
+    assert all(until > next_burst for until in due.keep_alive.values())
+
+    node = ModelStore.from_config(cfg, tmp_path)  # the node's own store, as its Ray task builds it
+    result = apply_to_store(node, due.hints(), due.prewarms_for("n1", ["n1"]), core.prefetch.planner.prewarm_from)
+
+    ram = Path(cfg.tiers[0].path)  # type: ignore[union-attr]
+    src = tmp_path / "src"
+    for f in manifest.files:
+        assert (ram / "blobs" / f.sha256).read_bytes() == (src / f.name).read_bytes()
+    [done] = result["prewarmed"]
+    assert done["sources"] == {"nvme": manifest.total_bytes}  # from NVMe, not the remote
+    keep, idle = read_hints(ram / HINTS_NAME)
+    assert keep == due.keep_alive and idle == {}
+
+    status = core.prefetch.finish(due, {"n1": result}, seconds=0.5)
+    assert [p["model"] for p in status["prewarmed"]] == [MODEL]
+    assert status["prewarmed"][0]["nodes"]["n1"]["fetched_bytes"] == manifest.total_bytes
+    assert [k["model"] for k in core.status()["prefetch"]["keep_alive"]] == [MODEL]
+
+    after = decide(core, next_burst - 10)  # next round: the model is in RAM now, so kept alive, not fetched
+    assert after.plan.prewarm == [] and set(after.keep_alive) == digests
+
+
+def test_a_restarted_registry_keeps_its_histograms(store: ModelStore, manifest: Manifest, tmp_path: Path) -> None:
+    first = registered(store, manifest)
+    start = time.time() - 12 * HOUR
+    first.record_requests({MODEL: periodic(start)})
+    log = UsageLog(tmp_path / "usage")
+    log.flush(first.usage)
+
+    book = UsageBook()
+    UsageLog(tmp_path / "usage").load(book)
+    again = registered(store, manifest, book)
+    assert again.prefetch.planner.usage[MODEL].histogram.gaps == first.prefetch.planner.usage[MODEL].histogram.gaps
+    assert [p.model_id for p in decide(again, start + 12 * HOUR - 20).plan.prewarm] == [MODEL]
+
+
+def test_a_deleted_model_leaves_the_planner(store: ModelStore, manifest: Manifest) -> None:
+    core = registered(store, manifest)
+    core.record_requests({MODEL: periodic(time.time() - 12 * HOUR)})
+    core.delete(MODEL)
+    assert MODEL not in core.prefetch.planner.usage
+
+
+def test_a_node_with_the_model_only_on_the_remote_does_not_prewarm_it(
+    store: ModelStore, manifest: Manifest, tmp_path: Path
+) -> None:
+    other = ModelStore.from_config(ram_store_config(tmp_path / "other", "lru"), tmp_path)
+    other.tier("remote").put_manifest(manifest)  # shares nothing local: its NVMe is empty
+    for f in manifest.files:
+        other.tier("remote").write(f.sha256, [store.tier("nvme").open(f.sha256).read()])
+    result = apply_to_store(other, {"keep_alive": {}, "idle": {}}, [manifest.model_dump(mode="json")])
+    assert result["prewarmed"][0]["skipped"].startswith("not on")
+    assert not list((tmp_path / "other" / "ram" / "blobs").iterdir())
+    assert (tmp_path / "other" / "ram" / HINTS_NAME).exists()
+
+
+def test_a_model_the_store_cannot_resolve_is_left_out(store: ModelStore, tmp_path: Path) -> None:
+    core = RegistryCore(store=store, prefetch_interval_s=30)
+    record = VersionRecord(version="local", source=str(tmp_path / "nowhere"), created=time.time())
+    core.put("org/dir", record, make_default=True)
+    core.record_requests({"org/dir": periodic(time.time() - 12 * HOUR)})
+    defaults, tiers, _ = core.prefetch_inputs()
+    assert core.prefetch_targets(defaults, tiers) == {}
+    assert core.status()["prefetch"]["enabled"] is True
+
+
+def test_no_ram_tier_means_no_rounds(tmp_path: Path) -> None:
+    from tests.registry.conftest import store_section
+
+    nvme_only = ModelStore.from_config(StorageConfig.model_validate(store_section(tmp_path / "s")), tmp_path)
+    assert not RegistryCore(store=nvme_only, prefetch_interval_s=30).prefetch.enabled
+    assert not RegistryCore(prefetch_interval_s=30).prefetch.enabled
+
+
+# -- hints on disk, read by another process's tier ----------------------------------------
+
+
+def blob(tier: LocalTier, fill: int) -> str:
+    data = bytes([fill]) * (1 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    tier.write(digest, [data])
+    return digest
+
+
+def cost_tier(root: Path) -> LocalTier:
+    """A 2 MiB RAM tier with the cost policy, as one replica process holds it."""
+    return LocalTier("ram", root, 2 << 20, CostAwarePolicy("nvme"))
+
+
+@pytest.mark.parametrize("hinted", [False, True])
+def test_a_kept_alive_blob_outlives_a_more_used_unhinted_one(tmp_path: Path, hinted: bool) -> None:
+    tier = cost_tier(tmp_path / "ram")
+    cold = blob(tier, 1)
+    hot = blob(tier, 2)
+    for _ in range(5):
+        tier.touch(hot)  # `hot` is used more: without hints, `cold` goes first
+    if hinted:  # the registry, another process, writes the file; this tier reads it before evicting
+        write_hints(tier.root, keep_alive={cold: time.time() + 600}, idle={})
+    blob(tier, 3)
+    survivor, victim = (cold, hot) if hinted else (hot, cold)
+    assert tier.blob_path(survivor).read_bytes() == bytes([1 if hinted else 2]) * (1 << 20)
+    assert not tier.blob_path(victim).exists()
+
+
+def test_an_idle_hint_sends_a_blob_out_first(tmp_path: Path) -> None:
+    tier = cost_tier(tmp_path / "ram")
+    old = blob(tier, 1)
+    idle = blob(tier, 2)
+    for _ in range(5):
+        tier.touch(idle)
+    write_hints(tier.root, keep_alive={}, idle={idle: time.time() + 600})
+    blob(tier, 3)
+    assert tier.blob_path(old).exists() and not tier.blob_path(idle).exists()
+
+
+def test_a_malformed_hints_file_is_no_hint(tmp_path: Path) -> None:
+    tier = cost_tier(tmp_path / "ram")
+    (tier.root / HINTS_NAME).write_text(json.dumps({"keep_alive": {"x": "soon"}, "idle": [1]}))
+    assert read_hints(tier.root / HINTS_NAME) == ({}, {})
+    (tier.root / HINTS_NAME).write_text("{not json")
+    cold = blob(tier, 1)
+    hot = blob(tier, 2)
+    tier.touch(hot)
+    blob(tier, 3)  # evicts as if there were no file
+    assert not tier.blob_path(cold).exists() and tier.blob_path(hot).exists()
