@@ -75,13 +75,41 @@ def local_storage(root: Path) -> dict[str, Any]:
     }
 
 
+def wait_registry_gone(timeout_s: float = 60) -> None:
+    """Wait until no actor holds the registry's name (it exited or was killed for good)."""
+    from helios.registry.actor import REGISTRY_NAME, get_registry
+
+    deadline = time.monotonic() + timeout_s
+    while get_registry() is not None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{REGISTRY_NAME} still registered")
+        time.sleep(0.2)
+
+
+def drop_registry() -> None:
+    """Kill the cluster's registry for good, if one runs, and wait until its name is free.
+
+    The registry is detached and one per cluster, so without this the next module's app
+    would reuse the one an earlier module started, with that module's catalog and config."""
+    import ray
+
+    from helios.registry.actor import get_registry
+
+    handle = get_registry()
+    if handle is not None:
+        ray.kill(handle, no_restart=True)
+        wait_registry_gone()
+
+
 def run_app(args: dict[str, Any], name: str, port: int) -> str:
-    """Deploy Helios as Serve app `name` at `/` and wait until /readyz says so; returns the base URL."""
+    """Deploy Helios as Serve app `name` at `/` with a fresh registry, and wait until /readyz
+    says so; returns the base URL."""
     import requests
     from ray import serve
 
     from helios.app import build_app
 
+    drop_registry()
     serve.run(build_app(args), name=name, route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -29,19 +29,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(serve_port: int, cache_root: Path, root: Path, tiny_model_dir: Path) -> str:
-    import ray
     from ray import serve
 
     from helios.config import StorageConfig
-    from helios.registry.actor import get_registry
     from helios.storage.store import ModelStore
 
-    old = get_registry()  # one registry per cluster: drop the one an earlier module started with its own config
-    if old is not None:
-        ray.kill(old, no_restart=True)
-        deadline = time.monotonic() + 30
-        while get_registry() is not None and time.monotonic() < deadline:
-            time.sleep(0.2)
     storage = local_storage(root / "tiers")
     store = ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
     store.push(tiny_model_dir, PUSHED, "v1")  # what `helios models push` does

@@ -12,8 +12,9 @@ import pytest
 
 from helios.config import StorageConfig
 from helios.errors import ModelNotFound, ModelVersionNotFound
-from helios.registry import REGISTRY_NAME, get_or_create_registry, get_registry
+from helios.registry import get_or_create_registry, get_registry
 from helios.storage.store import ModelStore
+from tests.conftest import wait_registry_gone
 from tests.registry.conftest import store_section
 
 pytestmark = pytest.mark.integration
@@ -39,11 +40,7 @@ def kill_for_good(handle: Any) -> None:
     import ray
 
     ray.kill(handle, no_restart=True)
-    deadline = time.monotonic() + 60
-    while get_registry() is not None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{REGISTRY_NAME} still registered after being killed")
-        time.sleep(0.2)
+    wait_registry_gone()
 
 
 @pytest.fixture
@@ -206,14 +203,6 @@ def test_warm_view_reports_replicas_and_tiers(registry: Any, tiny_model_dir: Pat
     }
 
 
-def _wait_until_gone() -> None:
-    deadline = time.monotonic() + 60
-    while get_registry() is not None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{REGISTRY_NAME} did not exit")
-        time.sleep(0.2)
-
-
 def test_usage_is_flushed_on_its_own(ray_cluster: None, state: dict[str, Any]) -> None:
     import ray
 
@@ -236,7 +225,7 @@ def test_a_graceful_exit_saves_pending_usage(ray_cluster: None, state: dict[str,
     reg = get_or_create_registry(**slow)
     ray.get(reg.record_requests.remote({"m": [1.0, 2.0]}))
     reg.__ray_terminate__.remote()
-    _wait_until_gone()
+    wait_registry_gone()
 
     reg = get_or_create_registry(**slow)
     try:
