@@ -116,8 +116,14 @@ def _registry() -> Any:
 
 
 async def _call(ref: Any) -> Any:
+    """Await a registry call: its own errors keep their status; a registry that is dead or
+    restarting is a 503 to retry, not a server error."""
+    from ray.exceptions import RayActorError  # ActorUnavailableError (restarting) is one too
+
     try:
         return await ref
+    except RayActorError:
+        raise ServiceUnavailable("The model registry is restarting; retry shortly.", retry_after_s=5) from None
     except Exception as exc:
         inner = error_handlers.unwrap(exc)
         if isinstance(inner, HeliosError):

@@ -18,6 +18,7 @@ completed call survives. Ray restarts it (`max_restarts=-1`) with the same argum
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ from helios.registry.usage import UsageBook, UsageLog
 from helios.registry.warm import WarmView
 from helios.storage.manifest import Manifest
 from helios.storage.store import ModelStore
+from helios.storage.tiers import atomic_write_bytes
 
 logger = get_logger("registry.actor")
 
@@ -44,6 +46,7 @@ REGISTRY_NAME = "helios-registry"
 REGISTRY_NAMESPACE = "helios"
 CATALOG_NAME = "catalog.json"
 WARM_NAME = "warm.json"
+PREFETCH_NAME = "prefetch.json"  # the planner's inter-arrival histograms
 USAGE_DIR = "usage"
 
 
@@ -85,6 +88,7 @@ class Registry:
         self._lock = threading.RLock()
         self._catalog_path = self.state_dir / CATALOG_NAME
         self._warm_path = self.state_dir / WARM_NAME
+        self._prefetch_path = self.state_dir / PREFETCH_NAME
         restored = self._catalog_path.exists()
         book = UsageBook(s.usage_window_s, s.usage_history)
         self._usage_log = UsageLog(self.state_dir / USAGE_DIR, s.usage_compact_after)
@@ -104,6 +108,7 @@ class Registry:
             s.profile_retry_s,
             s.prefetch_interval_s,
             _bandwidths(storage),
+            _load_json(self._prefetch_path),
         )
         self.started = time.time()
         self.last_persisted: float | None = None
@@ -113,6 +118,7 @@ class Registry:
         self._flusher.start()
         self._prefetch_lock = threading.Lock()  # one round at a time (the loop, or prefetch_now)
         self._dispatcher: NodeDispatcher | None = None
+        self._last_round_empty = False  # so the first round clears hints a previous instance left
         if self.core.prefetch.enabled:
             loop = threading.Thread(target=self._prefetch_loop, name="helios-registry-prefetch", daemon=True)
             loop.start()
@@ -292,7 +298,10 @@ class Registry:
                         self._storage or {}, str(self._root), self.core.prefetch.planner.prewarm_from
                     )
                 wait = self.settings.prefetch_interval_s if wait_s is None else wait_s
-                results = self._dispatcher.collect(0) if decision.empty else self._dispatcher.run(decision, wait)
+                # A round with nothing to say still goes out once, so nodes drop the last round's hints.
+                quiet = decision.empty and self._last_round_empty
+                results = self._dispatcher.collect(0) if quiet else self._dispatcher.run(decision, wait)
+                self._last_round_empty = decision.empty
             except Exception as exc:  # Ray unreachable: the plan stands in status, the next round tries again
                 error = f"{type(exc).__name__}: {exc}"
                 log_event(logger, "prefetch_dispatch_failed", error=error)
@@ -319,6 +328,7 @@ class Registry:
             self.core.warm.save(self._warm_path)
             self._warm_dirty = False
             self._usage_log.flush(self.core.usage)
+            self._save_prefetch()
             self.last_persisted = time.time()
 
     def __ray_shutdown__(self) -> None:
@@ -327,6 +337,13 @@ class Registry:
         self.persist()
 
     # --- internals ---
+    def _save_prefetch(self) -> None:
+        """Save the planner's histograms when they changed (the usage history alone is bounded, so a
+        busy model's older long gaps would be lost on restart)."""
+        state = self.core.prefetch.state()
+        if state is not None:
+            atomic_write_bytes(self._prefetch_path, json.dumps(state).encode())
+
     def _save_catalog(self) -> None:
         self.core.catalog.save(self._catalog_path)
         self.last_persisted = time.time()
@@ -340,15 +357,20 @@ class Registry:
                         self._warm_dirty = False
                     if self._usage_log.flush(self.core.usage):
                         self.last_persisted = time.time()
+                    self._save_prefetch()
             except Exception as exc:  # a full disk must not kill the thread; the next tick tries again
                 log_event(logger, "registry_flush_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _prefetch_loop(self) -> None:
-        while not self._stop.wait(self.settings.prefetch_interval_s):
+        wait = self.settings.prefetch_interval_s
+        while not self._stop.wait(wait):
+            started = time.monotonic()
             try:
                 self.prefetch_now()
             except Exception as exc:  # a store hiccup must not kill the thread; the next round tries again
                 log_event(logger, "prefetch_failed", error=f"{type(exc).__name__}: {exc}")
+            # Rounds start every interval, however long one took: the planner's windows assume it.
+            wait = max(0.0, self.settings.prefetch_interval_s - (time.monotonic() - started))
 
     def _sync(self, model_id: str | None = None, force: bool = False) -> int:
         with self._lock:
@@ -374,6 +396,16 @@ class Registry:
             if any(changed):
                 self._save_catalog()
         return any(changed)
+
+
+def _load_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (then it is rebuilt)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            log_event(logger, "registry_state_unreadable", path=str(path), error=f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def _bandwidths(storage: dict[str, Any] | None) -> dict[str, float] | None:

@@ -47,6 +47,7 @@ class RegistryCore:
         profile_retry_s: float = 10.0,
         prefetch_interval_s: float = 0.0,
         bandwidths: Mapping[str, float] | None = None,
+        prefetch_state: Mapping[str, Any] | None = None,
     ) -> None:
         self.catalog = catalog or Catalog()
         self.usage = usage or UsageBook()
@@ -60,7 +61,7 @@ class RegistryCore:
         self._miss_synced: dict[str, float] = {}
         self._profile_tried: dict[tuple[str, str], float] = {}
         self.prefetch = Prefetcher(store, prefetch_interval_s, bandwidths)
-        self.prefetch.seed(self.usage)  # histograms from the persisted history
+        self.prefetch.seed(self.usage, prefetch_state)  # the saved histograms, then newer persisted requests
 
     # --- profiles (no state touched) ---
     def compute_profile(

@@ -20,6 +20,7 @@ it), the dispatcher waits on the nodes (unlocked), and `finish` records what hap
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,11 +32,16 @@ from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import VersionRecord
 from helios.registry.usage import UsageBook
 from helios.storage.manifest import Manifest
-from helios.storage.prefetch import Idle, KeepAlive, ModelState, PrefetchPlan, PrefetchPlanner
+from helios.storage.prefetch import Idle, KeepAlive, ModelState, ModelUsage, PrefetchPlan, PrefetchPlanner
 from helios.storage.store import ModelStore
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, write_hints
 
 logger = get_logger("registry.prefetch")
+
+SETTLE_S = 5.0
+"""Seconds a request stamp waits before it is final: routers send usage once a second, each on its own."""
+MAX_SKEW_S = 60.0
+"""Stamps further than this in the future are refused (a skewed clock)."""
 
 Resolve = Callable[[str, str, str], Manifest]
 """(model id, version, source) -> the version's manifest (raises HeliosError when the store lacks it)."""
@@ -106,6 +112,9 @@ class Prefetcher:
         self._manifests: dict[tuple[str, str, str, str | None], Manifest] = {}
         self._unresolved: dict[tuple[str, str, str, str | None], float] = {}
         self._state: dict[str, str] = {}  # model id -> "keep_alive" | "idle": log changes, not renewals
+        self._pending: list[tuple[float, str]] = []  # (time, model id) heap of stamps not yet settled
+        self._dirty = False  # histograms changed since state() was last taken
+        self.dropped = {"future": 0, "late": 0}  # stamps no histogram took, by reason
 
     @property
     def enabled(self) -> bool:
@@ -113,18 +122,61 @@ class Prefetcher:
         return self.interval_s > 0 and self.ram is not None
 
     # --- usage ---
-    def record(self, counts: Mapping[str, Iterable[float]]) -> None:
+    def record(self, counts: Mapping[str, Iterable[float]], now: float | None = None) -> None:
+        """Request timestamps per model. They wait `SETTLE_S` before reaching the histograms:
+        router replicas send their batches independently, so stamps arrive out of order, and a
+        histogram only takes gaps in time order. Stamps from the future (a skewed clock) are
+        dropped, or they would freeze the model's history until that time."""
+        now = time.time() if now is None else now
         for model_id, stamps in counts.items():
-            for t in sorted(float(s) for s in stamps):  # one batch arrives in any order
-                self.planner.record(model_id, t)
+            for s in stamps:
+                t = float(s)
+                if t > now + MAX_SKEW_S:
+                    self.dropped["future"] += 1
+                    continue
+                heapq.heappush(self._pending, (t, model_id))
+        self.release(now)
 
-    def seed(self, book: UsageBook) -> None:
-        """Rebuild the histograms from the persisted history (a restarted registry keeps them)."""
-        self.record({m: u.times for m, u in book.models.items() if u.times})
+    def release(self, now: float) -> None:
+        """Feed the histograms every pending stamp older than `now - SETTLE_S`, oldest first."""
+        while self._pending and self._pending[0][0] <= now - SETTLE_S:
+            t, model_id = heapq.heappop(self._pending)
+            if not self.planner.record(model_id, t):
+                self.dropped["late"] += 1
+            self._dirty = True
+
+    def seed(self, book: UsageBook, saved: Mapping[str, Any] | None = None) -> None:
+        """Restore the histograms a restarted registry had: the saved ones (`state()`), then the
+        persisted requests newer than each; models without a saved histogram are rebuilt from the
+        retained history (which, bounded, may lack a busy model's older long gaps)."""
+        restored = 0
+        for model_id, data in (saved or {}).items():
+            usage = ModelUsage.from_dict(data)
+            if usage is not None and model_id in book.models:
+                self.planner.usage[model_id] = usage
+                restored += 1
+        for model_id, u in book.models.items():
+            known = self.planner.usage.get(model_id)
+            after = known.last if known is not None and known.last is not None else float("-inf")
+            for t in u.times:  # sorted
+                if t > after:
+                    self.planner.record(model_id, t)
+        if saved is not None:
+            log_event(logger, "prefetch_seeded", restored=restored, rebuilt=len(book.models) - restored)
+
+    def state(self) -> dict[str, Any] | None:
+        """The histograms as JSON-ready data when they changed since the last call, else None."""
+        if not self._dirty:
+            return None
+        self._dirty = False
+        return {m: u.to_dict() for m, u in self.planner.usage.items()}
 
     def forget(self, model_id: str) -> None:
         self.planner.forget(model_id)
+        self._pending = [e for e in self._pending if e[1] != model_id]
+        heapq.heapify(self._pending)
         self._state.pop(model_id, None)
+        self._dirty = True
 
     # --- a round ---
     def targets(
@@ -137,12 +189,19 @@ class Prefetcher:
             if model_id not in self.planner.usage:
                 continue  # never requested: nothing to predict, no need to look it up
             manifest = self._manifest(model_id, record, resolve, now)
-            if manifest is not None and manifest.total_bytes > 0:
-                out[model_id] = Target(model_id, record.version, manifest, self._fastest(model_id, manifest, warm))
+            if manifest is None or manifest.total_bytes <= 0:
+                continue
+            try:
+                tier = self._fastest(model_id, manifest, warm)
+            except Exception as exc:  # noqa: BLE001 - an unreadable tier: this model sits the round out
+                log_event(logger, "prefetch_tier_unreadable", model=model_id, error=f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            out[model_id] = Target(model_id, record.version, manifest, tier)
         return out
 
     def decide(self, now: float, targets: Mapping[str, Target], replicas: Mapping[str, list[str]]) -> Decision:
         """The planner's verdict at `now` as blob hints and prewarm work; logs every change of mind."""
+        self.release(now)
         states = {m: ModelState(t.manifest.total_bytes, t.tier) for m, t in targets.items()}
         plan = self.planner.plan(now, states)
         d = Decision(now, plan, dict(targets))
@@ -193,7 +252,8 @@ class Prefetcher:
         return self.last
 
     def status(self) -> dict:
-        return {"enabled": self.enabled, "interval_s": self.interval_s, **(self.last or {"last_run": None})}
+        return {"enabled": self.enabled, "interval_s": self.interval_s, "pending_stamps": len(self._pending),
+                "dropped_stamps": dict(self.dropped), **(self.last or {"last_run": None})}
 
     # --- internals ---
     def _manifest(self, model_id: str, record: VersionRecord, resolve: Resolve, now: float) -> Manifest | None:
@@ -204,7 +264,7 @@ class Prefetcher:
             return None
         try:
             manifest = resolve(model_id, record.version, record.source)
-        except (HeliosError, OSError) as exc:  # a directory model, or the remote is down: not prefetched
+        except Exception as exc:  # noqa: BLE001 - a directory model, the remote down, a corrupt manifest
             self._unresolved[key] = now + self.retry_s
             log_event(logger, "prefetch_unresolved", model=model_id, version=record.version, error=str(exc)[:200])
             return None

@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from helios.config import ModelConfig, RegistryConfig, StorageConfig
-from helios.errors import HeliosError, ServiceUnavailable
+from helios.errors import HeliosError, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
 
 logger = get_logger("router.on_demand")
@@ -56,6 +56,7 @@ class OnDemandModels:
         self.handles: dict[str, DeploymentHandle] = {}
         self.streams: dict[str, DeploymentHandle] = {}
         self._starting: dict[str, asyncio.Task] = {}
+        self._stopped: set[str] = set()  # stopped while starting: the start undoes itself
 
     def ready(self, model_id: str) -> bool:
         return model_id in self.handles
@@ -84,6 +85,7 @@ class OnDemandModels:
 
     def _started(self, model_id: str, task: asyncio.Task) -> None:
         self._starting.pop(model_id, None)
+        self._stopped.discard(model_id)  # a start that failed early never undid itself
         if not task.cancelled() and task.exception() is None:
             handle = task.result()
             self.handles[model_id] = handle
@@ -111,18 +113,33 @@ class OnDemandModels:
                 log_event(logger, "model_start_failed", flush=True, model=model_id, error=repr(exc))
                 await asyncio.to_thread(serve.delete, name)
                 raise HeliosError(f"model {model_id} failed to start: {exc}") from None
+        await self._unless_stopped(model_id, name)
         handle = serve.get_app_handle(name)
         await handle.info.remote()  # waits for a replica that has its engine started
+        await self._unless_stopped(model_id, name)
         log_event(logger, "model_started", flush=True, model=model_id, app=name)
         return handle
+
+    async def _unless_stopped(self, model_id: str, name: str) -> None:
+        """A model stopped (deleted) while it was starting: remove what the start deployed, and
+        tell its waiting requests the model is gone, instead of serving a deleted model."""
+        if model_id not in self._stopped:
+            return
+        self._stopped.discard(model_id)
+        await asyncio.to_thread(serve.delete, name)
+        log_event(logger, "model_start_undone", flush=True, model=model_id, app=name)
+        raise ModelNotFound(f"The model `{model_id}` was deleted while it was starting.", param="model")
 
     async def stop(self, model_id: str) -> bool:
         """Delete the model's on-demand application; False if it had none."""
         name = app_name(model_id)
         self.handles.pop(model_id, None)
         self.streams.pop(model_id, None)
+        starting = model_id in self._starting
+        if starting:
+            self._stopped.add(model_id)
         if name not in await asyncio.to_thread(_serve_apps):
-            return False
+            return starting
         await asyncio.to_thread(serve.delete, name)
         log_event(logger, "model_stopped", flush=True, model=model_id, app=name)
         return True

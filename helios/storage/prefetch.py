@@ -46,21 +46,26 @@ from helios.config import DEFAULT_BANDWIDTH
 class InterArrivalHistogram:
     """Gaps between a model's requests in log-spaced bins, from `min_s` to `max_s`.
 
-    Counts decay by `decay` per new gap, so the histogram follows a model whose pattern
-    changes (0.98: the last ~50 gaps weigh most). Gaps below `min_s` share one bin, gaps
-    beyond `max_s` count as "did not come back" (mass at infinity)."""
+    Counts decay with time, halving every `half_life_s` (a day: yesterday's pattern still
+    counts, last week's hardly), so the histogram follows a model whose pattern changes. Time, not request count: decaying per gap would let one busy
+    burst of a thousand short gaps wash out the long gaps between bursts, and the model
+    would look idle exactly when its next burst is due. Gaps below `min_s` share one bin,
+    gaps beyond `max_s` count as "did not come back" (mass at infinity)."""
 
     def __init__(
-        self, min_s: float = 1.0, max_s: float = 14 * 86400, bins_per_decade: int = 32, decay: float = 0.98
+        self, min_s: float = 1.0, max_s: float = 14 * 86400, bins_per_decade: int = 32,
+        half_life_s: float = 86400.0,
     ) -> None:
+        if half_life_s <= 0:
+            raise ValueError("half_life_s must be positive")
         decades = math.log10(max_s / min_s)
         n = max(1, math.ceil(decades * bins_per_decade))
         self.edges = [0.0] + [min_s * (max_s / min_s) ** (i / n) for i in range(n + 1)]
         self.counts = [0.0] * (len(self.edges) - 1)
         self.beyond = 0.0  # gaps longer than max_s
-        self.decay = decay
+        self.half_life_s = half_life_s
         self.gaps = 0
-        self._weight = 1.0  # decay by growing the weight of new gaps: O(1) per add
+        self._log_weight = 0.0  # decay by growing the weight of new gaps with time: O(1) per add
         self._cum: list[float] | None = None
 
     @property
@@ -68,18 +73,42 @@ class InterArrivalHistogram:
         return sum(self.counts) + self.beyond
 
     def add(self, gap: float) -> None:
+        """A gap of `gap` seconds ended now (so the clock moved on by `gap`)."""
+        gap = max(gap, 0.0)
         self.gaps += 1
-        self._weight /= self.decay
-        if self._weight > 1e100:  # rescale before floats overflow; shares are unchanged
-            self.counts = [c / self._weight for c in self.counts]
-            self.beyond /= self._weight
-            self._weight = 1.0
+        self._log_weight += gap / self.half_life_s * math.log(2)
+        if self._log_weight > 200:  # rescale before floats overflow; shares are unchanged
+            factor = math.exp(-self._log_weight)  # 0.0 after a very long silence: the past is forgotten
+            self.counts = [c * factor for c in self.counts]
+            self.beyond *= factor
+            self._log_weight = 0.0
+        weight = math.exp(self._log_weight)
         self._cum = None
         if gap >= self.edges[-1]:
-            self.beyond += self._weight
+            self.beyond += weight
             return
-        i = max(0, bisect.bisect_right(self.edges, max(gap, 0.0)) - 1)
-        self.counts[i] += self._weight
+        i = max(0, bisect.bisect_right(self.edges, gap) - 1)
+        self.counts[i] += weight
+
+    def to_dict(self) -> dict:
+        """The histogram's state as JSON-ready data (the registry persists it across restarts)."""
+        return {"edges": [self.edges[1], self.edges[-1], len(self.counts) - 1], "half_life_s": self.half_life_s,
+                "counts": self.counts, "beyond": self.beyond, "gaps": self.gaps, "log_weight": self._log_weight}
+
+    def load(self, data: dict) -> bool:
+        """Restore `to_dict` output; False (and nothing changed) when it does not fit these bins."""
+        try:
+            counts = [float(c) for c in data["counts"]]
+            fits = (len(counts) == len(self.counts) and math.isclose(data["edges"][0], self.edges[1])
+                    and math.isclose(data["edges"][1], self.edges[-1]))
+            beyond, gaps, log_weight = float(data["beyond"]), int(data["gaps"]), float(data["log_weight"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return False
+        if not fits or not all(math.isfinite(c) and c >= 0 for c in [*counts, beyond, log_weight]):
+            return False
+        self.counts, self.beyond, self.gaps, self._log_weight = counts, beyond, gaps, log_weight
+        self._cum = None
+        return True
 
     def cdf(self, x: float) -> float:
         """Share of gaps up to `x` seconds (log-linear inside a bin, linear in the first)."""
@@ -101,7 +130,7 @@ class InterArrivalHistogram:
     def p_within(self, age: float, horizon: float) -> float:
         """P(the current gap ends within `horizon` more seconds | it has lasted `age`)."""
         survive = 1.0 - self.cdf(age)
-        if survive <= 1e-9:
+        if survive <= 1e-12:
             return 0.0
         return max(0.0, min(1.0, (self.cdf(age + horizon) - self.cdf(age)) / survive))
 
@@ -110,7 +139,7 @@ class InterArrivalHistogram:
         histogram says it probably does not end (no mass left, or most of it at infinity)."""
         start = self.cdf(age)
         target = start + 0.5 * (1.0 - start)
-        if 1.0 - start <= 1e-9 or target > sum(self.counts) / max(self.total, 1e-12):
+        if 1.0 - start <= 1e-12 or target > sum(self.counts) / max(self.total, 1e-12):
             return None
         lo, hi = age, self.edges[-1]
         for _ in range(60):  # bisection on the monotone cdf
@@ -126,10 +155,29 @@ class ModelUsage:
     histogram: InterArrivalHistogram = field(default_factory=InterArrivalHistogram)
     last: float | None = None
 
-    def record(self, t: float) -> None:
-        if self.last is not None and t >= self.last:
+    def record(self, t: float) -> bool:
+        """Count a request at `t`; False when it is older than the last one (its gap is lost)."""
+        if self.last is not None and t < self.last:
+            return False
+        if self.last is not None:
             self.histogram.add(t - self.last)
-        self.last = t if self.last is None else max(self.last, t)
+        self.last = t
+        return True
+
+    def to_dict(self) -> dict:
+        return {"last": self.last, "histogram": self.histogram.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelUsage | None:
+        """A usage saved by `to_dict`, or None when the data is not one (bins changed, corrupt)."""
+        usage = cls()
+        last = data.get("last") if isinstance(data, dict) else None
+        if not isinstance(last, (int, float)) or isinstance(last, bool) or not math.isfinite(last):
+            return None
+        if not isinstance(data.get("histogram"), dict) or not usage.histogram.load(data["histogram"]):
+            return None
+        usage.last = float(last)
+        return usage
 
     def p_within(self, now: float, horizon: float, min_gaps: int = 3) -> float:
         """P(a request in (now, now + horizon]); 0 until `min_gaps` gaps have been seen."""
@@ -229,9 +277,9 @@ class PrefetchPlanner:
         self.idle_threshold = idle_threshold
         self.usage: dict[str, ModelUsage] = {}
 
-    def record(self, model_id: str, t: float) -> None:
-        """A request for `model_id` at `t` (epoch seconds)."""
-        self.usage.setdefault(model_id, ModelUsage()).record(t)
+    def record(self, model_id: str, t: float) -> bool:
+        """A request for `model_id` at `t` (epoch seconds); False when older than its last request."""
+        return self.usage.setdefault(model_id, ModelUsage()).record(t)
 
     def forget(self, model_id: str) -> None:
         self.usage.pop(model_id, None)

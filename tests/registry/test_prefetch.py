@@ -43,8 +43,10 @@ def manifest(store: ModelStore, tmp_path: Path) -> Manifest:
     return m
 
 
-def registered(store: ModelStore, manifest: Manifest, book: UsageBook | None = None) -> RegistryCore:
-    core = RegistryCore(usage=book, store=store, prefetch_interval_s=30)
+def registered(
+    store: ModelStore, manifest: Manifest, book: UsageBook | None = None, saved: dict | None = None
+) -> RegistryCore:
+    core = RegistryCore(usage=book, store=store, prefetch_interval_s=30, prefetch_state=saved)
     record = VersionRecord(
         version=manifest.version, source=store_source(MODEL, manifest.version),
         manifest_digest=manifest.digest(), created=manifest.created,
@@ -109,6 +111,63 @@ def test_a_restarted_registry_keeps_its_histograms(store: ModelStore, manifest: 
     again = registered(store, manifest, book)
     assert again.prefetch.planner.usage[MODEL].histogram.gaps == first.prefetch.planner.usage[MODEL].histogram.gaps
     assert [p.model_id for p in decide(again, start + 12 * HOUR - 20).plan.prewarm] == [MODEL]
+
+
+def test_saved_histograms_outlast_the_bounded_history(store: ModelStore, manifest: Manifest, tmp_path: Path) -> None:
+    """A busy model's retained history holds only its last burst; the saved histogram holds every
+    burst, so the restarted registry still knows the hour between them."""
+    first = registered(store, manifest, UsageBook(history=5))
+    start = time.time() - 12 * HOUR
+    first.record_requests({MODEL: periodic(start)})
+    UsageLog(tmp_path / "usage").flush(first.usage)
+    saved = json.loads(json.dumps(first.prefetch.state()))
+    assert first.prefetch.state() is None  # taken: nothing new to save until the next request
+
+    def restarted(saved: dict | None) -> RegistryCore:
+        book = UsageBook(history=5)
+        UsageLog(tmp_path / "usage").load(book)
+        return registered(store, manifest, book, saved)
+
+    due = start + 12 * HOUR - 20
+    assert [p.model_id for p in decide(restarted(saved), due).plan.prewarm] == [MODEL]
+    assert restarted(saved).prefetch.planner.usage[MODEL].histogram.gaps == len(periodic(start)) - 1
+    assert restarted(None).prefetch.planner.usage[MODEL].histogram.gaps == 4  # rebuilt from the last burst
+    assert decide(restarted(None), due).plan.prewarm == []  # ...which lack the long gaps
+
+
+def test_batches_from_several_routers_count_every_gap(store: ModelStore, manifest: Manifest) -> None:
+    core = registered(store, manifest)
+    t0 = time.time() - 1
+    core.record_requests({MODEL: [t0, t0 + 0.2, t0 + 0.4]})  # one router's batch...
+    core.record_requests({MODEL: [t0 + 0.1, t0 + 0.3, t0 + 0.5]})  # ...and another's, for the same second
+    assert core.status()["prefetch"]["pending_stamps"] == 6  # not yet settled
+    decide(core, time.time() + 10)  # a round settles what is old enough
+    assert core.prefetch.planner.usage[MODEL].histogram.gaps == 5
+    assert core.status()["prefetch"]["dropped_stamps"] == {"future": 0, "late": 0}
+
+
+def test_stamps_from_the_future_are_dropped(store: ModelStore, manifest: Manifest) -> None:
+    core = registered(store, manifest)
+    now = time.time()
+    core.record_requests({MODEL: [now - 100, now + 3 * HOUR, now - 90]})
+    usage = core.prefetch.planner.usage[MODEL]
+    assert usage.last == pytest.approx(now - 90) and usage.histogram.gaps == 1
+    assert core.status()["prefetch"]["dropped_stamps"]["future"] == 1
+
+
+def test_a_corrupt_manifest_leaves_only_its_model_out(store: ModelStore, manifest: Manifest) -> None:
+    core = registered(store, manifest)
+    core.record_requests({MODEL: periodic(time.time() - 12 * HOUR), "org/broken": periodic(time.time() - 12 * HOUR)})
+    defaults, tiers, _ = core.prefetch_inputs()
+    broken = VersionRecord(version="v1", source=store_source("org/broken", "v1"), created=time.time())
+
+    def resolve(model_id: str, version: str, source: str) -> Manifest:
+        if model_id == "org/broken":
+            Manifest.model_validate_json(b'{"not": "a manifest"}')  # raises, as a torn file would
+        return core._stored_manifest(model_id, version, source)
+
+    targets = core.prefetch.targets([*defaults, ("org/broken", broken)], tiers, resolve)
+    assert list(targets) == [MODEL]
 
 
 def test_a_deleted_model_leaves_the_planner(store: ModelStore, manifest: Manifest) -> None:

@@ -50,12 +50,36 @@ def test_histogram_answers_conditionally_on_how_long_the_gap_has_lasted() -> Non
 
 
 def test_histogram_forgets_an_old_pattern() -> None:
-    h = InterArrivalHistogram(decay=0.9)
+    h = InterArrivalHistogram(half_life_s=HOUR)
     for _ in range(50):
         h.add(10)
     for _ in range(50):
         h.add(HOUR)
     assert h.cdf(100) < 0.05
+
+
+def test_a_busy_burst_does_not_wash_out_the_gaps_between_bursts() -> None:
+    """Thousands of short gaps in a burst weigh by time, not count: the hour between bursts stays."""
+    usage = ModelUsage()
+    for burst in range(12):
+        for i in range(2000):
+            usage.record(burst * HOUR + 0.01 * i)
+    last = usage.last
+    next_burst = 12 * HOUR
+    assert usage.p_within(now=last + 600, horizon=600) < 0.1  # between bursts: not soon
+    assert usage.p_within(now=next_burst - 120, horizon=300) > 0.5  # the next burst is near
+    assert usage.next_use(now=last + 600) == pytest.approx(next_burst, rel=0.05)
+
+
+def test_usage_round_trips_through_its_saved_form() -> None:
+    usage = ModelUsage()
+    for t in (0.0, 10.0, 20.0, HOUR, HOUR + 10):
+        usage.record(t)
+    back = ModelUsage.from_dict(json.loads(json.dumps(usage.to_dict())))
+    assert back is not None and back.last == usage.last and back.histogram.gaps == 4
+    assert back.p_within(HOUR + 15, 600) == usage.p_within(HOUR + 15, 600)
+    assert ModelUsage.from_dict({"last": 1.0, "histogram": {"counts": [1.0]}}) is None  # other bins: rebuilt
+    assert ModelUsage.from_dict({"last": "soon"}) is None
 
 
 def test_a_gap_past_everything_seen_means_no_prediction() -> None:
