@@ -348,8 +348,9 @@ def apply_on_node(
 
 
 class NodeDispatcher:
-    """Runs each round on every alive node as a Ray task pinned there, at most one in flight per node:
-    a node still busy with a long prewarm is skipped, and its result reported when it lands."""
+    """Runs each round on every alive node as a Ray task pinned there, at most one prewarm in flight
+    per node: a node still busy with a long prewarm gets only the round's hints (a task of its own),
+    and the prewarm's result is reported when it lands."""
 
     def __init__(self, storage: dict[str, Any], cache_root: str, prewarm_from: Iterable[str]) -> None:
         self.storage = storage
@@ -357,6 +358,7 @@ class NodeDispatcher:
         self.prewarm_from = list(prewarm_from)
         self._inflight: dict[str, tuple[Any, float]] = {}  # node id -> (object ref, started)
         self._task: Any = None  # the Ray remote function, made once
+        self._hint_refs: list[Any] = []  # hints-only tasks sent to busy nodes, not waited on
 
     def run(self, decision: Decision, wait_s: float) -> dict[str, dict[str, Any]]:
         """node id -> what it did (or {"error"} / {"busy_since"}), waiting at most `wait_s` for this round."""
@@ -370,11 +372,15 @@ class NodeDispatcher:
         if self._task is None:
             self._task = ray.remote(num_cpus=0, max_retries=0)(apply_on_node)
         hints = decision.hints()
+        self._hint_refs = [r for r in self._hint_refs if not ray.wait([r], timeout=0)[0]]
         for node in nodes:
-            if node in self._inflight:
-                results[node] = {"busy_since": self._inflight[node][1]}
-                continue
             strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+            if node in self._inflight:  # still prewarming: this round's hints go out on their own
+                results[node] = {"busy_since": self._inflight[node][1]}
+                self._hint_refs.append(self._task.options(scheduling_strategy=strategy, name="helios-hints").remote(
+                    self.storage, self.cache_root, hints, [], self.prewarm_from
+                ))
+                continue
             ref = self._task.options(scheduling_strategy=strategy, name="helios-prefetch").remote(
                 self.storage, self.cache_root, hints, decision.prewarms_for(node, nodes), self.prewarm_from
             )

@@ -264,3 +264,36 @@ def test_a_prefetch_round_prewarms_a_periodic_model_into_ram_on_the_node(ray_clu
         assert ray.get(reg.status.remote())["prefetch"]["keep_alive"][0]["model"] == "org/nightly"
     finally:
         kill_for_good(reg)
+
+
+def test_a_node_busy_prewarming_still_gets_the_rounds_hints(ray_cluster: None, tmp_path: Path) -> None:
+    import ray
+
+    from helios.registry.prefetch import Decision, NodeDispatcher
+    from helios.storage.node_ops import alive_nodes
+    from helios.storage.prefetch import PrefetchPlan
+    from tests.registry.conftest import ram_store_config
+
+    cfg = ram_store_config(tmp_path / "store")
+    dispatcher = NodeDispatcher(cfg.model_dump(mode="json"), str(tmp_path / "cache"), ["nvme"])
+    [node] = alive_nodes()
+
+    @ray.remote(num_cpus=0)
+    def long_prewarm() -> None:
+        time.sleep(120)
+
+    blocker = long_prewarm.remote()
+    dispatcher._inflight[node] = (blocker, time.time())  # last round's prewarm, still copying
+    try:
+        digest = "ab" * 32
+        decision = Decision(time.time(), PrefetchPlan(), {}, keep_alive={digest: time.time() + 600})
+        results = dispatcher.run(decision, wait_s=0)
+        assert "busy_since" in results[node]
+        path = tmp_path / "store" / "ram" / "hints.json"
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert time.monotonic() < deadline, "the busy node got no hints"
+            time.sleep(0.2)
+        assert set(json.loads(path.read_bytes())["keep_alive"]) == {digest}
+    finally:
+        ray.cancel(blocker, force=True)
