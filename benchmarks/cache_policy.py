@@ -536,8 +536,8 @@ def write(report: dict, out: Path) -> None:
 
 
 def summary(report: dict) -> str:
-    lines = [f"{'alpha':<6} {'policy':<18} {'cold start h':>12} {'hit ratio':>10} {'byte hit':>9} "
-             f"{'prefetch TB':>11} {'remote TB':>10}"]
+    lines = [(f"{'alpha':<6} {'policy':<18} {'cold start h':>12} {'hit ratio':>10} {'byte hit':>9} "
+              f"{'prefetch TB':>11} {'remote TB':>10}")]
     for a, r in report["alphas"].items():
         for p, m in r.items():
             lines.append(f"{a:<6} {p:<18} {m['cold_start_s'] / 3600:>12.1f} {m['hit_ratio']:>10.3f} "

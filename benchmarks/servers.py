@@ -177,11 +177,11 @@ def launch(system: str, model_dir: str, port: int, engine: dict, log_path: str) 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(engine["kv_cache_space_gib"]),
            # Fresh HAProxy side ports, so a previous system's HAProxy still draining cannot clash.
            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
-    log = open(log_path, "w")
-    return subprocess.Popen(
-        [sys.executable, __file__, system, model_dir, str(port), json.dumps(engine)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, __file__, system, model_dir, str(port), json.dumps(engine)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:

@@ -55,6 +55,6 @@ def _config_version(model: ModelConfig, has_storage: bool) -> tuple[str, str] | 
             return demo_version(preset), f"store://{model.id}:{demo_version(preset)}"
         return "local", model.source
     if model.source.startswith("store://"):
-        model_id, version = parse_ref(model.source.removeprefix("store://"))
+        _model_id, version = parse_ref(model.source.removeprefix("store://"))
         return (version, model.source) if version else None
     return "local", model.source.removeprefix("file://")

@@ -95,7 +95,7 @@ def config_check(path: Path = typer.Argument(..., help="A Serve config YAML.")) 
 
 
 def _ray_running() -> bool:
-    return subprocess.run(["ray", "status"], capture_output=True).returncode == 0
+    return subprocess.run(["ray", "status"], capture_output=True, check=False).returncode == 0
 
 
 def _announce_when_ready(port: int, stop: threading.Event) -> None:
@@ -143,7 +143,7 @@ def serve_cmd(
     threading.Thread(target=_announce_when_ready, args=(port, stop), daemon=True).start()
     # The child gets a default SIGINT even if ours is ignored (as under `nohup` or `&`).
     child = subprocess.Popen([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)],
-                             env=ray_cluster_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             env=ray_cluster_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one signal call, nothing that takes a lock
 
     def _forward(signum: int, _frame: object) -> None:
         # `serve run` shuts the applications down cleanly on SIGINT, whichever signal we got;

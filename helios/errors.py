@@ -14,12 +14,11 @@ class HeliosError(Exception):
     status_code = 500
     error_type = "server_error"
     code: str | None = None
-    headers: dict[str, str] = {}  # extra response headers (Retry-After on a 503)
-
     def __init__(self, message: str = "", *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers: dict[str, str] = {}  # extra response headers (Retry-After on a 503)
 
     def __reduce__(self):  # keep `param` when pickled across Ray
         return (_rebuild, (type(self), self.message, self.param))

@@ -146,7 +146,7 @@ def _report_started(config: ModelConfig, prepared: Any, pinned: bool) -> tuple[A
 def _report_stopped(registry: Any, model_id: str, replica_id: str, node_id: str) -> None:
     try:
         registry.set_replica.remote(model_id, replica_id, node_id, False)
-    except Exception:  # noqa: BLE001 - the cluster may be going away
+    except Exception:  # noqa: BLE001, S110 - the cluster may be going away
         pass
 
 

@@ -164,7 +164,7 @@ class _BlockHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _BlockServer
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         if self.path != BLOCKS_PATH:
             self.send_error(404)
             return
@@ -190,7 +190,7 @@ class _BlockHandler(BaseHTTPRequestHandler):
             self.wfile.write(b)
         self.server.store.flush_stats()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
 

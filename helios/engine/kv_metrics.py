@@ -59,7 +59,7 @@ class KVMetrics:
         while not self._stop.wait(self.interval_s):
             try:
                 self.export()
-            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+            except Exception:  # noqa: BLE001, S110 - metrics must never take the replica down
                 pass
 
     def close(self) -> None:

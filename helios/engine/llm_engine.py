@@ -36,18 +36,18 @@ def engine_kwargs(
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     e = model.engine
-    kwargs: dict[str, Any] = dict(
-        model=str(model_dir),
-        served_model_name=model.id,
-        dtype=e.dtype,
-        max_model_len=e.max_model_len,
-        max_num_seqs=e.max_num_seqs,
-        enable_prefix_caching=e.enable_prefix_caching,
-        tensor_parallel_size=e.tensor_parallel_size,
-        enforce_eager=e.enforce_eager,
-        seed=e.seed,
-        disable_log_stats=True,
-    )
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "served_model_name": model.id,
+        "dtype": e.dtype,
+        "max_model_len": e.max_model_len,
+        "max_num_seqs": e.max_num_seqs,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "enforce_eager": e.enforce_eager,
+        "seed": e.seed,
+        "disable_log_stats": True,
+    }
     if e.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
     if loader is not None:
@@ -106,7 +106,7 @@ class LLMEngine:
         if req.messages is not None:
             try:
                 return list(self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-            except Exception as exc:  # a template that rejects these messages is the client's problem
+            except Exception as exc:  # noqa: BLE001 - a template that rejects these messages is the client's problem
                 raise InvalidRequest(f"messages could not be rendered by the chat template: {exc}", param="messages") from None
         if isinstance(req.prompt, str):
             return self.tokenizer.encode(req.prompt, add_special_tokens=True)
@@ -173,7 +173,7 @@ class LLMEngine:
                     text, token_ids, send_at = [], [], now + interval
         except (InvalidRequest, asyncio.CancelledError, GeneratorExit):
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - vLLM's errors are sorted into client and server ones below
             from vllm.exceptions import VLLMClientError
 
             if isinstance(exc, VLLMClientError):  # vLLM's own verdict on a bad request

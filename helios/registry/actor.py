@@ -134,7 +134,7 @@ class Registry:
             return None
         try:
             return ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
-        except Exception as exc:  # a bad storage section must not stop the catalog from being served
+        except Exception as exc:  # noqa: BLE001 - a bad storage section must not stop the catalog from being served
             self.store_error = f"{type(exc).__name__}: {exc}"
             log_event(logger, "registry_store_unavailable", error=self.store_error)
             return None
@@ -302,7 +302,7 @@ class Registry:
                 quiet = decision.empty and self._last_round_empty
                 results = self._dispatcher.collect(0) if quiet else self._dispatcher.run(decision, wait)
                 self._last_round_empty = decision.empty
-            except Exception as exc:  # Ray unreachable: the plan stands in status, the next round tries again
+            except Exception as exc:  # noqa: BLE001 - Ray unreachable: the plan stands in status, the next round tries again
                 error = f"{type(exc).__name__}: {exc}"
                 log_event(logger, "prefetch_dispatch_failed", error=error)
             with self._lock:
@@ -358,7 +358,7 @@ class Registry:
                     if self._usage_log.flush(self.core.usage):
                         self.last_persisted = time.time()
                     self._save_prefetch()
-            except Exception as exc:  # a full disk must not kill the thread; the next tick tries again
+            except Exception as exc:  # noqa: BLE001 - a full disk must not kill the thread; the next tick tries again
                 log_event(logger, "registry_flush_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _prefetch_loop(self) -> None:
@@ -367,7 +367,7 @@ class Registry:
             started = time.monotonic()
             try:
                 self.prefetch_now()
-            except Exception as exc:  # a store hiccup must not kill the thread; the next round tries again
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the thread; the next round tries again
                 log_event(logger, "prefetch_failed", error=f"{type(exc).__name__}: {exc}")
             # Rounds start every interval, however long one took: the planner's windows assume it.
             wait = max(0.0, self.settings.prefetch_interval_s - (time.monotonic() - started))

@@ -401,6 +401,6 @@ class NodeDispatcher:
             del self._inflight[node]
             try:
                 out[node] = ray.get(ref)
-            except Exception as exc:  # the node died, or the task failed: say so, next round tries again
+            except Exception as exc:  # noqa: BLE001 - the node died, or the task failed: say so, next round tries again
                 out[node] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         return out

@@ -126,7 +126,7 @@ def _quantile(values: list[float], q: float) -> float | None:
     """Nearest-rank quantile of sorted values."""
     if not values:
         return None
-    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
+    return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
 
 
 class UsageLog:

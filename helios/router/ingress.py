@@ -87,7 +87,7 @@ class Router:
     ) -> None:
         context = context or {}
         self.config = RouterConfig.model_validate(config)
-        self.keys = [k.encode() for k in self.config.keys()]
+        self.keys = [k.encode() for k in self.config.keys()]  # noqa: SIM118 - RouterConfig.keys(): the API keys
         self.engines = engines  # a disaggregated model's entry is its decode side
         self.prefill = prefill or {}
         self.streams = {m: h.options(stream=True) for m, h in engines.items()}
@@ -140,7 +140,7 @@ class Router:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         try:
             return await registry.resolve.remote(model, version)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a registry error of its own is a 404, anything else a 503
             inner = error_handlers.unwrap(exc)
             if isinstance(inner, ModelNotFound):
                 raise ModelNotFound(f"The model `{model}` does not exist.", param="model") from None
@@ -173,7 +173,7 @@ class Router:
         try:
             info, *_ = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in sides)),
                                               self.config.ready_timeout_s)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a side that does not answer is not ready
             return None
         self.infos[model] = info
         return info
@@ -295,7 +295,7 @@ class Router:
             return await awaitable
         except StopAsyncIteration:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - Ray wraps errors: the HeliosError inside keeps its status
             raise error_handlers.unwrap(exc) from None
 
     async def _events(self, shape: ResponseShape, first: EngineChunk, gen: Any, include_usage: bool, request_id: str) -> AsyncIterator[bytes]:
@@ -307,7 +307,7 @@ class Router:
                 last, finished = chunk, chunk.finish_reason is not None
                 yield shape.event(chunk, first=False)
             yield shape.closing(last, include_usage)
-        except Exception as exc:  # the 200 is already sent: report in-band
+        except Exception as exc:  # noqa: BLE001 - the 200 is already sent: report in-band
             inner = error_handlers.unwrap(exc)
             err = inner if isinstance(inner, HeliosError) else HeliosError("stream failed")
             log_event(logger, "stream_failed", request_id=request_id, error=repr(exc))

@@ -109,7 +109,7 @@ class OnDemandModels:
             app = engine_deployment(config, self.cache_root, self.storage, pinned=False)
             try:
                 await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the half-deployed app is removed
                 log_event(logger, "model_start_failed", flush=True, model=model_id, error=repr(exc))
                 await asyncio.to_thread(serve.delete, name)
                 raise HeliosError(f"model {model_id} failed to start: {exc}") from None

@@ -40,7 +40,7 @@ class RegistryBoundedPolicy:
             try:
                 scale = ray.get(self._pending)
                 self.bounds = (int(scale["min_replicas"]), int(scale["max_replicas"]))
-            except Exception:  # noqa: BLE001 - registry restarting or model unknown: keep the last bounds
+            except Exception:  # noqa: BLE001, S110 - registry restarting or model unknown: keep the last bounds
                 pass
             self._pending = None
         if time.monotonic() - self._fetched < REFRESH_S:
@@ -55,7 +55,7 @@ class RegistryBoundedPolicy:
     def __call__(self, ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
         try:
             self._refresh()
-        except Exception:  # noqa: BLE001 - never break Serve's control loop
+        except Exception:  # noqa: BLE001, S110 - never break Serve's control loop
             pass
         desired, state = replica_queue_length_autoscaling_policy(ctx)
         low, high = self.bounds

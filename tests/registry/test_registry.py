@@ -254,7 +254,7 @@ def test_a_prefetch_round_prewarms_a_periodic_model_into_ram_on_the_node(ray_clu
         ray.get(reg.record_requests.remote({"org/nightly": periodic(start)}))
         status = ray.get(reg.prefetch_now.remote(wait_s=120))
         [prewarm] = status["prewarmed"]
-        [(node, done)] = prewarm["nodes"].items()
+        [(_node, done)] = prewarm["nodes"].items()
         assert done["sources"] == {"nvme": manifest.total_bytes}
         ram = tmp_path / "store" / "ram"
         for f in manifest.files:

@@ -27,7 +27,7 @@ def test_plan_frees_at_least_what_is_needed(policy: EvictionPolicy) -> None:
     for i, size in enumerate([10, 20, 30, 40]):
         policy.on_insert(f"b{i}", size, now=float(i))
     victims = policy.plan(45)
-    sizes = dict(b0=10, b1=20, b2=30, b3=40)
+    sizes = {"b0": 10, "b1": 20, "b2": 30, "b3": 40}
     assert sum(sizes[v] for v in victims) >= 45
     assert len(set(victims)) == len(victims)
 
