@@ -60,8 +60,26 @@ class Target:
 
 
 @dataclass
+class NodePlan:
+    """The plan one node acts on, made on what that node reported its own tiers hold."""
+
+    plan: PrefetchPlan
+    keep_alive: dict[str, float] = field(default_factory=dict)  # digest -> until
+    idle: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.keep_alive or self.idle or self.plan.prewarm)
+
+
+@dataclass
 class Decision:
-    """One round's plan, translated into blob hints and per-node prewarm work."""
+    """One round's plans, translated into blob hints and per-node prewarm work.
+
+    `plan` (with `keep_alive`, `idle`) is made on the cluster-wide view (the registry's own
+    tiers and the warm view) and goes to nodes that have not yet reported what they hold;
+    `nodes` holds a plan per node that has, made on that node's own tiers: a model in RAM on
+    one node and only on NVMe on another is kept alive on the first and prewarmed on the second."""
 
     at: float
     plan: PrefetchPlan
@@ -69,24 +87,39 @@ class Decision:
     keep_alive: dict[str, float] = field(default_factory=dict)  # digest -> until
     idle: dict[str, float] = field(default_factory=dict)
     prewarm_nodes: dict[str, list[str]] = field(default_factory=dict)  # model id -> replica nodes ([]: any)
+    nodes: dict[str, NodePlan] = field(default_factory=dict)
+
+    def _for(self, node_id: str | None) -> NodePlan:
+        if node_id in self.nodes:
+            return self.nodes[node_id]
+        return NodePlan(self.plan, self.keep_alive, self.idle)
 
     @property
     def empty(self) -> bool:
-        return not (self.keep_alive or self.idle or self.plan.prewarm)
+        return self._for(None).empty and all(n.empty for n in self.nodes.values())
 
-    def hints(self) -> dict[str, dict[str, float]]:
-        return {"keep_alive": dict(self.keep_alive), "idle": dict(self.idle)}
+    def plans(self) -> list[PrefetchPlan]:
+        """The plans in effect: every node's own, or the cluster-wide one while no node has reported."""
+        return [n.plan for n in self.nodes.values()] or [self.plan]
+
+    def hints(self, node_id: str | None = None) -> dict[str, dict[str, float]]:
+        mine = self._for(node_id)
+        return {"keep_alive": dict(mine.keep_alive), "idle": dict(mine.idle)}
 
     def prewarms_for(self, node_id: str, alive: Iterable[str]) -> list[dict[str, Any]]:
-        """Manifests (as JSON) to bring into RAM on `node_id`: models whose replicas run there, and
-        models with no replica on an alive node (they may start anywhere)."""
+        """Manifests (as JSON) to bring into RAM on `node_id`: of the models its plan prewarms, those
+        whose replicas run there, and those with no replica on an alive node (they may start anywhere)."""
         alive = set(alive)
         out = []
-        for p in self.plan.prewarm:
+        for p in self._for(node_id).plan.prewarm:
             nodes = set(self.prewarm_nodes.get(p.model_id, ())) & alive
             if not nodes or node_id in nodes:
                 out.append(self.targets[p.model_id].manifest.model_dump(mode="json"))
         return out
+
+    def report(self) -> list[dict[str, Any]]:
+        """Every target's manifest (as JSON), for nodes to say which of their tiers hold it."""
+        return [t.manifest.model_dump(mode="json") for t in self.targets.values()]
 
 
 class Prefetcher:
@@ -112,6 +145,7 @@ class Prefetcher:
         self._manifests: dict[tuple[str, str, str, str | None], Manifest] = {}
         self._unresolved: dict[tuple[str, str, str, str | None], float] = {}
         self._state: dict[str, str] = {}  # model id -> "keep_alive" | "idle": log changes, not renewals
+        self._reports: dict[str, tuple[float, dict[str, str]]] = {}  # node -> (round, model -> fastest tier)
         self._pending: list[tuple[float, str]] = []  # (time, model id) heap of stamps not yet settled
         self._dirty = False  # histograms changed since state() was last taken
         self.dropped = {"future": 0, "late": 0}  # stamps no histogram took, by reason
@@ -205,22 +239,29 @@ class Prefetcher:
         states = {m: ModelState(t.manifest.total_bytes, t.tier) for m, t in targets.items()}
         plan = self.planner.plan(now, states)
         d = Decision(now, plan, dict(targets))
-        for i in plan.idle:
-            d.idle.update(dict.fromkeys(_digests(targets[i.model_id]), i.until))
-        for k in plan.keep_alive:
-            for digest in _digests(targets[k.model_id]):
-                d.keep_alive[digest] = max(k.until, d.keep_alive.get(digest, 0.0))
-                d.idle.pop(digest, None)  # a blob shared with an idle version stays: keep-alive wins
-        for p in plan.prewarm:
-            t = targets[p.model_id]
-            d.prewarm_nodes[p.model_id] = sorted(replicas.get(p.model_id, ()))
-            log_event(
-                logger, "prefetch_prewarm", model=p.model_id, version=t.version, source=p.source,
-                bytes=t.manifest.total_bytes, fetch_s=round(p.fetch_s, 1), probability=round(p.probability, 3),
-                expected_use=p.expected_use, nodes=d.prewarm_nodes[p.model_id] or "all",
-            )
-        self._log_changes(plan)
+        d.keep_alive, d.idle = _blob_hints(plan, targets)
+        for node, tiers in self._fresh_reports(now).items():
+            mine = {m: ModelState(s.size, tiers.get(m, s.tier)) for m, s in states.items()}
+            node_plan = self.planner.plan(now, mine)
+            d.nodes[node] = NodePlan(node_plan, *_blob_hints(node_plan, targets))
+        for node, node_plan in [(n, p.plan) for n, p in d.nodes.items()] or [("unreported", plan)]:
+            for p in node_plan.prewarm:
+                t = targets[p.model_id]
+                d.prewarm_nodes[p.model_id] = sorted(replicas.get(p.model_id, ()))
+                log_event(
+                    logger, "prefetch_prewarm", model=p.model_id, version=t.version, source=p.source, node=node,
+                    bytes=t.manifest.total_bytes, fetch_s=round(p.fetch_s, 1), probability=round(p.probability, 3),
+                    expected_use=p.expected_use, replica_nodes=d.prewarm_nodes[p.model_id] or "all",
+                )
+        self._log_changes(_merged(d.plans()))
         return d
+
+    def _fresh_reports(self, now: float) -> dict[str, dict[str, str]]:
+        """node id -> model id -> the fastest of its tiers holding the model, from recent rounds only
+        (a node that stopped reporting, gone or busy for long, falls back to the cluster-wide view)."""
+        horizon = now - max(10 * self.interval_s, 600.0)
+        self._reports = {n: r for n, r in self._reports.items() if r[0] >= horizon}
+        return {n: tiers for n, (_, tiers) in self._reports.items()}
 
     def finish(
         self, decision: Decision, results: Mapping[str, Mapping[str, Any]], seconds: float, error: str | None = None
@@ -228,13 +269,16 @@ class Prefetcher:
         """Record a round's outcome (what each node did) for status(), and log each prewarm's result."""
         done: dict[str, dict[str, Any]] = {}
         for node, result in results.items():
+            tiers = result.get("tiers")
+            if isinstance(tiers, dict):
+                self._reports[node] = (decision.at, {str(m): str(k) for m, k in tiers.items()})
             why = {k: result[k] for k in ("error", "busy_since") if k in result}
             if why:
                 log_event(logger, "prefetch_node_skipped", node=node, **why)
             for item in result.get("prewarmed", ()):
                 done.setdefault(item["model"], {})[node] = item
                 log_event(logger, "prefetch_prewarmed", node=node, **item)
-        plan = decision.plan
+        plan = _merged(decision.plans())
         self.last = {
             "last_run": decision.at,
             "seconds": round(seconds, 3),
@@ -248,6 +292,9 @@ class Prefetcher:
             ],
             "keep_alive": [_hinted(k) for k in plan.keep_alive],
             "idle": [_hinted(i) for i in plan.idle],
+            "nodes": {n: {"keep_alive": sorted({k.model_id for k in p.plan.keep_alive}),
+                          "idle": sorted({i.model_id for i in p.plan.idle}),
+                          "prewarm": sorted({w.model_id for w in p.plan.prewarm})} for n, p in decision.nodes.items()},
         }
         return self.last
 
@@ -292,6 +339,38 @@ class Prefetcher:
         self._state = now_state
 
 
+def _blob_hints(plan: PrefetchPlan, targets: Mapping[str, Target]) -> tuple[dict[str, float], dict[str, float]]:
+    """(keep_alive, idle) as digest -> until: what a tier's eviction policy reads."""
+    keep: dict[str, float] = {}
+    idle: dict[str, float] = {}
+    for i in plan.idle:
+        idle.update(dict.fromkeys(_digests(targets[i.model_id]), i.until))
+    for k in plan.keep_alive:
+        for digest in _digests(targets[k.model_id]):
+            keep[digest] = max(k.until, keep.get(digest, 0.0))
+            idle.pop(digest, None)  # a blob shared with an idle version stays: keep-alive wins
+    return keep, idle
+
+
+def _merged(plans: list[PrefetchPlan]) -> PrefetchPlan:
+    """One plan for status and logs: each model once, kept alive if any node keeps it, idle if every
+    node that decided on it called it idle, prewarmed if any node prewarms it."""
+    if len(plans) == 1:
+        return plans[0]
+    keep: dict[str, KeepAlive] = {}
+    warm: dict[str, Any] = {}
+    idle: dict[str, Idle] = {}
+    for p in plans:
+        for k in p.keep_alive:
+            if k.model_id not in keep or k.until > keep[k.model_id].until:
+                keep[k.model_id] = k
+        for w in p.prewarm:
+            warm.setdefault(w.model_id, w)
+        for i in p.idle:
+            idle.setdefault(i.model_id, i)
+    return PrefetchPlan(list(keep.values()), list(warm.values()), [i for m, i in idle.items() if m not in keep])
+
+
 def _hinted(item: KeepAlive | Idle) -> dict[str, Any]:
     return {"model": item.model_id, "until": item.until, "probability": round(item.probability, 3)}
 
@@ -306,10 +385,12 @@ def _digests(target: Target) -> list[str]:
 
 def apply_to_store(
     store: ModelStore, hints: Mapping[str, Mapping[str, float]], manifests: Iterable[Mapping[str, Any]],
-    prewarm_from: Iterable[str] = ("nvme", "ssd"),
+    prewarm_from: Iterable[str] = ("nvme", "ssd"), report: Iterable[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """One node's share of a round: publish the hints in its RAM tier, then bring each manifest's
-    version into RAM if a local tier in `prewarm_from` holds it (never from the remote)."""
+    """One node's share of a round: publish the hints in its RAM tier, bring each manifest's version
+    into RAM if a local tier in `prewarm_from` holds it (never from the remote), and say, for each
+    manifest in `report`, the fastest of this node's tiers holding all of it ("remote": none here),
+    which the next round plans this node on."""
     ram = _ram_tier(store)
     if ram is None:
         return {"error": "no ram tier on this node"}
@@ -333,18 +414,26 @@ def apply_to_store(
             continue
         done.append({**item, "bytes": manifest.total_bytes, "fetched_bytes": local.fetched_bytes,
                      "sources": local.sources, "seconds": round(local.timings["fetch_s"], 3)})
-    return {"hints": str(path), "prewarmed": done}
+    tiers = {}
+    for data in report:
+        try:
+            manifest = Manifest.model_validate(data)
+            held = {t.kind for t in store.local if t.has_all(manifest)}
+        except (ValueError, OSError):  # a manifest or tier this node cannot read: no report for it
+            continue
+        tiers[manifest.model_id] = next((k for k in LOCAL_KINDS if k in held), "remote")
+    return {"hints": str(path), "prewarmed": done, "tiers": tiers}
 
 
 def apply_on_node(
     storage: dict[str, Any], cache_root: str, hints: dict[str, dict[str, float]], manifests: list[dict[str, Any]],
-    prewarm_from: list[str],
+    prewarm_from: list[str], report: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The Ray task body: this node's store from the shared storage config, then `apply_to_store`."""
     from helios.config import StorageConfig
 
     store = ModelStore.from_config(StorageConfig.model_validate(storage), Path(cache_root))
-    return apply_to_store(store, hints, manifests, prewarm_from)
+    return apply_to_store(store, hints, manifests, prewarm_from, report or ())
 
 
 class NodeDispatcher:
@@ -371,10 +460,11 @@ class NodeDispatcher:
         nodes = alive_nodes()
         if self._task is None:
             self._task = ray.remote(num_cpus=0, max_retries=0)(apply_on_node)
-        hints = decision.hints()
+        report = decision.report()
         self._hint_refs = [r for r in self._hint_refs if not ray.wait([r], timeout=0)[0]]
         for node in nodes:
             strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+            hints = decision.hints(node)
             if node in self._inflight:  # still prewarming: this round's hints go out on their own
                 results[node] = {"busy_since": self._inflight[node][1]}
                 self._hint_refs.append(self._task.options(scheduling_strategy=strategy, name="helios-hints").remote(
@@ -382,7 +472,7 @@ class NodeDispatcher:
                 ))
                 continue
             ref = self._task.options(scheduling_strategy=strategy, name="helios-prefetch").remote(
-                self.storage, self.cache_root, hints, decision.prewarms_for(node, nodes), self.prewarm_from
+                self.storage, self.cache_root, hints, decision.prewarms_for(node, nodes), self.prewarm_from, report
             )
             self._inflight[node] = (ref, time.time())
         results.update(self.collect(wait_s))

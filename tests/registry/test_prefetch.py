@@ -79,7 +79,9 @@ def test_a_periodic_model_is_prewarmed_into_the_ram_tier_from_nvme(
     assert all(until > next_burst for until in due.keep_alive.values())
 
     node = ModelStore.from_config(cfg, tmp_path)  # the node's own store, as its Ray task builds it
-    result = apply_to_store(node, due.hints(), due.prewarms_for("n1", ["n1"]), core.prefetch.planner.prewarm_from)
+    result = apply_to_store(node, due.hints(), due.prewarms_for("n1", ["n1"]), core.prefetch.planner.prewarm_from,
+                            report=due.report())
+    assert result["tiers"] == {MODEL: "ram"}  # what the node now holds, for the next round to plan on
 
     ram = Path(cfg.tiers[0].path)  # type: ignore[union-attr]
     src = tmp_path / "src"
@@ -111,6 +113,30 @@ def test_a_restarted_registry_keeps_its_histograms(store: ModelStore, manifest: 
     again = registered(store, manifest, book)
     assert again.prefetch.planner.usage[MODEL].histogram.gaps == first.prefetch.planner.usage[MODEL].histogram.gaps
     assert [p.model_id for p in decide(again, start + 12 * HOUR - 20).plan.prewarm] == [MODEL]
+
+
+def test_each_node_is_planned_on_what_its_own_tiers_hold(store: ModelStore, manifest: Manifest) -> None:
+    """The registry's node has the model in RAM; of two replica nodes, one has it in RAM too, the other
+    only on NVMe: the second prewarms it, the first keeps it alive (the cluster-wide view alone,
+    "in RAM", would prewarm it nowhere)."""
+    store.ensure_local(MODEL, "v1", tier="ram")
+    core = registered(store, manifest)
+    start = time.time() - 12 * HOUR
+    core.record_requests({MODEL: periodic(start)})
+    next_burst = start + 12 * HOUR
+    assert decide(core, next_burst - 20).plan.prewarm == []  # no node reported yet: the cluster-wide view
+
+    first = decide(core, next_burst - 60)
+    core.prefetch.finish(first, {"n1": {"tiers": {MODEL: "ram"}, "prewarmed": []},
+                                 "n2": {"tiers": {MODEL: "nvme"}, "prewarmed": []}}, seconds=0.1)
+    due = decide(core, next_burst - 20)
+    assert due.prewarms_for("n1", ["n1", "n2"]) == []
+    assert [m["model_id"] for m in due.prewarms_for("n2", ["n1", "n2"])] == [MODEL]
+    digests = {f.sha256 for f in manifest.files}
+    assert set(due.hints("n1")["keep_alive"]) == digests and set(due.hints("n2")["keep_alive"]) == digests
+    status = core.prefetch.finish(due, {}, seconds=0.1)
+    assert status["nodes"]["n2"]["prewarm"] == [MODEL] and status["nodes"]["n1"]["keep_alive"] == [MODEL]
+    assert [p["model"] for p in status["prewarmed"]] == [MODEL]
 
 
 def test_saved_histograms_outlast_the_bounded_history(store: ModelStore, manifest: Manifest, tmp_path: Path) -> None:
