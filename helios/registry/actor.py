@@ -19,6 +19,7 @@ completed call survives. Ray restarts it (`max_restarts=-1`) with the same argum
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -319,6 +320,8 @@ class Registry:
                 "last_persisted": self.last_persisted,
                 "store_error": self.store_error,
                 "pid": os.getpid(),
+                "settings": self.settings.model_dump(mode="json"),
+                "storage": self._storage,
             }
 
     def persist(self) -> None:
@@ -451,10 +454,29 @@ def get_or_create_registry(
         )
         .remote(str(path), storage, str(root) if root else None, settings)
     )
-    running = ray.get(handle.status.remote())["state_dir"]
-    if Path(running) != path:
-        log_event(logger, "registry_state_dir_differs", running=running, requested=str(path))
+    status = ray.get(handle.status.remote())
+    if Path(status["state_dir"]) != path:
+        log_event(logger, "registry_state_dir_differs", running=status["state_dir"], requested=str(path))
+    # One registry per cluster, started by the first app: a later app's settings do not apply to it.
+    # Say so, naming what differs, rather than let a changed interval or storage pass unnoticed.
+    differs = config_differences(status, storage, settings)
+    if differs:
+        log_event(logger, "registry_config_differs", level=logging.WARNING, differs=differs,
+                  hint="the running registry keeps the config it started with; kill helios-registry to apply")
     return handle
+
+
+def config_differences(
+    status: dict[str, Any], storage: dict[str, Any] | None, settings: dict[str, Any] | None
+) -> list[str]:
+    """Which of the requested settings (and whether the storage section) differ from what the running
+    registry (its `status()`) uses; [] when they agree."""
+    wanted = RegistrySettings.model_validate(settings or {}).model_dump(mode="json")
+    running = status.get("settings") or {}
+    differs = sorted(k for k in (settings or {}) if running.get(k) != wanted[k])
+    if (status.get("storage") or None) != (storage or None):
+        differs.append("storage")
+    return differs
 
 
 def get_registry():

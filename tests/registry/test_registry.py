@@ -98,6 +98,22 @@ def _check(ray: Any, reg: Any, now: float) -> None:
     assert ray.get(reg.usage.remote("org/b"))["rpm"] == 0.0
 
 
+def test_a_second_app_with_other_settings_is_told_what_the_running_registry_keeps(
+    registry: Any, state: dict[str, Any]
+) -> None:
+    import ray
+
+    from helios.registry.actor import config_differences
+
+    status = ray.get(registry.status.remote())
+    assert status["settings"]["sync_interval_s"] == 0 and status["storage"] == state["storage"]
+    assert config_differences(status, state["storage"], state["settings"]) == []
+    other = {**state["settings"], "prefetch_interval_s": 5}
+    assert config_differences(status, None, other) == ["prefetch_interval_s", "storage"]
+    again = get_or_create_registry(**{**state, "settings": other})  # the same actor, as before
+    assert ray.get(again.status.remote())["pid"] == status["pid"]
+
+
 def test_state_survives_a_kill_that_ray_restarts(registry: Any, tiny_model_dir: Path) -> None:
     import ray
 
