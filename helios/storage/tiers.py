@@ -184,8 +184,10 @@ class LocalTier(Tier):
         known = self.policy.known()
         for digest in known.keys() - on_disk.keys():
             self.policy.on_remove(digest)
-        for digest in on_disk.keys() - known.keys():
-            self.policy.on_insert(digest, on_disk[digest].size, on_disk[digest].last_access)
+        # Oldest first: a policy knows no counts for blobs other processes fetched, so among equal
+        # priorities it goes by the order it learned them in, which should be their access times.
+        for b in sorted((on_disk[d] for d in on_disk.keys() - known.keys()), key=lambda b: b.last_access):
+            self.policy.on_insert(b.digest, b.size, b.last_access)
         return sum(b.size for b in on_disk.values())
 
     def apply_hints(self) -> None:

@@ -82,3 +82,24 @@ def test_local_tier_refuses_a_blob_larger_than_its_capacity(tmp_path: Path) -> N
     with pytest.raises(TierFull, match="exceeds its capacity"):
         tier.write(digest, [data])
     assert list((tmp_path / "ram" / "blobs").iterdir()) == []
+
+
+def test_a_fresh_process_evicts_the_blobs_used_longest_ago(tmp_path: Path) -> None:
+    """Blobs another process fetched and used: a new process's cost policy knows no counts for
+    them, so it must go by their access times (mtime), not by directory or hash order."""
+    from helios.storage.eviction import CostAwarePolicy
+
+    first = LocalTier("ram", tmp_path / "ram", capacity=8000)
+    ages = [5, 80, 20, 70, 10, 60, 30, 40]  # seconds since last use; the three oldest: 80, 70, 60
+    digests = []
+    for fill, age in enumerate(ages):
+        data = bytes([fill]) * 1000
+        digest = hashlib.sha256(data).hexdigest()
+        first.write(digest, [data])
+        os.utime(first.blob_path(digest), (1_000_000 - age, 1_000_000 - age))
+        digests.append(digest)
+    fresh = LocalTier("ram", tmp_path / "ram", capacity=8000, policy=CostAwarePolicy("nvme"))
+    data = b"\xff" * 3000
+    fresh.write(hashlib.sha256(data).hexdigest(), [data])
+    gone = sorted(age for age, d in zip(ages, digests) if not fresh.blob_path(d).exists())
+    assert gone == [60, 70, 80]
