@@ -240,3 +240,45 @@ def test_scale_sets_the_replica_count_within_bounds(base_url: str) -> None:
     while _running(name) > 1 and time.monotonic() < deadline:
         time.sleep(2)
     assert _running(name) == 1
+
+
+# -- deleting an on-demand model -----------------------------------------------------------
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(1)
+
+
+def test_deleting_a_model_while_it_starts_undoes_the_start(base_url: str) -> None:
+    from ray import serve
+
+    from helios.router.on_demand import app_name
+
+    def deployed(model: str) -> bool:
+        return app_name(model) in serve.status().applications
+
+    r = admin(base_url, "delete", "/models", params={"model": PUSHED})  # frees the one on-demand slot
+    assert r.status_code == 200 and r.json()["stopped"] is True
+    _wait(lambda: not deployed(PUSHED), 120, f"{PUSHED} still deployed after its delete")
+    assert complete(base_url, PUSHED).status_code == 404  # deleted for good: the store sync does not re-add it
+
+    first = complete(base_url, OTHER)
+    assert first.status_code == 503 and "starting" in first.json()["error"]["message"], first.text
+    assert OTHER in admin(base_url, "get", "/registry").json()["on_demand"]["starting"]
+    r = admin(base_url, "delete", "/models", params={"model": OTHER})
+    assert r.status_code == 200 and r.json()["stopped"] is True
+
+    def start_over() -> bool:
+        on_demand = admin(base_url, "get", "/registry").json()["on_demand"]
+        return OTHER not in on_demand["starting"]
+
+    _wait(start_over, 300, f"the start of {OTHER} never ended")
+    on_demand = admin(base_url, "get", "/registry").json()["on_demand"]
+    assert OTHER not in on_demand["ready"] and OTHER not in on_demand["stopping"]
+    _wait(lambda: not deployed(OTHER), 60, f"the start of {OTHER} left its app deployed")
+    assert complete(base_url, OTHER).status_code == 404
+    listed = {m["id"] for m in requests.get(f"{base_url}/v1/models", timeout=60).json()["data"]}
+    assert OTHER not in listed and PUSHED not in listed

@@ -152,7 +152,8 @@ async def registry_status(request: Request) -> JSONResponse:
     _authorize(request)
     registry = _registry()
     models, status = await asyncio.gather(_call(registry.list_models.remote()), _call(registry.status.remote()))
-    return JSONResponse({"models": models, "status": status})
+    on_demand = _state(request).on_demand
+    return JSONResponse({"models": models, "status": status, "on_demand": on_demand.status()})
 
 
 @router.post("/models")

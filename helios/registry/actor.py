@@ -166,7 +166,13 @@ class Registry:
         return out
 
     def delete(self, model_id: str, version: str | None = None) -> None:
-        """Drop a model or one version from the catalog (the store keeps its files)."""
+        """Drop a model or one version from the catalog (the store keeps its files, and a sync will not
+        add them back); a version pushed to the store but not yet listed is looked up first."""
+        with self._lock:
+            catalog = self.core.catalog
+            known = model_id in catalog.models if version is None else catalog.has(model_id, version)
+        if not known:
+            self._sync(model_id)  # the store, unlocked
         with self._lock:
             self.core.delete(model_id, version)
             self._save_catalog()

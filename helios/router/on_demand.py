@@ -61,6 +61,10 @@ class OnDemandModels:
     def ready(self, model_id: str) -> bool:
         return model_id in self.handles
 
+    def status(self) -> dict[str, list[str]]:
+        """What this router replica runs on demand: ready, still starting, stopped while starting."""
+        return {"ready": sorted(self.handles), "starting": sorted(self._starting), "stopping": sorted(self._stopped)}
+
     async def handle(self, model_id: str, record: dict[str, Any]) -> DeploymentHandle:
         """The model's handle, starting it if needed; 503 + Retry-After while it is not ready in time."""
         if model_id in self.handles:
@@ -135,11 +139,14 @@ class OnDemandModels:
         name = app_name(model_id)
         self.handles.pop(model_id, None)
         self.streams.pop(model_id, None)
-        starting = model_id in self._starting
-        if starting:
+        if model_id in self._starting:
+            # The start removes its app once its deploy is over: deleting an app while serve.run
+            # waits on it can leave that call waiting for good.
             self._stopped.add(model_id)
+            log_event(logger, "model_stop_deferred", flush=True, model=model_id, app=name)
+            return True
         if name not in await asyncio.to_thread(_serve_apps):
-            return starting
+            return False
         await asyncio.to_thread(serve.delete, name)
         log_event(logger, "model_stopped", flush=True, model=model_id, app=name)
         return True
