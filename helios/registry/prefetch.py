@@ -32,7 +32,15 @@ from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import VersionRecord
 from helios.registry.usage import UsageBook
 from helios.storage.manifest import Manifest
-from helios.storage.prefetch import Idle, KeepAlive, ModelState, ModelUsage, PrefetchPlan, PrefetchPlanner
+from helios.storage.prefetch import (
+    Idle,
+    KeepAlive,
+    ModelState,
+    ModelUsage,
+    PrefetchPlan,
+    PrefetchPlanner,
+    Prewarm,
+)
 from helios.storage.store import ModelStore
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, write_hints
 
@@ -61,11 +69,22 @@ class Target:
 
 @dataclass
 class NodePlan:
-    """The plan one node acts on, made on what that node reported its own tiers hold."""
+    """A plan and its blob hints (digest -> until, what a tier's eviction policy reads)."""
 
     plan: PrefetchPlan
-    keep_alive: dict[str, float] = field(default_factory=dict)  # digest -> until
+    keep_alive: dict[str, float] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, plan: PrefetchPlan, targets: Mapping[str, Target]) -> NodePlan:
+        out = cls(plan)
+        for i in plan.idle:
+            out.idle.update(dict.fromkeys(_digests(targets[i.model_id]), i.until))
+        for k in plan.keep_alive:
+            for digest in _digests(targets[k.model_id]):
+                out.keep_alive[digest] = max(k.until, out.keep_alive.get(digest, 0.0))
+                out.idle.pop(digest, None)  # a blob shared with an idle version stays: keep-alive wins
+        return out
 
     @property
     def empty(self) -> bool:
@@ -76,31 +95,27 @@ class NodePlan:
 class Decision:
     """One round's plans, translated into blob hints and per-node prewarm work.
 
-    `plan` (with `keep_alive`, `idle`) is made on the cluster-wide view (the registry's own
-    tiers and the warm view) and goes to nodes that have not yet reported what they hold;
-    `nodes` holds a plan per node that has, made on that node's own tiers: a model in RAM on
-    one node and only on NVMe on another is kept alive on the first and prewarmed on the second."""
+    `cluster` is made on the cluster-wide view (the registry's own tiers and the warm view)
+    and goes to nodes that have not yet reported what they hold; `nodes` holds a plan per
+    node that has, made on that node's own tiers: a model in RAM on one node and only on NVMe
+    on another is kept alive on the first and prewarmed on the second."""
 
     at: float
-    plan: PrefetchPlan
     targets: dict[str, Target]
-    keep_alive: dict[str, float] = field(default_factory=dict)  # digest -> until
-    idle: dict[str, float] = field(default_factory=dict)
-    prewarm_nodes: dict[str, list[str]] = field(default_factory=dict)  # model id -> replica nodes ([]: any)
+    cluster: NodePlan
     nodes: dict[str, NodePlan] = field(default_factory=dict)
+    prewarm_nodes: dict[str, list[str]] = field(default_factory=dict)  # model id -> replica nodes ([]: any)
 
     def _for(self, node_id: str | None) -> NodePlan:
-        if node_id in self.nodes:
-            return self.nodes[node_id]
-        return NodePlan(self.plan, self.keep_alive, self.idle)
+        return self.nodes.get(node_id, self.cluster)  # type: ignore[arg-type]
 
     @property
     def empty(self) -> bool:
-        return self._for(None).empty and all(n.empty for n in self.nodes.values())
+        return self.cluster.empty and all(n.empty for n in self.nodes.values())
 
     def plans(self) -> list[PrefetchPlan]:
         """The plans in effect: every node's own, or the cluster-wide one while no node has reported."""
-        return [n.plan for n in self.nodes.values()] or [self.plan]
+        return [n.plan for n in self.nodes.values()] or [self.cluster.plan]
 
     def hints(self, node_id: str | None = None) -> dict[str, dict[str, float]]:
         mine = self._for(node_id)
@@ -237,14 +252,11 @@ class Prefetcher:
         """The planner's verdict at `now` as blob hints and prewarm work; logs every change of mind."""
         self.release(now)
         states = {m: ModelState(t.manifest.total_bytes, t.tier) for m, t in targets.items()}
-        plan = self.planner.plan(now, states)
-        d = Decision(now, plan, dict(targets))
-        d.keep_alive, d.idle = _blob_hints(plan, targets)
+        d = Decision(now, dict(targets), NodePlan.of(self.planner.plan(now, states), targets))
         for node, tiers in self._fresh_reports(now).items():
             mine = {m: ModelState(s.size, tiers.get(m, s.tier)) for m, s in states.items()}
-            node_plan = self.planner.plan(now, mine)
-            d.nodes[node] = NodePlan(node_plan, *_blob_hints(node_plan, targets))
-        for node, node_plan in [(n, p.plan) for n, p in d.nodes.items()] or [("unreported", plan)]:
+            d.nodes[node] = NodePlan.of(self.planner.plan(now, mine), targets)
+        for node, node_plan in [(n, p.plan) for n, p in d.nodes.items()] or [("unreported", d.cluster.plan)]:
             for p in node_plan.prewarm:
                 t = targets[p.model_id]
                 d.prewarm_nodes[p.model_id] = sorted(replicas.get(p.model_id, ()))
@@ -323,10 +335,10 @@ class Prefetcher:
     def _fastest(self, model_id: str, manifest: Manifest, warm: WarmTiers) -> str:
         """The fastest tier holding the whole version: local tiers here (stats, no network), or a faster
         one a node reported; "remote" when none does (the store's durable copy)."""
-        kinds = {t.kind for t in (self.store.local if self.store else []) if t.has_all(manifest)}
+        kinds = set(_held_locally(self.store, manifest)) if self.store else set()
         for models in warm.values():
             kinds |= {k for k, size in models.get(model_id, {}).items() if size >= manifest.total_bytes}
-        return next((k for k in LOCAL_KINDS if k in kinds), "remote")
+        return _fastest_kind(kinds)
 
     def _log_changes(self, plan: PrefetchPlan) -> None:
         now_state = {i.model_id: "idle" for i in plan.idle} | {k.model_id: "keep_alive" for k in plan.keep_alive}
@@ -339,26 +351,13 @@ class Prefetcher:
         self._state = now_state
 
 
-def _blob_hints(plan: PrefetchPlan, targets: Mapping[str, Target]) -> tuple[dict[str, float], dict[str, float]]:
-    """(keep_alive, idle) as digest -> until: what a tier's eviction policy reads."""
-    keep: dict[str, float] = {}
-    idle: dict[str, float] = {}
-    for i in plan.idle:
-        idle.update(dict.fromkeys(_digests(targets[i.model_id]), i.until))
-    for k in plan.keep_alive:
-        for digest in _digests(targets[k.model_id]):
-            keep[digest] = max(k.until, keep.get(digest, 0.0))
-            idle.pop(digest, None)  # a blob shared with an idle version stays: keep-alive wins
-    return keep, idle
-
-
 def _merged(plans: list[PrefetchPlan]) -> PrefetchPlan:
     """One plan for status and logs: each model once, kept alive if any node keeps it, idle if every
     node that decided on it called it idle, prewarmed if any node prewarms it."""
     if len(plans) == 1:
         return plans[0]
     keep: dict[str, KeepAlive] = {}
-    warm: dict[str, Any] = {}
+    warm: dict[str, Prewarm] = {}
     idle: dict[str, Idle] = {}
     for p in plans:
         for k in p.keep_alive:
@@ -383,6 +382,17 @@ def _digests(target: Target) -> list[str]:
     return [f.sha256 for f in target.manifest.files]
 
 
+def _held_locally(store: ModelStore, manifest: Manifest) -> list[str]:
+    """Kinds of the store's local tiers that hold every blob of the version (stats, no network)."""
+    return [t.kind for t in store.local if t.has_all(manifest)]
+
+
+def _fastest_kind(kinds: Iterable[str]) -> str:
+    """The fastest local kind among `kinds`; "remote" when there is none (the store's durable copy)."""
+    kinds = set(kinds)
+    return next((k for k in LOCAL_KINDS if k in kinds), "remote")
+
+
 def apply_to_store(
     store: ModelStore, hints: Mapping[str, Mapping[str, float]], manifests: Iterable[Mapping[str, Any]],
     prewarm_from: Iterable[str] = ("nvme", "ssd"), report: Iterable[Mapping[str, Any]] = (),
@@ -400,7 +410,7 @@ def apply_to_store(
     for data in manifests:
         manifest = Manifest.model_validate(data)
         item: dict[str, Any] = {"model": manifest.model_id, "version": manifest.version}
-        held = [t.kind for t in store.local if t.has_all(manifest)]
+        held = _held_locally(store, manifest)
         if "ram" in held:
             done.append({**item, "skipped": "already in ram"})
             continue
@@ -418,10 +428,9 @@ def apply_to_store(
     for data in report:
         try:
             manifest = Manifest.model_validate(data)
-            held = {t.kind for t in store.local if t.has_all(manifest)}
+            tiers[manifest.model_id] = _fastest_kind(_held_locally(store, manifest))
         except (ValueError, OSError):  # a manifest or tier this node cannot read: no report for it
             continue
-        tiers[manifest.model_id] = next((k for k in LOCAL_KINDS if k in held), "remote")
     return {"hints": str(path), "prewarmed": done, "tiers": tiers}
 
 
@@ -461,7 +470,8 @@ class NodeDispatcher:
         if self._task is None:
             self._task = ray.remote(num_cpus=0, max_retries=0)(apply_on_node)
         report = decision.report()
-        self._hint_refs = [r for r in self._hint_refs if not ray.wait([r], timeout=0)[0]]
+        if self._hint_refs:  # forget the hints-only tasks that are done
+            _, self._hint_refs = ray.wait(self._hint_refs, num_returns=len(self._hint_refs), timeout=0)
         for node in nodes:
             strategy = NodeAffinitySchedulingStrategy(node, soft=False)
             hints = decision.hints(node)

@@ -69,14 +69,14 @@ def test_a_periodic_model_is_prewarmed_into_the_ram_tier_from_nvme(
     next_burst = start + 12 * HOUR
 
     early = decide(core, next_burst - 1800)  # half an hour before: nothing to do yet
-    assert early.plan.prewarm == [] and early.empty
+    assert early.cluster.plan.prewarm == [] and early.empty
 
     due = decide(core, next_burst - 20)
-    assert [p.model_id for p in due.plan.prewarm] == [MODEL]
-    assert due.plan.prewarm[0].source == "nvme"
+    assert [p.model_id for p in due.cluster.plan.prewarm] == [MODEL]
+    assert due.cluster.plan.prewarm[0].source == "nvme"
     digests = {f.sha256 for f in manifest.files}
-    assert set(due.keep_alive) == digests  # and kept alive until the burst has come
-    assert all(until > next_burst for until in due.keep_alive.values())
+    assert set(due.cluster.keep_alive) == digests  # and kept alive until the burst has come
+    assert all(until > next_burst for until in due.cluster.keep_alive.values())
 
     node = ModelStore.from_config(cfg, tmp_path)  # the node's own store, as its Ray task builds it
     result = apply_to_store(node, due.hints(), due.prewarms_for("n1", ["n1"]), core.prefetch.planner.prewarm_from,
@@ -90,7 +90,7 @@ def test_a_periodic_model_is_prewarmed_into_the_ram_tier_from_nvme(
     [done] = result["prewarmed"]
     assert done["sources"] == {"nvme": manifest.total_bytes}  # from NVMe, not the remote
     keep, idle = read_hints(ram / HINTS_NAME)
-    assert keep == due.keep_alive and idle == {}
+    assert keep == due.cluster.keep_alive and idle == {}
 
     status = core.prefetch.finish(due, {"n1": result}, seconds=0.5)
     assert [p["model"] for p in status["prewarmed"]] == [MODEL]
@@ -98,7 +98,7 @@ def test_a_periodic_model_is_prewarmed_into_the_ram_tier_from_nvme(
     assert [k["model"] for k in core.status()["prefetch"]["keep_alive"]] == [MODEL]
 
     after = decide(core, next_burst - 10)  # next round: the model is in RAM now, so kept alive, not fetched
-    assert after.plan.prewarm == [] and set(after.keep_alive) == digests
+    assert after.cluster.plan.prewarm == [] and set(after.cluster.keep_alive) == digests
 
 
 def test_a_restarted_registry_keeps_its_histograms(store: ModelStore, manifest: Manifest, tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_a_restarted_registry_keeps_its_histograms(store: ModelStore, manifest: 
     UsageLog(tmp_path / "usage").load(book)
     again = registered(store, manifest, book)
     assert again.prefetch.planner.usage[MODEL].histogram.gaps == first.prefetch.planner.usage[MODEL].histogram.gaps
-    assert [p.model_id for p in decide(again, start + 12 * HOUR - 20).plan.prewarm] == [MODEL]
+    assert [p.model_id for p in decide(again, start + 12 * HOUR - 20).cluster.plan.prewarm] == [MODEL]
 
 
 def test_each_node_is_planned_on_what_its_own_tiers_hold(store: ModelStore, manifest: Manifest) -> None:
@@ -124,7 +124,7 @@ def test_each_node_is_planned_on_what_its_own_tiers_hold(store: ModelStore, mani
     start = time.time() - 12 * HOUR
     core.record_requests({MODEL: periodic(start)})
     next_burst = start + 12 * HOUR
-    assert decide(core, next_burst - 20).plan.prewarm == []  # no node reported yet: the cluster-wide view
+    assert decide(core, next_burst - 20).cluster.plan.prewarm == []  # no node reported yet: the cluster-wide view
 
     first = decide(core, next_burst - 60)
     core.prefetch.finish(first, {"n1": {"tiers": {MODEL: "ram"}, "prewarmed": []},
@@ -155,10 +155,10 @@ def test_saved_histograms_outlast_the_bounded_history(store: ModelStore, manifes
         return registered(store, manifest, book, saved)
 
     due = start + 12 * HOUR - 20
-    assert [p.model_id for p in decide(restarted(saved), due).plan.prewarm] == [MODEL]
+    assert [p.model_id for p in decide(restarted(saved), due).cluster.plan.prewarm] == [MODEL]
     assert restarted(saved).prefetch.planner.usage[MODEL].histogram.gaps == len(periodic(start)) - 1
     assert restarted(None).prefetch.planner.usage[MODEL].histogram.gaps == 4  # rebuilt from the last burst
-    assert decide(restarted(None), due).plan.prewarm == []  # ...which lack the long gaps
+    assert decide(restarted(None), due).cluster.plan.prewarm == []  # ...which lack the long gaps
 
 
 def test_batches_from_several_routers_count_every_gap(store: ModelStore, manifest: Manifest) -> None:

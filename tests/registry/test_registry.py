@@ -285,7 +285,7 @@ def test_a_prefetch_round_prewarms_a_periodic_model_into_ram_on_the_node(ray_clu
 def test_a_node_busy_prewarming_still_gets_the_rounds_hints(ray_cluster: None, tmp_path: Path) -> None:
     import ray
 
-    from helios.registry.prefetch import Decision, NodeDispatcher
+    from helios.registry.prefetch import Decision, NodeDispatcher, NodePlan
     from helios.storage.node_ops import alive_nodes
     from helios.storage.prefetch import PrefetchPlan
     from tests.registry.conftest import ram_store_config
@@ -302,7 +302,7 @@ def test_a_node_busy_prewarming_still_gets_the_rounds_hints(ray_cluster: None, t
     dispatcher._inflight[node] = (blocker, time.time())  # last round's prewarm, still copying
     try:
         digest = "ab" * 32
-        decision = Decision(time.time(), PrefetchPlan(), {}, keep_alive={digest: time.time() + 600})
+        decision = Decision(time.time(), {}, NodePlan(PrefetchPlan(), keep_alive={digest: time.time() + 600}))
         results = dispatcher.run(decision, wait_s=0)
         assert "busy_since" in results[node]
         path = tmp_path / "store" / "ram" / "hints.json"
