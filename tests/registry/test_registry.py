@@ -14,7 +14,7 @@ from helios.config import StorageConfig
 from helios.errors import ModelNotFound, ModelVersionNotFound
 from helios.registry import get_or_create_registry, get_registry
 from helios.storage.store import ModelStore
-from tests.conftest import wait_registry_gone
+from tests.conftest import drop_registry, wait_registry_gone
 from tests.registry.conftest import store_section
 
 pytestmark = pytest.mark.integration
@@ -35,14 +35,6 @@ def ray_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-def kill_for_good(handle: Any) -> None:
-    """Kill the actor without restart and wait until its name is free again."""
-    import ray
-
-    ray.kill(handle, no_restart=True)
-    wait_registry_gone()
-
-
 @pytest.fixture
 def state(tmp_path: Path) -> dict[str, Any]:
     """Arguments of a registry whose state, store and cache live in this test's tmp_path."""
@@ -59,7 +51,7 @@ def registry(ray_cluster: None, state: dict[str, Any]) -> Iterator[Any]:
     assert get_registry() is None
     handle = get_or_create_registry(**state)
     yield handle
-    kill_for_good(handle)
+    drop_registry()
 
 
 def _restarted(reg: Any, old_pid: int) -> dict:
@@ -138,13 +130,13 @@ def test_a_registry_killed_for_good_is_recreated_from_disk(
     now = time.time()
     _populate(ray, reg, tiny_model_dir, now)
     ray.get(reg.persist.remote())
-    kill_for_good(reg)
+    drop_registry()
 
     reg = get_or_create_registry(**state)
     try:
         _check(ray, reg, now)
     finally:
-        kill_for_good(reg)
+        drop_registry()
 
 
 def test_usage_is_written_as_parquet(registry: Any, state: dict[str, Any]) -> None:
@@ -231,7 +223,7 @@ def test_usage_is_flushed_on_its_own(ray_cluster: None, state: dict[str, Any]) -
             assert time.monotonic() < deadline, "the flush thread wrote nothing"
             time.sleep(0.2)
     finally:
-        kill_for_good(reg)
+        drop_registry()
 
 
 def test_a_graceful_exit_saves_pending_usage(ray_cluster: None, state: dict[str, Any]) -> None:
@@ -247,7 +239,7 @@ def test_a_graceful_exit_saves_pending_usage(ray_cluster: None, state: dict[str,
     try:
         assert ray.get(reg.usage.remote("m"))["requests_total"] == 2
     finally:
-        kill_for_good(reg)
+        drop_registry()
 
 
 def test_a_prefetch_round_prewarms_a_periodic_model_into_ram_on_the_node(ray_cluster: None, tmp_path: Path) -> None:
@@ -279,7 +271,7 @@ def test_a_prefetch_round_prewarms_a_periodic_model_into_ram_on_the_node(ray_clu
         assert set(hints["keep_alive"]) == {f.sha256 for f in manifest.files}
         assert ray.get(reg.status.remote())["prefetch"]["keep_alive"][0]["model"] == "org/nightly"
     finally:
-        kill_for_good(reg)
+        drop_registry()
 
 
 def test_a_node_busy_prewarming_still_gets_the_rounds_hints(ray_cluster: None, tmp_path: Path) -> None:
