@@ -47,9 +47,10 @@ class InterArrivalHistogram:
     """Gaps between a model's requests in log-spaced bins, from `min_s` to `max_s`.
 
     Counts decay with time, halving every `half_life_s` (a day: yesterday's pattern still
-    counts, last week's hardly), so the histogram follows a model whose pattern changes. Time, not request count: decaying per gap would let one busy
-    burst of a thousand short gaps wash out the long gaps between bursts, and the model
-    would look idle exactly when its next burst is due. Gaps below `min_s` share one bin,
+    counts, last week's hardly), so the histogram follows a model whose pattern changes.
+    Time, not request count: decaying per gap would let one busy burst of a thousand short
+    gaps wash out the long gaps between bursts, and the model would look idle exactly when
+    its next burst is due. Gaps below `min_s` share one bin,
     gaps beyond `max_s` count as "did not come back" (mass at infinity)."""
 
     def __init__(
@@ -92,8 +93,8 @@ class InterArrivalHistogram:
 
     def to_dict(self) -> dict:
         """The histogram's state as JSON-ready data (the registry persists it across restarts)."""
-        return {"edges": [self.edges[1], self.edges[-1], len(self.counts) - 1], "half_life_s": self.half_life_s,
-                "counts": self.counts, "beyond": self.beyond, "gaps": self.gaps, "log_weight": self._log_weight}
+        return {"edges": [self.edges[1], self.edges[-1]], "counts": self.counts, "beyond": self.beyond,
+                "gaps": self.gaps, "log_weight": self._log_weight}
 
     def load(self, data: dict) -> bool:
         """Restore `to_dict` output; False (and nothing changed) when it does not fit these bins."""
