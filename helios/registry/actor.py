@@ -314,7 +314,9 @@ class Registry:
                 log_event(logger, "prefetch_dispatch_failed", error=error)
             with self._lock:
                 self.core.prefetch.finish(decision, results, time.monotonic() - started, error)
-                return self.core.prefetch.status()
+                status = self.core.prefetch.status()
+            self._save_prefetch()
+            return status
 
     # --- state ---
     def status(self) -> dict:
@@ -347,9 +349,11 @@ class Registry:
 
     # --- internals ---
     def _save_prefetch(self) -> None:
-        """Save the planner's histograms when they changed (the usage history alone is bounded, so a
-        busy model's older long gaps would be lost on restart)."""
-        state = self.core.prefetch.state()
+        """Save the planner's histograms when they changed: after each round and in `persist` (the
+        usage history alone is bounded, so a busy model's older long gaps would be lost on restart).
+        A crash loses at most the last round's updates, which the usage log replays on restart."""
+        with self._lock:
+            state = self.core.prefetch.state()
         if state is not None:
             atomic_write_bytes(self._prefetch_path, json.dumps(state).encode())
 
@@ -366,7 +370,6 @@ class Registry:
                         self._warm_dirty = False
                     if self._usage_log.flush(self.core.usage):
                         self.last_persisted = time.time()
-                    self._save_prefetch()
             except Exception as exc:  # noqa: BLE001 - a full disk must not kill the thread; the next tick tries again
                 log_event(logger, "registry_flush_failed", error=f"{type(exc).__name__}: {exc}")
 

@@ -270,6 +270,8 @@ def test_a_prefetch_round_prewarms_a_periodic_model_into_ram_on_the_node(ray_clu
         hints = json.loads((ram / "hints.json").read_bytes())
         assert set(hints["keep_alive"]) == {f.sha256 for f in manifest.files}
         assert ray.get(reg.status.remote())["prefetch"]["keep_alive"][0]["model"] == "org/nightly"
+        saved = json.loads((tmp_path / "registry" / "prefetch.json").read_bytes())  # the round saved them
+        assert saved["org/nightly"]["histogram"]["gaps"] == len(periodic(start)) - 1
     finally:
         drop_registry()
 
