@@ -128,8 +128,7 @@ class OnDemandModels:
         """A model stopped (deleted) while it was starting: remove what the start deployed, and
         tell its waiting requests the model is gone, instead of serving a deleted model."""
         if model_id not in self._stopped:
-            return
-        self._stopped.discard(model_id)
+            return  # (`_started` clears the mark when the start task ends, either way)
         await asyncio.to_thread(serve.delete, name)
         log_event(logger, "model_start_undone", flush=True, model=model_id, app=name)
         raise ModelNotFound(f"The model `{model_id}` was deleted while it was starting.", param="model")
