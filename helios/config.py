@@ -67,9 +67,28 @@ class EngineConfig(_Strict):
         "so every replica of this model on a node shares one copy (costs some tokens/s). Needs a `storage:` "
         "section (the model is loaded from a local tier).",
     )
+    runner: Literal["auto", "generate", "pooling"] = Field(
+        "auto", description="vLLM's runner: `pooling` serves /v1/embeddings (a decoder converted to an embedder)."
+    )
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool-call parser for `tool_choice: auto` (e.g. `hermes`); see vLLM's docs."
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description="Let the model decide to call tools (`tool_choice: auto`); needs `tool_call_parser`."
+    )
+    reasoning_parser: str | None = Field(None, description="vLLM reasoning parser (splits `reasoning_content`).")
+    chat_template: str | None = Field(
+        None, description="Chat template (a file path or the template itself) instead of the tokenizer's."
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Further AsyncEngineArgs keys, passed through verbatim (checked at start)."
     )
+
+    @model_validator(mode="after")
+    def _auto_tools(self) -> EngineConfig:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (e.g. `hermes`)")
+        return self
 
 
 class ModelDeploymentConfig(_Strict):

@@ -14,13 +14,14 @@ import asyncio
 import hmac
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from helios.api import error_handlers
+from helios.api.bodies import parse_json_object
 from helios.config import MODEL_ID_PATTERN
 from helios.errors import (
     AuthenticationFailed,
@@ -31,9 +32,6 @@ from helios.errors import (
     ServiceUnavailable,
 )
 from helios.observability.logs import get_logger, log_event
-
-if TYPE_CHECKING:
-    from helios.router.ingress import Router
 
 logger = get_logger("admin")
 router = APIRouter(prefix="/admin")
@@ -79,7 +77,9 @@ class ScaleBody(_Body):
     max_replicas: int = Field(..., ge=1)
 
 
-def _state(request: Request) -> Router:
+def _state(request: Request) -> Any:
+    """The router deployment that mounted these routes (it sets `app.state.helios`; the api layer sits
+    below the router, so it is not imported here)."""
     return request.app.state.helios
 
 
@@ -98,10 +98,8 @@ def _authorize(request: Request) -> str:
 
 
 async def _body(request: Request, cls: type[_Body]) -> Any:
-    from helios.router.ingress import _json_body
-
     try:
-        return cls.model_validate(await _json_body(request))
+        return cls.model_validate(parse_json_object(await request.body()))
     except ValidationError as exc:
         raise error_handlers.invalid_from_validation(exc) from None
 

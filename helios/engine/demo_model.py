@@ -35,12 +35,22 @@ EOS_ID = 257  # <|end_of_text|>
 END_TURN_ID = 262  # <|end|>: ends an assistant turn
 VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
+# Hermes-style tools (vLLM's `hermes` tool-call parser reads `<tool_call>{...}</tool_call>`): the
+# tool list in a system turn, an assistant's earlier calls, and tool results as `tool` turns.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\nYou may call these tools:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call one as <tool_call>{\"name\": NAME, \"arguments\": {...}}</tool_call><|end|>\n{% endif %}"
     "{% for message in messages %}"
     "{% set content = message['content'] if message['content'] is string else "
-    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
-    "<|{{ message['role'] }}|>\n{{ content }}<|end|>\n"
+    "(message['content'] or []) | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "<|{{ message['role'] }}|>\n{{ content }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% set args = call['function']['arguments'] %}"
+    "<tool_call>{\"name\": \"{{ call['function']['name'] }}\", \"arguments\": "
+    "{{ args if args is string else args | tojson }}}</tool_call>"
+    "{% endfor %}<|end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

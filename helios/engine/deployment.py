@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from ray import serve
 
-from helios.api.protocol import EngineChunk, EngineRequest
 from helios.config import ModelConfig, StorageConfig
+from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
 
@@ -21,7 +21,7 @@ Role = Literal["unified", "prefill", "decode"]
 class EngineDeployment:
     """Serves one model; Serve restarts a replica whose engine fails its health check."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc] - Serve awaits an async constructor
         self,
         model: dict[str, Any],
         cache_root: str,
@@ -42,6 +42,7 @@ class EngineDeployment:
         kv_transfer, self.kv_metrics = _kv_connector(config, role)
         self.role = role
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
+        await self.engine.start_app()
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
         timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
@@ -55,13 +56,19 @@ class EngineDeployment:
         )
         self._warm = _report_started(config, prepared, pinned)
 
-    async def generate_stream(self, req: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """Stream coalesced chunks (called with `stream=True`); cancelling it aborts in vLLM."""
-        async for chunk in self.engine.generate(req):
-            yield chunk
+    async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
+        """One OpenAI request answered whole by vLLM's serving layer (status, headers, body bytes)."""
+        return await self.engine.call(req)
 
-    async def generate(self, req: EngineRequest) -> EngineChunk:
-        return await self.engine.generate_full(req)
+    async def stream(self, req: EngineHTTPRequest) -> AsyncIterator[EngineHTTPResponse | bytes]:
+        """The head with the first body bytes, then coalesced SSE bytes (called with `stream=True`);
+        cancelling it aborts the request in vLLM."""
+        async for part in self.engine.stream(req):
+            yield part
+
+    def openapi(self) -> dict[str, Any]:
+        """vLLM's OpenAPI schema of the routes this replica answers."""
+        return self.engine.app.openapi()
 
     def info(self) -> dict[str, Any]:
         info = self.engine.info()

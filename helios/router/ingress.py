@@ -1,35 +1,41 @@
-"""The router: Helios's only HTTP ingress (OpenAI API, health, readiness).
+"""The router: Helios's only HTTP ingress (OpenAI API, health, readiness, OpenAPI schema).
 
-It validates and authorizes at the edge, routes by model id to that model's engine
-deployment, and streams engine chunks back as server-sent events without buffering.
-Errors before the first token become proper status codes; the first chunk is awaited
-before the 200 is sent for exactly that reason.
+The Serve ingress adapts HTTP to `RouterCore`, which holds the routing logic: it checks
+the key, reads `model` and `stream` from the body, and forwards the raw body to the
+model's engine replica, where vLLM's own OpenAI serving layer answers. SSE bytes are
+relayed as they come; the first chunk is awaited before the 200 so that early errors
+keep their status codes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hmac
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from helios.api import admin, error_handlers
-from helios.api.protocol import ChatCompletionRequest, CompletionRequest, EngineChunk, EngineRequest
-from helios.api.responses import ResponseShape, error_event
 from helios.config import ModelConfig, RegistryConfig, RouterConfig, StorageConfig
-from helios.errors import AuthenticationFailed, HeliosError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
+from helios.errors import ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
+from helios.router.core import (
+    ENGINE_ROUTES,
+    EngineClient,
+    EngineStream,
+    ModelRoute,
+    RouterCore,
+    RouterResponse,
+    new_request_id,
+    prefill_refusal,
+)
 from helios.router.on_demand import OnDemandModels
 
 logger = get_logger("router")
@@ -40,20 +46,56 @@ app.include_router(admin.router)
 USAGE_FLUSH_S = 1.0
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def _unwrapped(awaitable: Any) -> Any:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("Request body must be a JSON object")
-    return body
+        return await awaitable
+    except StopAsyncIteration:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps errors: the HeliosError inside keeps its status
+        raise error_handlers.unwrap(exc) from None
 
 
-def _engine_request_id(request: Request) -> str:
-    """Unique per engine request even when clients reuse an x-request-id (aborts go by id)."""
-    return f"{request.state.request_id}.{uuid.uuid4().hex[:8]}"
+class ServeEngineStream(EngineStream):
+    """A streaming Serve call of `EngineDeployment.stream`."""
+
+    def __init__(self, gen: Any) -> None:
+        self.gen = gen
+
+    async def first(self) -> EngineHTTPResponse:
+        try:
+            return await _unwrapped(self.gen.__anext__())
+        except StopAsyncIteration:
+            raise ServiceUnavailable("The engine ended the stream before any output; retry") from None
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                yield await _unwrapped(self.gen.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def cancel(self) -> None:
+        self.gen.cancel()
+
+
+class ServeEngine(EngineClient):
+    """An engine deployment reached through its Serve handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+        self.streaming = handle.options(stream=True)
+
+    async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
+        return await _unwrapped(self.handle.call.remote(req))
+
+    def stream(self, req: EngineHTTPRequest) -> EngineStream:
+        return ServeEngineStream(self.streaming.stream.remote(req))
+
+
+def _response(resp: RouterResponse) -> Response:
+    if resp.stream is not None:
+        return StreamingResponse(resp.stream, status_code=resp.status, headers=resp.headers, media_type=resp.media_type)
+    return Response(resp.body, status_code=resp.status, headers=resp.headers, media_type=resp.media_type)
 
 
 def _registry_view(model: dict[str, Any] | None) -> dict[str, Any]:
@@ -74,9 +116,20 @@ def _registry_view(model: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def merge_openapi(vllm_schema: dict[str, Any], helios_schema: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's paths that Helios forwards (with the components they use) plus Helios's own."""
+    paths = {p: ops for p, ops in vllm_schema.get("paths", {}).items() if p in ENGINE_ROUTES}
+    paths.update({p: ops for p, ops in helios_schema.get("paths", {}).items() if not p.startswith("/admin")})
+    schemas = {**vllm_schema.get("components", {}).get("schemas", {}),
+               **helios_schema.get("components", {}).get("schemas", {})}
+    return {"openapi": vllm_schema.get("openapi", "3.1.0"),
+            "info": {"title": "Helios", "version": helios_schema.get("info", {}).get("version", "0.1.0")},
+            "paths": paths, "components": {"schemas": schemas}}
+
+
 @serve.ingress(app)
 class Router:
-    """Routes OpenAI requests by `model` to engine deployments."""
+    """Adapts HTTP to `RouterCore`; owns the Serve handles, on-demand models and usage batching."""
 
     def __init__(
         self,
@@ -87,49 +140,38 @@ class Router:
     ) -> None:
         context = context or {}
         self.config = RouterConfig.model_validate(config)
-        self.keys = [k.encode() for k in self.config.keys()]  # noqa: SIM118 - RouterConfig.keys(): the API keys
         self.engines = engines  # a disaggregated model's entry is its decode side
         self.prefill = prefill or {}
-        self.streams = {m: h.options(stream=True) for m, h in engines.items()}
         self.infos: dict[str, dict[str, Any]] = {}
         self.cache_root: str = context.get("cache_root", "")
         self.storage = StorageConfig.model_validate(context["storage"]) if context.get("storage") else None
         self.registry_config = RegistryConfig.model_validate(context.get("registry") or {})
         self.models = {m["id"]: ModelConfig.model_validate(m) for m in context.get("models", [])}
         self.on_demand = OnDemandModels(self.cache_root, self.storage, self.registry_config)
+        routes = {m: ModelRoute(ServeEngine(h), ServeEngine(self.prefill[m]) if m in self.prefill else None)
+                  for m, h in engines.items()}
+        self.core = RouterCore(routes, [k.encode() for k in self.config.keys()],  # noqa: SIM118 - the API keys
+                               resolver=self._on_demand_route, on_use=self._record_use)
+        self._on_demand_routes: dict[str, ModelRoute] = {}
+        self._openapi: dict[str, Any] | None = None
         self._usage: dict[str, list[float]] = {}
         self._usage_task: asyncio.Task | None = None
         app.state.helios = self  # the admin routes reach the router's state through the app
         lower_priority(self.config.nice)
 
-    # -- edge checks -------------------------------------------------------------
+    # -- models -----------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        """Name the request (the client's x-request-id, or a new one), then check its key.
-
-        Done per handler rather than in an HTTP middleware: Starlette's middleware wraps
-        every streamed body in extra tasks and queues, a real cost per chunk.
-        """
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if not self.keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.keys):
-            raise AuthenticationFailed("Missing or invalid API key: send 'Authorization: Bearer <key>'")
-
-    async def _handles(self, model: str) -> tuple[DeploymentHandle, DeploymentHandle]:
-        """(handle, streaming handle) of the model's engine: a config model's, or one started on demand."""
-        if model in self.engines:
-            self._record_use(model)
-            return self.engines[model], self.streams[model]
+    async def _on_demand_route(self, model: str) -> ModelRoute:
+        """A registered model's engine, started on demand (503 with Retry-After while it starts)."""
         if not self.on_demand.ready(model):
             record = await self.resolve(model)
             self._record_use(model)  # demand counts even while the model cold-starts (it drives prefetch)
             await self.on_demand.handle(model, record)
-        else:
-            self._record_use(model)
-        return self.on_demand.handles[model], self.on_demand.streams[model]
+        handle = self.on_demand.handles[model]
+        route = self._on_demand_routes.get(model)
+        if route is None or route.engine.handle is not handle:  # type: ignore[attr-defined]
+            route = self._on_demand_routes[model] = ModelRoute(ServeEngine(handle))
+        return route
 
     async def resolve(self, model: str, version: str | None = None) -> dict[str, Any]:
         """The registry's record of a model version; 404 for a model nobody registered."""
@@ -183,36 +225,44 @@ class Router:
         infos = await asyncio.gather(*(self._probe(m) for m in self.engines))
         return dict(zip(self.engines, infos))
 
-    # -- OpenAI API ----------------------------------------------------------------
+    # -- OpenAI API: forwarded to vLLM's serving layer in the engine replica ----------------
 
-    @app.post("/v1/completions")
+    async def _forward(self, request: Request, path: str) -> Response:
+        request.state.request_id = request_id = new_request_id(request.headers)
+        self.core.authorize(request.headers)
+        try:
+            return _response(await self.core.forward(path, request.headers, await request.body(), request_id))
+        except Exception as exc:
+            refusal = prefill_refusal(exc, request_id)
+            if refusal is None:
+                raise
+            return _response(refusal)
+
+    @app.post("/v1/completions", include_in_schema=False)
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
-        body = await self._parse(request, CompletionRequest)
-        ereq = EngineRequest(
-            request_id=_engine_request_id(request),
-            prompt=body.prompt,
-            sampling=body.sampling(body.max_tokens),
-            return_token_ids=body.return_token_ids,
-        )
-        return await self._serve(body, ereq, chat=False, request_id=request.state.request_id)
+        return await self._forward(request, "/v1/completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", include_in_schema=False)
     async def chat_completions(self, request: Request) -> Response:
-        self._authorize(request)
-        body = await self._parse(request, ChatCompletionRequest)
-        ereq = EngineRequest(
-            request_id=_engine_request_id(request),
-            messages=[{"role": m.role, "content": m.text()} for m in body.messages],
-            sampling=body.sampling(body.token_limit()),
-            return_token_ids=body.return_token_ids,
-        )
-        return await self._serve(body, ereq, chat=True, request_id=request.state.request_id)
+        return await self._forward(request, "/v1/chat/completions")
+
+    @app.post("/v1/embeddings", include_in_schema=False)
+    async def embeddings(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/embeddings")
+
+    @app.post("/tokenize", include_in_schema=False)
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward(request, "/tokenize")
+
+    @app.post("/detokenize", include_in_schema=False)
+    async def detokenize(self, request: Request) -> Response:
+        return await self._forward(request, "/detokenize")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         """Every model: the config's (with readiness) and every registered one, with versions, profile, warm view."""
-        self._authorize(request)
+        request.state.request_id = new_request_id(request.headers)
+        self.core.authorize(request.headers)
         probes = await self._probe_all()
         registered = {m["id"]: m for m in await self._registered()}
         data = []
@@ -239,6 +289,24 @@ class Router:
             log_event(logger, "registry_unavailable", error=repr(exc))
             return []
 
+    # -- schema --------------------------------------------------------------------
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> JSONResponse:
+        """vLLM's own schema of the forwarded routes, with Helios's routes beside them."""
+        if self._openapi is None:
+            model = next(iter(self.engines))
+            try:
+                vllm_schema = await asyncio.wait_for(self.engines[model].openapi.remote(), 30)
+            except Exception:  # noqa: BLE001 - no engine answers yet: the schema comes with the first one
+                raise ServiceUnavailable("No engine replica is ready to describe the API yet", retry_after_s=5) from None
+            self._openapi = merge_openapi(vllm_schema, app.openapi())
+        return JSONResponse(self._openapi)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Helios API")
+
     # -- health --------------------------------------------------------------------
 
     @app.get("/healthz")
@@ -250,72 +318,6 @@ class Router:
         states = {model: info is not None for model, info in (await self._probe_all()).items()}
         ok = all(states.values())
         return JSONResponse({"status": "ready" if ok else "not_ready", "models": states}, status_code=200 if ok else 503)
-
-    # -- the request path ------------------------------------------------------------
-
-    async def _parse(self, request: Request, model_cls: type) -> Any:
-        try:
-            return model_cls.model_validate(await _json_body(request))
-        except ValidationError as exc:
-            raise error_handlers.invalid_from_validation(exc) from None
-
-    async def _serve(self, body: Any, ereq: EngineRequest, chat: bool, request_id: str) -> Response:
-        engine, streams = await self._handles(body.model)
-        if body.model in self.prefill:
-            ereq = await self._prefill(body.model, ereq)
-        shape = ResponseShape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, int(time.time()), body.model)
-        headers = {"x-request-id": request_id}
-        if not body.stream:
-            chunk = await self._call(engine.generate.remote(ereq))
-            return JSONResponse(shape.full(chunk), headers=headers)
-        gen = streams.generate_stream.remote(ereq)
-        try:
-            first = await self._call(gen.__anext__())
-        except StopAsyncIteration:
-            raise ServiceUnavailable("The engine ended the stream before any output; retry") from None
-        except BaseException:
-            gen.cancel()
-            raise
-        return StreamingResponse(self._events(shape, first, gen, body.include_usage, request_id),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
-
-    async def _prefill(self, model: str, ereq: EngineRequest) -> EngineRequest:
-        """Run the prompt on a prefill replica (one token, its KV saved to the store); return the
-        decode request that continues from that KV. A decode side that cannot find the blocks
-        recomputes them (and counts it), so this never changes the tokens, only who computes them."""
-        sampling = {k: v for k, v in ereq.sampling.items() if k != "min_tokens"}
-        pre = dataclasses.replace(ereq, request_id=ereq.request_id + "-prefill", sampling={**sampling, "max_tokens": 1},
-                                  return_token_ids=False, kv_transfer_params={"do_remote_decode": True})
-        chunk = await self._call(self.prefill[model].generate.remote(pre))
-        return dataclasses.replace(ereq, kv_transfer_params=chunk.kv_transfer_params)
-
-    @staticmethod
-    async def _call(awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except StopAsyncIteration:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Ray wraps errors: the HeliosError inside keeps its status
-            raise error_handlers.unwrap(exc) from None
-
-    async def _events(self, shape: ResponseShape, first: EngineChunk, gen: Any, include_usage: bool, request_id: str) -> AsyncIterator[bytes]:
-        """SSE bytes for one stream; a client that goes away cancels the engine request."""
-        last, finished = first, first.finish_reason is not None
-        try:
-            yield shape.event(first, first=True)
-            async for chunk in gen:
-                last, finished = chunk, chunk.finish_reason is not None
-                yield shape.event(chunk, first=False)
-            yield shape.closing(last, include_usage)
-        except Exception as exc:  # noqa: BLE001 - the 200 is already sent: report in-band
-            inner = error_handlers.unwrap(exc)
-            err = inner if isinstance(inner, HeliosError) else HeliosError("stream failed")
-            log_event(logger, "stream_failed", request_id=request_id, error=repr(exc))
-            yield error_event(err.to_body(request_id))
-        finally:
-            if not finished:
-                gen.cancel()
-                log_event(logger, "stream_cancelled", request_id=request_id, completion_tokens=last.completion_tokens)
 
 
 def router_deployment(

@@ -1,0 +1,39 @@
+"""What crosses Ray between the router and an engine replica: an HTTP request and its answer as bytes.
+
+The router never decodes a body it forwards; the engine replica runs it through vLLM's own
+OpenAI app and returns status, headers and body bytes. Plain dataclasses: they pickle
+cheaply and need neither FastAPI nor vLLM to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Headers vLLM's handlers read; whatever else a client sent stays at the router.
+FORWARDED_HEADERS = frozenset({"content-type", "accept", "traceparent", "tracestate"})
+
+
+@dataclass(slots=True)
+class EngineHTTPRequest:
+    """One OpenAI request for an engine replica: the route, the headers vLLM reads, the raw body."""
+
+    path: str
+    body: bytes
+    request_id: str
+    method: str = "POST"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EngineHTTPResponse:
+    """The head of an engine's answer and its first (for a unary call: whole) body.
+
+    A streamed answer sends this first, then further body bytes as plain `bytes`."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)

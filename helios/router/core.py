@@ -1,0 +1,218 @@
+"""The router's logic as a plain class: auth, model lookup, PD orchestration, stream relay.
+
+It reads only what routing needs from a request (`model`, `stream`) and forwards the raw
+body to an engine, which answers with vLLM's own serving layer; a stream's SSE bytes are
+relayed without being decoded. Engines are reached through `EngineClient`, so the Serve
+ingress passes handles in and unit tests pass a fake engine: nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from helios.api.bodies import parse_json_object
+from helios.engine.http import FORWARDED_HEADERS, EngineHTTPRequest, EngineHTTPResponse
+from helios.errors import AuthenticationFailed, HeliosError, InvalidRequest, ModelNotFound
+from helios.observability.logs import get_logger, log_event
+
+logger = get_logger("router.core")
+
+# The OpenAI routes forwarded to a model's engine (vLLM answers them), by path.
+ENGINE_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+# Fields the prefill side of a disaggregated model does not need: it only computes the prompt's KV.
+_PREFILL_DROPS = ("stream_options", "logprobs", "top_logprobs", "prompt_logprobs", "echo", "min_tokens",
+                  "n", "best_of", "return_token_ids", "response_format", "structured_outputs")
+
+
+class EngineStream(ABC):
+    """A streamed engine answer: the head with the first body bytes, then more bytes."""
+
+    @abstractmethod
+    async def first(self) -> EngineHTTPResponse: ...
+
+    @abstractmethod
+    def rest(self) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop the engine's request (the client went away)."""
+
+
+class EngineClient(ABC):
+    """How the router reaches one engine deployment (a Serve handle, or a fake in unit tests)."""
+
+    @abstractmethod
+    async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse: ...
+
+    @abstractmethod
+    def stream(self, req: EngineHTTPRequest) -> EngineStream: ...
+
+
+@dataclass
+class ModelRoute:
+    """Where one model's requests go: its engine, and for a disaggregated model its prefill side too."""
+
+    engine: EngineClient  # unified, or a disaggregated model's decode side
+    prefill: EngineClient | None = None
+
+
+@dataclass
+class RouterResponse:
+    """What the ingress writes back: a whole body, or a stream of bytes already in SSE form."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    media_type: str | None = None
+
+
+# Looks up a model that is not in the config (registry + on-demand start); None: unknown model.
+Resolver = Callable[[str], Awaitable[ModelRoute | None]]
+
+
+@dataclass
+class RouterCore:
+    """Routes OpenAI requests by `model` to engines; the Serve ingress only adapts HTTP to it."""
+
+    routes: dict[str, ModelRoute]
+    api_keys: list[bytes] = field(default_factory=list)
+    resolver: Resolver | None = None
+    on_use: Callable[[str], None] | None = None  # counts a request for the registry's usage statistics
+
+    # -- edge checks -------------------------------------------------------------
+
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        """Check the bearer key against the configured API keys (none configured: open)."""
+        if not self.api_keys:
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.api_keys):
+            raise AuthenticationFailed("Missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+    async def route(self, model: str) -> ModelRoute:
+        """The engines of `model`: a config model's, or one the resolver finds (404 if nobody knows it)."""
+        route = self.routes.get(model)
+        if route is None and self.resolver is not None:
+            route = await self.resolver(model)
+        if route is None:
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        if self.on_use is not None:
+            self.on_use(model)
+        return route
+
+    def _model_of(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if model is None and len(self.routes) == 1:
+            return next(iter(self.routes))  # as vLLM's server does: `model` may be left out with one model
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model: a model id (a non-empty string) is required", param="model")
+        return model
+
+    # -- the request path ------------------------------------------------------------
+
+    async def forward(self, path: str, headers: Mapping[str, str], raw: bytes, request_id: str) -> RouterResponse:
+        """Send one OpenAI request to its model's engine and shape the answer for the client."""
+        body = parse_json_object(raw)
+        model = self._model_of(body)
+        route = await self.route(model)
+        fwd = [(k, v) for k, v in headers.items() if k.lower() in FORWARDED_HEADERS]
+        fwd.append(("x-request-id", request_id))
+        if route.prefill is not None and path in ("/v1/completions", "/v1/chat/completions"):
+            raw = await self._prefill(route.prefill, path, body, fwd, request_id)
+        req = EngineHTTPRequest(path=path, body=raw, request_id=request_id, headers=fwd)
+        if body.get("stream") is not True:
+            return _whole(await route.engine.call(req), request_id)
+        stream = route.engine.stream(req)
+        try:
+            first = await stream.first()
+        except BaseException:
+            stream.cancel()
+            raise
+        if first.status != 200:  # an error answered before any token: its own status, whole
+            rest = [chunk async for chunk in stream.rest()]
+            first.body += b"".join(rest)
+            return _whole(first, request_id)
+        return RouterResponse(200, {"x-request-id": request_id, "cache-control": "no-cache"},
+                              stream=relay(first.body, stream, request_id), media_type="text/event-stream")
+
+    async def _prefill(self, prefill: EngineClient, path: str, body: dict[str, Any], headers: list[tuple[str, str]],
+                       request_id: str) -> bytes:
+        """Run the prompt on a prefill replica (one token, KV saved), as vLLM's disaggregation proxy does;
+        return the decode request's body, carrying the prefill's `kv_transfer_params`.
+
+        A decode side that cannot find the blocks recomputes them (and counts it), so this
+        never changes the tokens, only who computes them."""
+        pre = {k: v for k, v in body.items() if k not in _PREFILL_DROPS}
+        pre.update(stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        if "max_completion_tokens" in body:
+            pre["max_completion_tokens"] = 1
+        pre_headers = [(k, v) for k, v in headers if k != "x-request-id"] + [("x-request-id", request_id + "-prefill")]
+        resp = await prefill.call(EngineHTTPRequest(path=path, body=json.dumps(pre).encode(),
+                                                    request_id=request_id + "-prefill", headers=pre_headers))
+        if resp.status != 200:
+            raise _PrefillRefused(resp)
+        params = json.loads(resp.body).get("kv_transfer_params")
+        return json.dumps({**body, "kv_transfer_params": params}).encode()
+
+
+class _PrefillRefused(HeliosError):
+    """The prefill side answered with an error: the client gets that answer as it is."""
+
+    def __init__(self, response: EngineHTTPResponse) -> None:
+        super().__init__("prefill refused the request")
+        self.response = response
+        self.status_code = response.status
+
+
+def prefill_refusal(exc: BaseException, request_id: str) -> RouterResponse | None:
+    """The client's answer when `exc` is a prefill side's error response, else None."""
+    return _whole(exc.response, request_id) if isinstance(exc, _PrefillRefused) else None
+
+
+def _whole(resp: EngineHTTPResponse, request_id: str) -> RouterResponse:
+    """A whole engine answer for the client; a 5xx shows only the request id (details are logged)."""
+    if resp.status >= 500:
+        log_event(logger, "engine_error_response", request_id=request_id, status=resp.status, body=resp.body[:2000])
+        err = HeliosError("engine error")
+        return RouterResponse(resp.status, {"x-request-id": request_id}, json.dumps(err.to_body(request_id)).encode(),
+                              media_type="application/json")
+    return RouterResponse(resp.status, {"x-request-id": request_id}, resp.body,
+                          media_type=resp.header("content-type") or "application/json")
+
+
+def error_event(body: dict[str, Any]) -> bytes:
+    """An in-band SSE error (the 200 is already sent), then the stream's end, as vLLM's server does."""
+    return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+async def relay(first: bytes, stream: EngineStream, request_id: str) -> AsyncIterator[bytes]:
+    """The engine's SSE bytes as they come; a client that goes away cancels the engine request."""
+    finished = False
+    try:
+        if first:
+            yield first
+        async for chunk in stream.rest():
+            yield chunk
+        finished = True
+    except Exception as exc:  # noqa: BLE001 - the 200 is already sent: report in-band
+        err = exc if isinstance(exc, HeliosError) else HeliosError("stream failed")
+        log_event(logger, "stream_failed", request_id=request_id, error=repr(exc))
+        finished = True
+        yield error_event(err.to_body(request_id))
+    finally:
+        if not finished:
+            stream.cancel()
+            log_event(logger, "stream_cancelled", request_id=request_id)
+
+
+def new_request_id(headers: Mapping[str, str]) -> str:
+    """The client's x-request-id, or a new one."""
+    return headers.get("x-request-id") or uuid.uuid4().hex
