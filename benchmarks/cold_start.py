@@ -772,7 +772,7 @@ def main() -> None:
     import s3fs
 
     from helios.config import StorageConfig
-    from helios.engine.demo_model import resolve_source
+    from helios.storage.demo_model import resolve_source
     from helios.storage.store import ModelStore
 
     WORK.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,7 @@ def evict_page_cache(root: Path) -> int:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from helios.engine.demo_model import resolve_source
+    from helios.storage.demo_model import resolve_source
     from helios.engine.kv_connector import connector_stats, kv_transfer_config
     from helios.engine.kv_store import KVStore, KVStoreConfig
 

@@ -196,7 +196,7 @@ def main() -> None:
     args.rounds = 3 if args.quick else 7
     args.ttft_requests = 30 if args.quick else 100
 
-    from helios.engine.demo_model import resolve_source
+    from helios.storage.demo_model import resolve_source
 
     work = ROOT / "benchmarks" / ".work"
     work.mkdir(parents=True, exist_ok=True)

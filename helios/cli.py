@@ -42,7 +42,7 @@ def demo_build(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the model into (must not exist)."),
 ) -> None:
     """Build the demo model (byte-identical on every machine) into a directory."""
-    from helios.engine.demo_model import PRESETS, build, file_digests
+    from helios.storage.demo_model import PRESETS, build, file_digests
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")

@@ -6,6 +6,7 @@ key's full path (`models.0.engine.max_model_lenn`), never later in a replica.
 
 from __future__ import annotations
 
+import getpass
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import (
 )
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+DEMO_PRESETS = ("tiny", "bench")  # the shapes `helios.storage.demo_model.PRESETS` builds (a test keeps them equal)
 
 
 class ConfigError(ValueError):
@@ -128,10 +130,32 @@ class ModelDeploymentConfig(_Strict):
         return self.max_replicas or max(self.num_replicas, 4)
 
 
-def _kv_store_config() -> type:
-    from helios.engine.kv_store import KVStoreConfig
+def default_kv_root() -> Path:
+    """Shared memory, per user: engines of one user on a node share it, users do not."""
+    return Path("/dev/shm") / f"helios-kv-{getpass.getuser()}"
 
-    return KVStoreConfig
+
+class KVStoreConfig(BaseModel):
+    """Where the node's KV blocks live and how many bytes each tier may hold (`helios.engine.kv_store`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: Path = Field(default_factory=default_kv_root, description="RAM tier directory (tmpfs, e.g. under /dev/shm).")
+    ram_bytes: ByteSize = Field(ByteSize(4 << 30), ge=0, description="Most bytes of blocks in the RAM tier, e.g. `4GiB`.")
+    nvme_path: Path | None = Field(None, description="NVMe tier directory; unset: blocks evicted from RAM are dropped.")
+    nvme_bytes: ByteSize = Field(ByteSize(64 << 30), ge=0, description="Most bytes of blocks in the NVMe tier.")
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], where: str = "kv store") -> KVStoreConfig:
+        """Validate, with errors that name the offending key (`where.key: message`)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(config_errors(exc, where)) from None
+
+
+def config_errors(exc: ValidationError, where: str) -> str:
+    return "; ".join(f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
 class DisaggregatedConfig(_Strict):
@@ -177,7 +201,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _kv_store(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            _kv_store_config().model_validate(value)  # errors name the bad key inside kv_cache
+            KVStoreConfig.model_validate(value)  # errors name the bad key inside kv_cache
         return value
 
     @model_validator(mode="after")
@@ -188,7 +212,7 @@ class ModelConfig(_Strict):
             value = getattr(self.disaggregated, key)
             if value is not None:
                 try:
-                    _kv_store_config().model_validate(value)
+                    KVStoreConfig.model_validate(value)
                 except ValidationError as exc:
                     err = exc.errors()[0]
                     raise ValueError(f"disaggregated.{key}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
@@ -203,11 +227,9 @@ class ModelConfig(_Strict):
     @classmethod
     def _known_source(cls, value: str) -> str:
         if value.startswith("demo://"):
-            from helios.engine.demo_model import PRESETS
-
             preset = value.removeprefix("demo://")
-            if preset not in PRESETS:
-                raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
+            if preset not in DEMO_PRESETS:
+                raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(DEMO_PRESETS)}")
         elif value.startswith("store://"):
             if not value.removeprefix("store://").strip(":"):
                 raise ValueError("store:// source needs a model id: store://ID[:VERSION]")

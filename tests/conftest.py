@@ -29,7 +29,7 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_root: Path) -> Path:
-    from helios.engine.demo_model import resolve_source
+    from helios.storage.demo_model import resolve_source
 
     return resolve_source("demo://tiny", cache_root)
 

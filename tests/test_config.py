@@ -18,8 +18,10 @@ def test_local_yaml_is_valid_and_serves_the_tiny_demo_model() -> None:
     app = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())["applications"][0]
     assert app["import_path"] == "helios.app:build_app"
     args = parse_args(app["args"])
-    assert [m.source for m in args.models] == ["demo://tiny"]
-    assert args.models[0].deployment.accelerator == "cpu"
+    assert [m.source for m in args.models] == ["demo://tiny", "demo://tiny"]
+    assert [m.engine.runner for m in args.models] == ["auto", "pooling"]  # a generator and an embedder
+    assert args.models[0].engine.tool_call_parser == "hermes"
+    assert all(m.deployment.accelerator == "cpu" for m in args.models)
 
 
 @pytest.mark.parametrize(

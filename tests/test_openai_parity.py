@@ -1,6 +1,6 @@
 """Helios answers the OpenAI API exactly as vLLM's own server does, on the same weights.
 
-One session runs vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on the
+Helios runs `make serve`'s own config (serve_configs/local.yaml). One session runs vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on the
 tiny demo model and on the same model as an embedder (pooling runner), and Helios serving
 both. Every request below goes to both, one at a time: same status, and for greedy or seeded
 requests the same body apart from ids and timestamps, streamed and not. Then the official
@@ -24,8 +24,9 @@ import jsonschema
 import openai
 import pytest
 import requests
+import yaml
 
-from tests.conftest import MODEL_ID, TINY_ENGINE, free_port, run_app
+from tests.conftest import MODEL_ID, TINY_ENGINE, free_port, local_storage, run_app
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +35,6 @@ EMBED_ID = "helios-demo-embed"
 # The demo model's weights are random: left free between JSON tokens it can emit whitespace until
 # max_tokens, so structured outputs here allow none (vLLM's own option, set alike on both servers).
 STRUCTURED = {"backend": "xgrammar", "disable_any_whitespace": True}
-TOOLS_ENGINE = {"tool_call_parser": "hermes", "enable_auto_tool_choice": True,
-                "extra_args": {"structured_outputs_config": STRUCTURED}}
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -200,14 +199,24 @@ def vllm_servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def local_yaml_args(cache_root: Path) -> dict[str, Any]:
+    """`make serve`'s app args (serve_configs/local.yaml), with its cache and tiers under the test's root."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "serve_configs" / "local.yaml").read_text())
+    args = config["applications"][0]["args"]
+    return {**args, "cache_root": str(cache_root), "storage": local_storage(cache_root / "parity-tiers")}
+
+
 @pytest.fixture(scope="module")
 def helios(serve_port: int, cache_root: Path, vllm_servers: dict[str, str]) -> Iterator[str]:
+    """Helios on `make serve`'s own config; its engines match the vLLM servers' flags above."""
     from ray import serve
 
-    engine = {**TINY_ENGINE, **TOOLS_ENGINE}
-    args = {"models": [{"id": MODEL_ID, "source": "demo://tiny", "engine": engine},
-                       {"id": EMBED_ID, "source": "demo://tiny", "engine": {**TINY_ENGINE, "runner": "pooling"}}],
-            "cache_root": str(cache_root)}
+    args = local_yaml_args(cache_root)
+    tiny, embed = args["models"]
+    assert (tiny["id"], embed["id"], embed["engine"]["runner"]) == (MODEL_ID, EMBED_ID, "pooling")
+    assert {k: tiny["engine"][k] for k in TINY_ENGINE} == TINY_ENGINE
+    assert tiny["engine"]["extra_args"]["structured_outputs_config"] == STRUCTURED
+    assert (tiny["engine"]["tool_call_parser"], tiny["engine"]["enable_auto_tool_choice"]) == ("hermes", True)
     url = run_app(args, APP, serve_port)
     yield url
     serve.delete(APP)
@@ -329,7 +338,7 @@ def test_fuzzed_requests_get_no_server_error(helios: str) -> None:
             count += 1
             resp = case.call(base_url=helios, timeout=120)
             if resp.status_code >= 500:
-                failures.append(f"{path} {resp.status_code} {case.body!r:.300} -> {resp.text[:300]}")
+                failures.append(f"{case.operation.path} {resp.status_code} {case.body!r:.300} -> {resp.text[:300]}")
 
         fuzz()
     assert count >= 100

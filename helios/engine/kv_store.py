@@ -21,7 +21,6 @@ the node (a Serve replica exporting metrics, a test) can read them with `read_st
 from __future__ import annotations
 
 import contextlib
-import getpass
 import hashlib
 import json
 import os
@@ -34,7 +33,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from helios.config import KVStoreConfig
+from helios.config import default_kv_root as default_root
 
 MAGIC = b"HELIOSKV"
 VERSION = 1
@@ -42,34 +42,6 @@ HEADER = struct.Struct("<8sIIQ16s")  # magic, version, reserved, payload bytes, 
 HEADER_SIZE = 64  # the header padded, so the payload starts 64-byte aligned
 KEY_BYTES = 16
 TIERS = ("ram", "nvme")
-
-
-def default_root() -> Path:
-    """Shared memory, per user: engines of one user on a node share it, users do not."""
-    return Path("/dev/shm") / f"helios-kv-{getpass.getuser()}"
-
-
-class KVStoreConfig(BaseModel):
-    """Where the node's KV blocks live and how many bytes each tier may hold."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    root: Path = Field(default_factory=default_root, description="RAM tier directory (tmpfs, e.g. under /dev/shm).")
-    ram_bytes: ByteSize = Field(ByteSize(4 << 30), ge=0, description="Most bytes of blocks in the RAM tier, e.g. `4GiB`.")
-    nvme_path: Path | None = Field(None, description="NVMe tier directory; unset: blocks evicted from RAM are dropped.")
-    nvme_bytes: ByteSize = Field(ByteSize(64 << 30), ge=0, description="Most bytes of blocks in the NVMe tier.")
-
-    @classmethod
-    def parse(cls, data: dict[str, Any], where: str = "kv store") -> KVStoreConfig:
-        """Validate, with errors that name the offending key (`where.key: message`)."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ValueError(config_errors(exc, where)) from None
-
-
-def config_errors(exc: ValidationError, where: str) -> str:
-    return "; ".join(f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
 # --------------------------------------------------------------------------- keys

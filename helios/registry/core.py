@@ -93,7 +93,7 @@ class RegistryCore:
         """Where a source's files are on this node, if it names a directory (a demo model once built)."""
         if source.startswith(STORE_SCHEME) or (source.startswith("demo://") and self.cache_root is None):
             return None
-        from helios.engine.demo_model import source_dir
+        from helios.storage.demo_model import source_dir
 
         return source_dir(source, self.cache_root or Path())
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helios.config import ModelConfig, StorageConfig
-from helios.engine.demo_model import resolve_source
 from helios.errors import ModelVersionNotFound
 from helios.observability.logs import get_logger, log_event
+from helios.storage.demo_model import resolve_source
 from helios.storage.manifest import Manifest, parse_ref
 from helios.storage.store import LocalModel, ModelStore
 from helios.storage.transfer import LogProgress

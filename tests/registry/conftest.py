@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def bench_model_dir(cache_root: Path) -> Path:
     """The 1.4 GB `bench` demo model, built once per session (about 40 s on two cores)."""
-    from helios.engine.demo_model import resolve_source
+    from helios.storage.demo_model import resolve_source
 
     return resolve_source("demo://bench", cache_root)
 

@@ -377,7 +377,7 @@ def _header_bytes(model_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def shm_bench() -> Iterator[Path]:
     """The bench model (~1.4 GB bf16) in /dev/shm, as Helios's RAM tier would hold it; removed afterwards."""
-    from helios.engine.demo_model import resolve_source
+    from helios.storage.demo_model import resolve_source
 
     source = resolve_source("demo://bench", Path.home() / ".cache" / "helios")
     root = Path(tempfile.mkdtemp(prefix="helios-test-", dir="/dev/shm"))

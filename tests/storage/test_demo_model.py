@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helios.engine import demo_model
-from helios.engine.demo_model import PRESETS, build, file_digests
+from helios.storage import demo_model
+from helios.storage.demo_model import PRESETS, build, file_digests
 
 # The tiny preset's files, byte for byte. A change here changes every machine's model:
 # only update these with a deliberate change to the demo model.
@@ -16,7 +16,7 @@ TINY_SHA256 = {
     "generation_config.json": "187b84bb6f2e6eb2984b15f84914f3476c62e7461dfaeaa93b619a1e8e78c9b2",
     "model.safetensors": "b2ab7eb4add0faa7999a2c55fab8e25154bce1edc1daecaedc7b135db9181ce5",
     "tokenizer.json": "6230d0b5a7cdcc2ed668eef745620f19293738fffaeb3ecb6cf3f650b6f22e72",
-    "tokenizer_config.json": "c9538f5e2e8f51fc135642505bd0f90aa8b95b10ee217cb1af9d067980c9c330",
+    "tokenizer_config.json": "9e01fb7f25d5eb76e4a6f3810dc3823d2c22563d5d4642a01058846e79b3b0f7"  # chat template renders tools (Hermes style),
 }
 
 
@@ -84,6 +84,30 @@ def test_chat_template_renders_roles_and_generation_prompt(tiny: Path) -> None:
     assert rendered == "<|begin_of_text|><|system|>\nBe brief.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert ids[0] == demo_model.BOS_ID and ids[-2] == tok.convert_tokens_to_ids("<|assistant|>")
+
+
+def test_chat_template_renders_tools_calls_and_results(tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "-3C"},
+    ]
+    rendered = tok.apply_chat_template(messages, tools=[tool], add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<|begin_of_text|><|system|>\nYou may call these tools:\n<tools>\n")
+    assert '"name": "get_weather"' in rendered
+    assert '<|assistant|>\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><|end|>' in rendered
+    assert rendered.endswith("<|tool|>\n-3C<|end|>\n<|assistant|>\n")
+
+
+def test_config_knows_every_preset() -> None:
+    from helios.config import DEMO_PRESETS
+
+    assert set(DEMO_PRESETS) == set(PRESETS)
 
 
 def test_weights_come_from_integer_hashing_not_a_library_rng() -> None:
