@@ -159,9 +159,9 @@ def evict_page_cache(root: Path) -> int:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from helios.storage.demo_model import resolve_source
     from helios.engine.kv_connector import connector_stats, kv_transfer_config
     from helios.engine.kv_store import KVStore, KVStoreConfig
+    from helios.storage.demo_model import resolve_source
 
     repeats = 2 if quick else 4
     prefix_len, suffix_len = 2048, 64
