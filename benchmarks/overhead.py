@@ -1,6 +1,7 @@
 """What serving through Helios costs over vLLM's own server, and over Ray Serve LLM.
 
-All three serve the tiny demo model with the same engine settings on this machine, one
+Ray Serve LLM runs twice: on Ray Serve's HAProxy ingress (Ray's own fast path, what its
+users run, and the main baseline) and on the default Python proxy. All of them serve the tiny demo model with the same engine settings on this machine, one
 after the other in one run. For each: output tokens/s at 16 concurrent streamed requests
 (64 requests of 64 tokens, `ignore_eos`), and time to first token for 1-token requests
 sent one at a time. Writes JSON (and a PNG bar chart beside it); the last line printed
@@ -167,7 +168,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [SYSTEM_NAMES[s] for s in results]
-    colors = ["#888888", "#4c72b0", "#dd8452", "#8fb0d8"][: len(names)]
+    palette = {"raw_vllm": "#888888", "rayserve_llm_haproxy": "#4c72b0", "rayserve_llm": "#8fb0d8", "helios": "#dd8452"}
+    colors = [palette[s] for s in results]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.bar(names, [r["tok_s"] for r in results.values()], color=colors)
     a.set_title("Output tokens/s (16 concurrent streams)")
@@ -187,8 +189,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="One round and fewer latency probes (under 5 minutes).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
     parser.add_argument("--systems", default=None,
-                        help="Comma-separated subset to run (default: raw_vllm,rayserve_llm,helios, plus "
-                        "rayserve_llm_haproxy without --quick).")
+                        help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios).")
     parser.add_argument("--port", type=int, default=8321)
     args = parser.parse_args()
     args.requests, args.concurrency, args.max_tokens = 64, 16, 64
@@ -201,7 +202,7 @@ def main() -> None:
     work = ROOT / "benchmarks" / ".work"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_source("demo://tiny", work / "cache")
-    default = "raw_vllm,rayserve_llm,helios" + ("" if args.quick else ",rayserve_llm_haproxy")
+    default = "raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios"
     systems = [s.strip() for s in (args.systems or default).split(",") if s.strip()]
     started = time.monotonic()
     results = {s: asyncio.run(measure(s, model_dir, args.port + i, args, work)) for i, s in enumerate(systems)}
@@ -211,6 +212,11 @@ def main() -> None:
         ratios["helios_over_raw_tok_s"] = results["helios"]["tok_s"] / results["raw_vllm"]["tok_s"]
     if "helios" in results and "rayserve_llm" in results:
         ratios["helios_over_rayserve_llm_tok_s"] = results["helios"]["tok_s"] / results["rayserve_llm"]["tok_s"]
+    if "helios" in results and "rayserve_llm_haproxy" in results:
+        ratios["helios_over_rayserve_llm_haproxy_tok_s"] = (
+            results["helios"]["tok_s"] / results["rayserve_llm_haproxy"]["tok_s"])
+    if "helios" in results and "raw_vllm" in results:
+        ratios["helios_minus_raw_ttft_p50_ms"] = results["helios"]["ttft_p50_ms"] - results["raw_vllm"]["ttft_p50_ms"]
     if "helios" in results and "raw_vllm" in results:
         # Front-end CPU per token, each normalised by its own engine's CPU per token (which
         # is the same work in every system, so it cancels the host's speed at the time).

@@ -62,8 +62,32 @@ def engine_kwargs(
     unknown = sorted(set(e.extra_args) - known)
     if unknown:
         raise InvalidRequest(f"models.{model.id}.engine.extra_args: unknown vLLM engine argument(s) {unknown}")
-    kwargs.update(e.extra_args)
+    kwargs.update({k: _config_object(k, v) for k, v in e.extra_args.items()})
     return kwargs
+
+
+def _config_object(key: str, value: Any) -> Any:
+    """A dict given for one of vLLM's config dataclasses (e.g. `structured_outputs_config`) as that
+    class, as vLLM's command-line parser makes it: its server code reads attributes, not keys."""
+    import dataclasses
+    import types
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if not isinstance(value, dict):
+        return value
+    annotation = {f.name: f.type for f in dataclasses.fields(AsyncEngineArgs)}[key]
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    config_type = next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
+    if config_type is None:
+        return value
+    try:
+        return TypeAdapter(config_type).validate_python(value)
+    except ValidationError as exc:
+        raise InvalidRequest(f"engine.extra_args.{key}: {exc}") from None
 
 
 def frontend_kwargs(model: ModelConfig) -> dict[str, Any]:
