@@ -37,11 +37,14 @@ EMBED_ID = "helios-demo-embed"
 STRUCTURED = {"backend": "xgrammar", "disable_any_whitespace": True}
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                   "required": ["city"]}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+                   "required": ["city"]}, "strict": True}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
     "type": "object", "properties": {"zone": {"type": "string", "enum": ["utc", "local"]}}, "required": ["zone"]}}}
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+# Bounded fields: the demo model's random weights would otherwise fill strings with control bytes.
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
           "required": ["name", "age"], "additionalProperties": False}
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 HISTORY = [
@@ -149,10 +152,21 @@ def _events(raw: bytes) -> list[Any]:
     return out
 
 
+def _by_choice(events: list[Any]) -> dict[Any, list[Any]]:
+    """A stream's events per choice index, in order: with n > 1 the choices' events interleave by timing."""
+    out: dict[Any, list[Any]] = {}
+    for event in events:
+        choices = event.get("choices") if isinstance(event, dict) else None
+        for choice in choices or [None]:
+            key = choice["index"] if choice else "other"
+            out.setdefault(key, []).append({**event, "choices": [choice]} if choice else event)
+    return out
+
+
 def _send(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
     r = requests.post(base + path, json=body, timeout=300)
     if body.get("stream") and r.status_code == 200:
-        return r.status_code, _events(r.content)
+        return r.status_code, _by_choice(_events(r.content))
     return r.status_code, r.json()
 
 
@@ -243,7 +257,7 @@ def test_same_answer_as_vllm(helios: str, vllm_servers: dict[str, str], name: st
 
 
 def test_json_schema_output_validates(helios: str) -> None:
-    body = {"model": MODEL_ID, "messages": USER, "max_tokens": 80, "temperature": 0,
+    body = {"model": MODEL_ID, "messages": USER, "max_tokens": 300, "temperature": 0,
             "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
     status, resp = _send(helios, CH, body)
     assert status == 200
@@ -260,18 +274,18 @@ def client(helios: str) -> openai.OpenAI:
 
 def test_openai_client_tool_calls(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(model=MODEL_ID, messages=USER, tools=[WEATHER], tool_choice="required",
-                                          max_tokens=80, temperature=0)
+                                          max_tokens=300, temperature=0)
     calls = resp.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "get_weather"
     jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
-    named = client.chat.completions.create(model=MODEL_ID, messages=USER, tools=[WEATHER, CLOCK], max_tokens=60,
+    named = client.chat.completions.create(model=MODEL_ID, messages=USER, tools=[WEATHER, CLOCK], max_tokens=300,
                                            tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert named.choices[0].message.tool_calls[0].function.name == "get_time"
 
 
 def test_openai_client_schema_valid_json(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model=MODEL_ID, messages=USER, max_tokens=80, temperature=0,
+        model=MODEL_ID, messages=USER, max_tokens=300, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
     jsonschema.validate(json.loads(resp.choices[0].message.content), PERSON)
 

@@ -147,3 +147,19 @@ def test_blocks_evicted_before_decode_are_recomputed_and_counted(
     assert sum(p.stat().st_size for p in blocks) <= 2 << 20  # the producer's store stayed within its budget
     (expected,) = _reference(tiny_model_dir, [{"prompt": prompt, "max_tokens": MAX_TOKENS}])
     assert ids == expected
+
+
+def test_disaggregated_n2_and_logprobs(client: openai.OpenAI, reference: list[list[int]]) -> None:
+    """Fields that shape the output go to the decode side only: two seeded samples with logprobs come
+    back, continued from the producer's KV; greedy logprobs pick the same tokens as vLLM's own output."""
+    before = decode_kv()
+    resp = client.completions.create(model=MODEL_ID, prompt=PROMPTS[2], max_tokens=8, n=2, temperature=0.9, seed=5,
+                                     logprobs=2)
+    assert sorted(c.index for c in resp.choices) == [0, 1]
+    assert all(len(c.logprobs.tokens) == 8 and len(c.logprobs.top_logprobs[0]) >= 2 for c in resp.choices)
+    after = wait_kv(lambda kv: kv.get("matched_tokens", 0) > before.get("matched_tokens", 0))
+    assert after.get("matched_tokens", 0) > before.get("matched_tokens", 0)
+    greedy = client.completions.create(model=MODEL_ID, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                       logprobs=1, extra_body={"return_token_ids": True})
+    assert greedy.choices[0].token_ids == reference[0]
+    assert len(greedy.choices[0].logprobs.token_logprobs) == MAX_TOKENS

@@ -116,13 +116,17 @@ def _registry_view(model: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def merge_openapi(vllm_schema: dict[str, Any], helios_schema: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's paths that Helios forwards (with the components they use) plus Helios's own."""
-    paths = {p: ops for p, ops in vllm_schema.get("paths", {}).items() if p in ENGINE_ROUTES}
+def merge_openapi(vllm_schemas: list[dict[str, Any]], helios_schema: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's paths that Helios forwards (with the components they use), from each model's engine,
+    plus Helios's own public routes."""
+    paths: dict[str, Any] = {}
+    schemas: dict[str, Any] = {}
+    for vllm_schema in vllm_schemas:
+        paths.update({p: ops for p, ops in vllm_schema.get("paths", {}).items() if p in ENGINE_ROUTES})
+        schemas.update(vllm_schema.get("components", {}).get("schemas", {}))
     paths.update({p: ops for p, ops in helios_schema.get("paths", {}).items() if not p.startswith("/admin")})
-    schemas = {**vllm_schema.get("components", {}).get("schemas", {}),
-               **helios_schema.get("components", {}).get("schemas", {})}
-    return {"openapi": vllm_schema.get("openapi", "3.1.0"),
+    schemas.update(helios_schema.get("components", {}).get("schemas", {}))
+    return {"openapi": vllm_schemas[0].get("openapi", "3.1.0") if vllm_schemas else "3.1.0",
             "info": {"title": "Helios", "version": helios_schema.get("info", {}).get("version", "0.1.0")},
             "paths": paths, "components": {"schemas": schemas}}
 
@@ -295,12 +299,13 @@ class Router:
     async def openapi(self) -> JSONResponse:
         """vLLM's own schema of the forwarded routes, with Helios's routes beside them."""
         if self._openapi is None:
-            model = next(iter(self.engines))
+            # One schema per model: a pooling model's engine describes /v1/embeddings, a generator's the rest.
             try:
-                vllm_schema = await asyncio.wait_for(self.engines[model].openapi.remote(), 30)
+                schemas = await asyncio.wait_for(asyncio.gather(*(h.openapi.remote() for h in self.engines.values())),
+                                                 30)
             except Exception:  # noqa: BLE001 - no engine answers yet: the schema comes with the first one
                 raise ServiceUnavailable("No engine replica is ready to describe the API yet", retry_after_s=5) from None
-            self._openapi = merge_openapi(vllm_schema, app.openapi())
+            self._openapi = merge_openapi(schemas, app.openapi())
         return JSONResponse(self._openapi)
 
     @app.get("/docs", include_in_schema=False)
