@@ -103,9 +103,9 @@ def _kv_connector(config: ModelConfig, role: Role) -> tuple[dict[str, Any] | Non
     connector writes its counters under its own name (the Serve replica id)."""
     if role == "unified" and config.kv_cache is None:
         return None, None
+    from helios.config import KVStoreConfig
     from helios.engine.kv_connector import kv_transfer_config
     from helios.engine.kv_metrics import KVMetrics
-    from helios.engine.kv_store import KVStoreConfig
 
     store = KVStoreConfig.model_validate(config.kv_store(None if role == "unified" else role))
     kv_role = {"unified": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}[role]

@@ -62,7 +62,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from helios.engine.kv_store import KVStore, KVStoreConfig, block_keys, config_errors, namespace, read_stats
+from helios.config import KVStoreConfig, config_errors
+from helios.engine.kv_store import KVStore, block_keys, namespace, read_stats
 
 if TYPE_CHECKING:
     import torch

@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from helios.config import KVStoreConfig
 from helios.engine.kv_connector import connector_stats
-from helios.engine.kv_store import KVStoreConfig
 
 EXPORTED = {
     "recompute_fallbacks": "Requests whose stored KV was missing (evicted, other node unreachable) and were recomputed.",
