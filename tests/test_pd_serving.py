@@ -153,7 +153,8 @@ def test_disaggregated_n2_and_logprobs(client: openai.OpenAI, reference: list[li
     """Fields that shape the output go to the decode side only: two seeded samples with logprobs come
     back, continued from the producer's KV; greedy logprobs pick the same tokens as vLLM's own output."""
     before = decode_kv()
-    resp = client.completions.create(model=MODEL_ID, prompt=PROMPTS[2], max_tokens=8, n=2, temperature=0.9, seed=5,
+    prompt = "Two sampled choices continue from one prefill's KV blocks, fetched once. " * 4  # new: no cache hit
+    resp = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, n=2, temperature=0.9, seed=5,
                                      logprobs=2)
     assert sorted(c.index for c in resp.choices) == [0, 1]
     assert all(len(c.logprobs.tokens) == 8 and len(c.logprobs.top_logprobs[0]) >= 2 for c in resp.choices)
