@@ -84,9 +84,10 @@ def helios(model_dir: str, port: int, engine: dict) -> None:
     def build():
         from helios.app import build_app
 
-        # HELIOS_BENCH_DEPLOYMENT: JSON deployment settings, to measure a tuning knob.
+        # HELIOS_BENCH_DEPLOYMENT / HELIOS_BENCH_ENGINE: JSON settings over the shared ones, to measure a knob.
         deployment = json.loads(os.environ.get("HELIOS_BENCH_DEPLOYMENT", "{}"))
-        model = {"id": MODEL_ID, "source": model_dir, "engine": engine, "deployment": deployment}
+        engine_args = {**engine, **json.loads(os.environ.get("HELIOS_BENCH_ENGINE", "{}"))}
+        model = {"id": MODEL_ID, "source": model_dir, "engine": engine_args, "deployment": deployment}
         return build_app({"models": [model]})
 
     _ray_serve(build, port)

@@ -97,7 +97,6 @@ def frontend_kwargs(model: ModelConfig) -> dict[str, Any]:
         "enable_auto_tool_choice": e.enable_auto_tool_choice,
         "tool_call_parser": e.tool_call_parser,
         "chat_template": e.chat_template,
-        "enable_request_id_headers": True,
     }
 
 

@@ -55,16 +55,23 @@ async def build_openai_app(engine: Any, args: argparse.Namespace) -> Any:
 
 
 class ASGICall:
-    """One request through an ASGI app, its response read back as messages on a queue.
+    """One request through an ASGI app, its response gathered as it is sent.
 
-    `receive` gives the body once and then waits: a cancelled call reports
-    `http.disconnect`, which vLLM's handlers take as the client leaving (they abort)."""
+    The app's `send` only appends (a list, one event set): no queue, task or timer per
+    token, since vLLM sends one message per token. `receive` gives the body once and then
+    waits: a cancelled call reports `http.disconnect`, which vLLM's handlers take as the
+    client leaving (they abort)."""
 
     def __init__(self, app: Any, req: EngineHTTPRequest) -> None:
         self.req = req
-        self.messages: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+        self.head: tuple[int, list[tuple[str, str]]] | None = None
+        self.chunks: list[bytes] = []
+        self.done = False
+        self.error: BaseException | None = None
         self._sent_body = False
         self._gone = asyncio.Event()
+        self._data = asyncio.Event()  # something arrived since the reader last took
+        self._finished = asyncio.Event()
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in req.headers]
         headers.append((b"content-length", str(len(req.body)).encode()))
         path, _, query = req.path.partition("?")
@@ -81,10 +88,15 @@ class ASGICall:
             await app(scope, self._receive, self._send)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - reported to the reader, which answers 500
-            self.messages.put_nowait(exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, which fails the request
+            self.error = exc
         finally:
-            self.messages.put_nowait(None)
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        self._finished.set()
+        self._data.set()
 
     async def _receive(self) -> dict[str, Any]:
         if not self._sent_body:
@@ -94,21 +106,37 @@ class ASGICall:
         return {"type": "http.disconnect"}
 
     async def _send(self, message: dict[str, Any]) -> None:
-        self.messages.put_nowait(message)
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.head = _head(message)
+        elif kind == "http.response.body":
+            if message.get("body"):
+                self.chunks.append(message["body"])
+            if not message.get("more_body", False):
+                self._finish()
+        self._data.set()
 
-    async def next_message(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The app's next ASGI message; None when it has finished; a `flush` message after `timeout`."""
+    def take(self) -> bytes:
+        """The body bytes sent since the last take."""
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        return body
+
+    async def wait_data(self) -> None:
+        """Until there are body bytes to take or the response is over."""
+        while not self.chunks and not self.done:
+            self._data.clear()
+            await self._data.wait()
+
+    async def wait_finished(self, timeout: float | None) -> None:
+        """Until the response is over, or `timeout` seconds (None: no limit)."""
+        if self.done:
+            return
         try:
-            msg = self.messages.get_nowait()
-        except asyncio.QueueEmpty:
-            try:
-                async with asyncio.timeout(timeout):
-                    msg = await self.messages.get()
-            except TimeoutError:
-                return {"type": "flush"}
-        if isinstance(msg, BaseException):
-            raise msg
-        return msg
+            async with asyncio.timeout(timeout):
+                await self._finished.wait()
+        except TimeoutError:
+            pass
 
     async def cancel(self) -> None:
         """The client went away: tell the handler, then stop it (both abort the request in vLLM)."""
@@ -174,66 +202,58 @@ class OpenAIApp:
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         """The whole response (for a request that does not stream)."""
-        first: EngineHTTPResponse | None = None
-        chunks: list[bytes] = []
-        async for part in self.stream(req, interval_s=None):
-            if isinstance(part, EngineHTTPResponse):
-                first = part
-            else:
-                chunks.append(part)
-        assert first is not None
-        if chunks:
-            first.body += b"".join(chunks)
-        return first
-
-    async def stream(self, req: EngineHTTPRequest, interval_s: float | None = -1.0) -> AsyncIterator[
-            EngineHTTPResponse | bytes]:
-        """The response head with its first body bytes (awaited, so an early error keeps its status),
-        then body bytes at most once per `interval_s` (the replica's stream interval by default; None:
-        everything at the end), the last the moment the app finishes. Closing this aborts in vLLM."""
-        interval = self.stream_interval_s if interval_s is not None and interval_s < 0 else interval_s
         call = ASGICall(self.app, req)
-        loop = asyncio.get_running_loop()
-        head: tuple[int, list[tuple[str, str]]] | None = None
-        buf: list[bytes] = []
-        sent_head, done = False, False
-        send_at = loop.time()
         try:
-            while not done:
-                timeout = None
-                if sent_head and buf and interval is not None:
-                    timeout = max(send_at - loop.time(), 0.0)
-                msg = await call.next_message(timeout)
-                if msg is None:
-                    done = True
-                elif msg["type"] == "http.response.start":
-                    head = _head(msg)
-                elif msg["type"] == "http.response.body":
-                    if msg.get("body"):
-                        buf.append(msg["body"])
-                    done = not msg.get("more_body", False)
-                if head is None:
-                    continue
-                if not sent_head and (buf or done):
-                    body = b"".join(buf)
-                    if head[0] >= 400 and done:
-                        body = openai_error_body(head[0], body)
-                    elif body.startswith(b'data: {"error"'):
-                        # A stream whose first event is an error: answer with its status, not a 200.
-                        head, body, done = early_stream_error(body)
-                    yield EngineHTTPResponse(head[0], head[1], body)
-                    if done:
-                        break
-                    buf, sent_head, send_at = [], True, loop.time() + (interval or 0.0)
-                elif buf and (done or (interval is not None and loop.time() >= send_at)):
-                    yield b"".join(buf)
-                    buf, send_at = [], loop.time() + (interval or 0.0)
-            if head is None:
-                raise RuntimeError("vLLM's app returned no response")
-        except BaseException as exc:
-            if not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                log_event(logger, "openai_app_failed", request_id=req.request_id, path=req.path, error=repr(exc))
+            await call.wait_finished(None)
+        except BaseException:
+            await call.cancel()
             raise
+        if call.error is not None or call.head is None:
+            self._failed(req, call.error)
+        status, headers = call.head
+        body = call.take()
+        if status >= 400:
+            body = openai_error_body(status, body)
+        return EngineHTTPResponse(status, headers, body)
+
+    @staticmethod
+    def _failed(req: EngineHTTPRequest, error: BaseException | None) -> None:
+        log_event(logger, "openai_app_failed", request_id=req.request_id, path=req.path, error=repr(error))
+        raise RuntimeError(f"vLLM's app failed: {error!r}")
+
+    async def stream(self, req: EngineHTTPRequest) -> AsyncIterator[EngineHTTPResponse | bytes]:
+        """The response head with its first body bytes (awaited, so an early error keeps its status),
+        then body bytes at most once per stream interval, the last the moment the app finishes.
+        Closing this aborts the request in vLLM."""
+        interval = self.stream_interval_s
+        call = ASGICall(self.app, req)
+        try:
+            while call.head is None or not (call.chunks or call.done):
+                if call.done:
+                    self._failed(req, call.error)
+                await call.wait_data()
+            status, headers = call.head
+            body = call.take()
+            if status >= 400:
+                await call.wait_finished(None)
+                yield EngineHTTPResponse(status, headers, openai_error_body(status, body + call.take()))
+                return
+            if body.startswith(b'data: {"error"'):
+                # A stream whose first event is an error: answer with its status, not a 200.
+                (status, headers), body, _ = early_stream_error(body)
+                yield EngineHTTPResponse(status, headers, body)
+                return
+            yield EngineHTTPResponse(status, headers, body)
+            while not call.done:
+                if interval > 0:
+                    await call.wait_finished(interval)  # at most one message per interval; the end at once
+                await call.wait_data()
+                if call.chunks:
+                    yield call.take()
+            if call.chunks:  # sent while the last message was on its way
+                yield call.take()
+            if call.error is not None:
+                self._failed(req, call.error)
         finally:
             if not call.task.done():
                 await call.cancel()
