@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import serve
 
-from helios.config import HeliosArgs, ModelConfig, parse_args
+from helios.config import HeliosArgs, ModelConfig, RouterContext, parse_args
 from helios.engine.deployment import engine_deployment
 from helios.router.ingress import router_deployment
 
@@ -31,12 +31,8 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
             engines[m.id] = engine_deployment(m, cache_root, config.storage, role="decode")
         else:
             engines[m.id] = engine_deployment(m, cache_root, config.storage)
-    context = {
-        "cache_root": cache_root,
-        "storage": storage,
-        "registry": config.registry.model_dump(mode="json"),
-        "models": [m.model_dump(mode="json") for m in config.models],
-    }
+    context = RouterContext(cache_root=cache_root, storage=config.storage, registry=config.registry,
+                            models=config.models)
     return router_deployment(config.router, engines, context, prefill)
 
 

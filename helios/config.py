@@ -404,6 +404,15 @@ class RegistryConfig(_Strict):
     defaults: DynamicModelDefaults = Field(default_factory=DynamicModelDefaults)
 
 
+class RouterContext(_Strict):
+    """What the router needs besides its own settings: on-demand starts and the admin API read it."""
+
+    cache_root: str
+    storage: StorageConfig | None = None
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    models: list[ModelConfig] = Field(default_factory=list, description="The config's models.")
+
+
 class HeliosArgs(_Strict):
     """The whole `args:` block of `helios.app:build_app`."""
 

@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from helios.api import admin, error_handlers
-from helios.config import ModelConfig, RegistryConfig, RouterConfig, StorageConfig
+from helios.config import RouterConfig, RouterContext
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
@@ -139,18 +139,18 @@ class Router:
         self,
         config: dict[str, Any],
         engines: dict[str, DeploymentHandle],
-        context: dict[str, Any] | None = None,
+        context: RouterContext | None = None,
         prefill: dict[str, DeploymentHandle] | None = None,
     ) -> None:
-        context = context or {}
+        context = context or RouterContext(cache_root="")
         self.config = RouterConfig.model_validate(config)
         self.engines = engines  # a disaggregated model's entry is its decode side
         self.prefill = prefill or {}
         self.infos: dict[str, dict[str, Any]] = {}
-        self.cache_root: str = context.get("cache_root", "")
-        self.storage = StorageConfig.model_validate(context["storage"]) if context.get("storage") else None
-        self.registry_config = RegistryConfig.model_validate(context.get("registry") or {})
-        self.models = {m["id"]: ModelConfig.model_validate(m) for m in context.get("models", [])}
+        self.cache_root = context.cache_root
+        self.storage = context.storage
+        self.registry_config = context.registry
+        self.models = {m.id: m for m in context.models}
         self.on_demand = OnDemandModels(self.cache_root, self.storage, self.registry_config)
         routes = {m: ModelRoute(ServeEngine(h), ServeEngine(self.prefill[m]) if m in self.prefill else None)
                   for m, h in engines.items()}
@@ -326,12 +326,12 @@ class Router:
 
 
 def router_deployment(
-    config: RouterConfig, engines: dict[str, Any], context: dict[str, Any], prefill: dict[str, Any] | None = None
+    config: RouterConfig, engines: dict[str, Any], context: RouterContext, prefill: dict[str, Any] | None = None
 ) -> serve.Application:
     """Bind the router with its Serve options over the bound engine deployments.
 
     `context`: what on-demand models and the admin API need (cache root, storage and
-    registry settings, the config's models), as plain JSON."""
+    registry settings, the config's models)."""
     return serve.deployment(Router).options(
         name="router",
         num_replicas=config.num_replicas,
