@@ -217,7 +217,10 @@ def local_yaml_args(cache_root: Path) -> dict[str, Any]:
     """`make serve`'s app args (serve_configs/local.yaml), with its cache and tiers under the test's root."""
     config = yaml.safe_load((Path(__file__).parents[1] / "serve_configs" / "local.yaml").read_text())
     args = config["applications"][0]["args"]
-    return {**args, "cache_root": str(cache_root), "storage": local_storage(cache_root / "parity-tiers")}
+    # A cache root of its own: the registry persists its catalog there, and this module registers a
+    # second model that later modules' fresh registries must not find.
+    root = cache_root / "parity"
+    return {**args, "cache_root": str(root), "storage": local_storage(root / "tiers")}
 
 
 @pytest.fixture(scope="module")
