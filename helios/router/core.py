@@ -126,7 +126,10 @@ class RouterCore:
         fwd = [(k, v) for k, v in headers.items() if k.lower() in FORWARDED_HEADERS]
         fwd.append(("x-request-id", request_id))
         if route.prefill is not None and path in ("/v1/completions", "/v1/chat/completions"):
-            raw = await self._prefill(route.prefill, path, body, fwd, request_id)
+            decode = await self._prefill(route.prefill, path, body, fwd, request_id)
+            if isinstance(decode, RouterResponse):  # the prefill side refused: its answer is the client's
+                return decode
+            raw = decode
         req = EngineHTTPRequest(path=path, body=raw, request_id=request_id, headers=fwd)
         if body.get("stream") is not True:
             return _whole(await route.engine.call(req), request_id)
@@ -144,9 +147,10 @@ class RouterCore:
                               stream=relay(first.body, stream, request_id), media_type="text/event-stream")
 
     async def _prefill(self, prefill: EngineClient, path: str, body: dict[str, Any], headers: list[tuple[str, str]],
-                       request_id: str) -> bytes:
+                       request_id: str) -> bytes | RouterResponse:
         """Run the prompt on a prefill replica (one token, KV saved), as vLLM's disaggregation proxy does;
-        return the decode request's body, carrying the prefill's `kv_transfer_params`.
+        return the decode request's body, carrying the prefill's `kv_transfer_params` (or, when the
+        prefill side answers with an error, that answer for the client).
 
         A decode side that cannot find the blocks recomputes them (and counts it), so this
         never changes the tokens, only who computes them."""
@@ -158,23 +162,9 @@ class RouterCore:
         resp = await prefill.call(EngineHTTPRequest(path=path, body=json.dumps(pre).encode(),
                                                     request_id=request_id + "-prefill", headers=pre_headers))
         if resp.status != 200:
-            raise _PrefillRefused(resp)
+            return _whole(resp, request_id)
         params = json.loads(resp.body).get("kv_transfer_params")
         return json.dumps({**body, "kv_transfer_params": params}).encode()
-
-
-class _PrefillRefused(HeliosError):
-    """The prefill side answered with an error: the client gets that answer as it is."""
-
-    def __init__(self, response: EngineHTTPResponse) -> None:
-        super().__init__("prefill refused the request")
-        self.response = response
-        self.status_code = response.status
-
-
-def prefill_refusal(exc: BaseException, request_id: str) -> RouterResponse | None:
-    """The client's answer when `exc` is a prefill side's error response, else None."""
-    return _whole(exc.response, request_id) if isinstance(exc, _PrefillRefused) else None
 
 
 def _whole(resp: EngineHTTPResponse, request_id: str) -> RouterResponse:

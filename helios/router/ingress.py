@@ -34,7 +34,6 @@ from helios.router.core import (
     RouterCore,
     RouterResponse,
     new_request_id,
-    prefill_refusal,
 )
 from helios.router.on_demand import OnDemandModels
 
@@ -234,13 +233,7 @@ class Router:
     async def _forward(self, request: Request, path: str) -> Response:
         request.state.request_id = request_id = new_request_id(request.headers)
         self.core.authorize(request.headers)
-        try:
-            return _response(await self.core.forward(path, request.headers, await request.body(), request_id))
-        except Exception as exc:
-            refusal = prefill_refusal(exc, request_id)
-            if refusal is None:
-                raise
-            return _response(refusal)
+        return _response(await self.core.forward(path, request.headers, await request.body(), request_id))
 
     @app.post("/v1/completions", include_in_schema=False)
     async def completions(self, request: Request) -> Response:
