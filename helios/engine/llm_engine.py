@@ -121,7 +121,8 @@ class LLMEngine:
         self.created = int(time.time())
         self.start_seconds = time.monotonic() - started
         self.timings: dict[str, float] = {"engine_init_s": self.start_seconds}
-        self.app: Any = None
+        self.app: Any = None  # vLLM's OpenAI app, built by start_app
+        self.tasks: list[str] = []  # what the engine serves (generate, embed, ...), from start_app
 
     async def start_app(self) -> None:
         """Build vLLM's OpenAI app over the started engine (async: vLLM's state set-up awaits the engine)."""
@@ -134,7 +135,7 @@ class LLMEngine:
 
     def info(self) -> dict[str, Any]:
         return {"id": self.model_id, "max_model_len": self.max_model_len, "created": self.created,
-                "timings": self.timings, "tasks": getattr(self, "tasks", [])}
+                "timings": self.timings, "tasks": self.tasks}
 
     def num_unfinished_requests(self) -> int:
         return self.engine.get_num_unfinished_requests()

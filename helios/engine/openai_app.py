@@ -179,15 +179,15 @@ def openai_error_body(status: int, body: bytes) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
-def early_stream_error(body: bytes) -> tuple[tuple[int, list[tuple[str, str]]], bytes, bool]:
-    """(head, body, done) of the error response that a stream's first error event stands for."""
+def early_stream_error(body: bytes) -> EngineHTTPResponse:
+    """The whole error response that a stream's first error event stands for."""
     event = body.split(b"\n\n", 1)[0].removeprefix(b"data: ")
     try:
         code = json.loads(event)["error"].get("code")
     except (ValueError, KeyError, TypeError, AttributeError):
         code = None
     status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    return (status, [("content-type", "application/json")]), openai_error_body(status, event), True
+    return EngineHTTPResponse(status, [("content-type", "application/json")], openai_error_body(status, event))
 
 
 class OpenAIApp:
@@ -240,8 +240,7 @@ class OpenAIApp:
                 return
             if body.startswith(b'data: {"error"'):
                 # A stream whose first event is an error: answer with its status, not a 200.
-                (status, headers), body, _ = early_stream_error(body)
-                yield EngineHTTPResponse(status, headers, body)
+                yield early_stream_error(body)
                 return
             yield EngineHTTPResponse(status, headers, body)
             while not call.done:
