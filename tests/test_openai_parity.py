@@ -152,21 +152,51 @@ def _events(raw: bytes) -> list[Any]:
     return out
 
 
-def _by_choice(events: list[Any]) -> dict[Any, list[Any]]:
-    """A stream's events per choice index, in order: with n > 1 the choices' events interleave by timing."""
-    out: dict[Any, list[Any]] = {}
+# Keys whose streamed pieces a client concatenates; every other scalar is last-one-wins.
+TEXT_KEYS = {"text", "content", "reasoning_content", "reasoning", "arguments"}
+
+
+def _merge(acc: Any, new: Any, key: str = "") -> Any:
+    """Fold one streamed piece into what came before, as a client assembling the stream does."""
+    if new is None:
+        return acc
+    if acc is None:
+        return new
+    if isinstance(acc, str) and isinstance(new, str) and key in TEXT_KEYS:
+        return acc + new
+    if isinstance(acc, dict) and isinstance(new, dict):
+        return {**acc, **{k: _merge(acc.get(k), v, k) for k, v in new.items()}}
+    if isinstance(acc, list) and isinstance(new, list):
+        if key != "tool_calls":
+            return acc + new
+        calls = {call["index"]: call for call in acc}
+        for call in new:
+            calls[call["index"]] = _merge(calls.get(call["index"]), call)
+        return [calls[i] for i in sorted(calls)]
+    return new
+
+
+def _assemble(events: list[Any]) -> dict[str, Any]:
+    """A stream as the client assembles it: each choice's pieces joined, the last usage, and [DONE].
+
+    Compared whole, not event by event: vLLM itself merges a request's outputs when its consumer
+    lags a step behind, so where one stream's chunk boundaries fall depends on timing on either server.
+    """
+    top: dict[str, Any] = {}
+    choices: dict[int, Any] = {}
     for event in events:
-        choices = event.get("choices") if isinstance(event, dict) else None
-        for choice in choices or [None]:
-            key = choice["index"] if choice else "other"
-            out.setdefault(key, []).append({**event, "choices": [choice]} if choice else event)
-    return out
+        if not isinstance(event, dict):
+            continue
+        top = _merge(top, {k: v for k, v in event.items() if k != "choices"})
+        for choice in event.get("choices") or []:
+            choices[choice["index"]] = _merge(choices.get(choice["index"]), choice)
+    return {**top, "choices": [choices[i] for i in sorted(choices)], "done": events[-1:] == ["[DONE]"]}
 
 
 def _send(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
     r = requests.post(base + path, json=body, timeout=300)
     if body.get("stream") and r.status_code == 200:
-        return r.status_code, _by_choice(_events(r.content))
+        return r.status_code, _assemble(_events(r.content))
     return r.status_code, r.json()
 
 
