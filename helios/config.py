@@ -105,7 +105,11 @@ class ModelDeploymentConfig(_Strict):
     )
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the engine runs.")
     num_cpus: float = Field(1.0, ge=0, description="Logical Ray CPUs one replica reserves.")
-    max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica takes at once before Serve queues.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one replica runs at once; the model's capacity is this times its replicas.")
+    max_queued_requests: int = Field(
+        256, ge=0, description="Requests that may wait for the model beyond its capacity; past that the router "
+        "answers 429 with Retry-After at once.")
     nice: int = Field(
         5,
         ge=0,
@@ -348,6 +352,15 @@ class StorageConfig(_Strict):
         return self
 
 
+class KeyRateLimits(_Strict):
+    """Rates each API key may use (token buckets with a minute's burst); an open API shares one."""
+
+    requests_per_minute: float | None = Field(None, gt=0, description="Requests a key may send per minute.")
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="Tokens a key may use per minute, counted at admission: the body's bytes / 4 plus "
+        "the output it reserves (max_tokens, 16 when unset, times n).")
+
+
 class RouterConfig(_Strict):
     """The ingress deployment: auth and HTTP behaviour."""
 
@@ -359,6 +372,17 @@ class RouterConfig(_Strict):
     num_cpus: float = Field(0.5, ge=0, description="Logical Ray CPUs one router replica reserves.")
     max_ongoing_requests: int = Field(2048, ge=1, description="Requests one router replica takes at once.")
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each model's replica.")
+    queue_timeout_s: float = Field(
+        60.0, gt=0, description="How long a request may wait in its model's queue before it gets 503 with Retry-After.")
+    rate_limits: KeyRateLimits | None = Field(
+        None, description="Per-API-key request and token rates (429 rate_limit_exceeded past them); none by default.")
+    retry_deadline_s: float = Field(
+        120.0, ge=0,
+        description="How long a request whose replica died before any output is retried on another (or the "
+        "restarted) replica before it gets 503; 0 turns retries off. Long enough for a replica restart.",
+    )
+    retry_max_backoff_s: float = Field(2.0, gt=0, description="The longest pause between two retries (backoff "
+                                       "doubles from 0.1 s).")
     nice: int = Field(
         10, ge=0, le=19, description="CPU nice value added to router processes, so engines win contended cores."
     )

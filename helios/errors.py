@@ -87,11 +87,32 @@ class ServiceUnavailable(HeliosError):
             self.headers = {"Retry-After": str(max(int(retry_after_s), 1))}
 
     def __reduce__(self):
-        return (_rebuild_unavailable, (self.message, self.retry_after_s))
+        return (_rebuild_unavailable, (type(self), self.message, self.retry_after_s))
 
     def to_body(self, request_id: str | None = None) -> dict:
         # A 503 is the client's cue to retry; its reason is safe to show.
         return {"error": {"message": self.message, "type": self.error_type, "param": None, "code": None}}
+
+
+class RateLimited(HeliosError):
+    """429: over a per-key rate limit, or the model's queue is full; Retry-After says when to come back."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str = "", *, param: str | None = None, retry_after_s: int = 1,
+                 code: str = "rate_limit_exceeded") -> None:
+        super().__init__(message, param=param)
+        self.code = code
+        self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(max(int(retry_after_s), 1))}
+
+    def __reduce__(self):
+        return (_rebuild_rate_limited, (self.message, self.retry_after_s, self.code))
+
+
+class EngineUnavailable(ServiceUnavailable):
+    """The replica that took a request died or could not be reached before any output: safe to retry."""
 
 
 class EngineError(HeliosError):
@@ -122,5 +143,9 @@ class RemoteUnavailable(StorageError):
     """The remote tier cannot be reached or refuses us (URL, endpoint, credentials, bucket)."""
 
 
-def _rebuild_unavailable(message: str, retry_after_s: int | None) -> ServiceUnavailable:
-    return ServiceUnavailable(message, retry_after_s=retry_after_s)
+def _rebuild_unavailable(cls: type[ServiceUnavailable], message: str, retry_after_s: int | None) -> ServiceUnavailable:
+    return cls(message, retry_after_s=retry_after_s)
+
+
+def _rebuild_rate_limited(message: str, retry_after_s: int, code: str) -> RateLimited:
+    return RateLimited(message, retry_after_s=retry_after_s, code=code)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import requests
 
@@ -29,7 +33,8 @@ def base_url(serve_port: int, cache_root: Path) -> str:
 
     # Through the storage tiers, as `make serve` runs: demo pushed to a file:// remote, pulled into
     # RAM, loaded by vLLM with load_format="helios". Greedy outputs below must still equal vLLM's own.
-    args = {**tiny_args(cache_root), "storage": local_storage(cache_root / "tiers")}
+    # Retries wait for a restarted replica up to 300 s: the last test kills the only one.
+    args = {**tiny_args(cache_root, retry_deadline_s=300), "storage": local_storage(cache_root / "tiers")}
     url = run_app(args, "helios-serving", serve_port)
     yield url
     serve.delete("helios-serving")
@@ -316,3 +321,44 @@ def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
     while _unfinished_in_engine() and time.monotonic() < deadline:
         time.sleep(0.25)
     assert _unfinished_in_engine() == 0
+
+
+# -- a killed replica: no request lost, no engine process left (keep last: the replica restarts) --------
+
+
+def _engine_replica_pid() -> int:
+    from ray import serve
+
+    from helios.engine.deployment import deployment_name
+
+    handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name="helios-serving")
+    return handle.info.remote().result(timeout_s=300)["pid"]
+
+
+def _vllm_processes(pid: int) -> list[psutil.Process]:
+    """vLLM's engine core and worker under a replica (they retitle themselves `VLLM::...`)."""
+    return [p for p in psutil.Process(pid).children(recursive=True) if "VLLM::" in " ".join(p.cmdline())]
+
+
+def test_a_killed_replica_loses_no_request_and_leaves_no_engine_process(base_url: str) -> None:
+    pid = _engine_replica_pid()
+    engine = _vllm_processes(pid)
+    assert len(engine) >= 1, "no vLLM engine process under the replica"
+    body = {"model": MODEL_ID, "prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True, "temperature": 0,
+            "return_token_ids": True}
+    with ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(requests.post, f"{base_url}/v1/completions", json=body, timeout=600) for _ in range(20)]
+        deadline = time.monotonic() + 60
+        while _unfinished_in_engine() < 20:  # all 20 accepted and generating
+            assert time.monotonic() < deadline and not any(f.done() for f in futures)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        answers = [f.result() for f in futures]
+    assert [r.status_code for r in answers] == [200] * 20, [r.text for r in answers if r.status_code != 200]
+    ids = [r.json()["choices"][0]["token_ids"] for r in answers]
+    assert len(ids[0]) == 400 and all(i == ids[0] for i in ids)  # retried on the new replica, same greedy tokens
+    assert _engine_replica_pid() != pid
+    deadline = time.monotonic() + 30  # the killed replica's watchdog SIGKILLs its engine core and worker
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engine):
+        assert time.monotonic() < deadline, [p.pid for p in engine if p.is_running()]
+        time.sleep(0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -73,6 +74,7 @@ class EngineDeployment:
     def info(self) -> dict[str, Any]:
         info = self.engine.info()
         info["role"] = self.role
+        info["pid"] = os.getpid()  # the replica's process (its engine core and workers are its children)
         if self.kv_metrics is not None:
             info["kv"] = self.kv_metrics.snapshot()
         return info

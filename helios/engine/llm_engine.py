@@ -15,6 +15,7 @@ from typing import Any
 
 from helios.config import ModelConfig
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.reaper import ensure_reaper
 from helios.errors import InvalidRequest
 from helios.observability.logs import get_logger
 
@@ -113,6 +114,7 @@ class LLMEngine:
             # vLLM's CPU backend sizes its KV cache from this variable only.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(model.engine.kv_cache_space_gib)
         started = time.monotonic()
+        ensure_reaper()  # before vLLM spawns its engine core: a replica killed mid-start leaves nothing behind
         self.model = model
         self.model_id = model.id
         self.engine_args = AsyncEngineArgs(**engine_kwargs(model, model_dir, loader, kv_transfer))

@@ -8,18 +8,30 @@ ingress passes handles in and unit tests pass a fake engine: nothing here needs 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import random
+import time
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from helios.api.bodies import parse_json_object
 from helios.engine.http import FORWARDED_HEADERS, EngineHTTPRequest, EngineHTTPResponse
-from helios.errors import AuthenticationFailed, HeliosError, InvalidRequest, ModelNotFound
+from helios.errors import (
+    AuthenticationFailed,
+    EngineUnavailable,
+    HeliosError,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+)
 from helios.observability.logs import get_logger, log_event
+from helios.router.admission import AdmissionGate, KeyLimits, estimated_tokens
 
 logger = get_logger("router.core")
 
@@ -30,8 +42,14 @@ _PREFILL_DROPS = ("stream_options", "logprobs", "top_logprobs", "prompt_logprobs
                   "n", "best_of", "return_token_ids", "response_format", "structured_outputs")
 
 
+T = TypeVar("T")
+
+
 class EngineStream(ABC):
-    """A streamed engine answer: the head with the first body bytes, then more bytes."""
+    """A streamed engine answer: the head with the first body bytes, then more bytes.
+
+    `first` raises `EngineUnavailable` when the replica died (or could not be reached)
+    before answering: the router retries those."""
 
     @abstractmethod
     async def first(self) -> EngineHTTPResponse: ...
@@ -45,7 +63,10 @@ class EngineStream(ABC):
 
 
 class EngineClient(ABC):
-    """How the router reaches one engine deployment (a Serve handle, or a fake in unit tests)."""
+    """How the router reaches one engine deployment (a Serve handle, or a fake in unit tests).
+
+    `call` raises `EngineUnavailable` when the replica died (or could not be reached)
+    before answering: the router retries those."""
 
     @abstractmethod
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse: ...
@@ -77,6 +98,31 @@ class RouterResponse:
 Resolver = Callable[[str], Awaitable[ModelRoute | None]]
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a request whose replica died before any output is retried (on another or the restarted replica).
+
+    Nothing has reached the client yet, so a retry is invisible to it; the deadline is
+    long enough by default for Serve to restart a lone replica."""
+
+    deadline_s: float = 120.0
+    first_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def backoffs(self) -> AsyncIterator[float]:
+        """Sleep before each retry (doubling, with jitter) until the deadline; yields the seconds left."""
+        return _backoffs(self)
+
+
+async def _backoffs(policy: RetryPolicy) -> AsyncIterator[float]:
+    deadline = time.monotonic() + policy.deadline_s
+    backoff = policy.first_backoff_s
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(backoff * random.uniform(0.5, 1.0), left))
+        yield deadline - time.monotonic()
+        backoff = min(backoff * 2, policy.max_backoff_s)
+
+
 @dataclass
 class RouterCore:
     """Routes OpenAI requests by `model` to engines; the Serve ingress only adapts HTTP to it."""
@@ -85,6 +131,10 @@ class RouterCore:
     api_keys: list[bytes] = field(default_factory=list)
     resolver: Resolver | None = None
     on_use: Callable[[str], None] | None = None  # counts a request for the registry's usage statistics
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    admission: Callable[[str], AdmissionGate] | None = None  # makes a model's gate (None: no queue bound)
+    limits: KeyLimits | None = None  # per-API-key request and token rates
+    gates: dict[str, AdmissionGate] = field(default_factory=dict)
 
     # -- edge checks -------------------------------------------------------------
 
@@ -119,10 +169,45 @@ class RouterCore:
     # -- the request path ------------------------------------------------------------
 
     async def forward(self, path: str, headers: Mapping[str, str], raw: bytes, request_id: str) -> RouterResponse:
-        """Send one OpenAI request to its model's engine and shape the answer for the client."""
+        """Send one OpenAI request to its model's engine and shape the answer for the client.
+
+        Admission first: the key's rate limits, then a slot in the model's bounded queue,
+        held until the answer (or the stream) ends."""
         body = parse_json_object(raw)
         model = self._model_of(body)
         route = await self.route(model)
+        if self.limits is not None:  # an open API has one shared limit: made-up keys must not dodge it
+            self.limits.check(_bearer(headers) if self.api_keys else "", estimated_tokens(raw, body))
+        gate = self._gate(model)
+        if gate is None:
+            return await self._send(route, path, headers, raw, body, request_id)
+        await gate.acquire()
+        try:
+            resp = await self._send(route, path, headers, raw, body, request_id)
+        except BaseException:
+            gate.release(finished=False)
+            raise
+        if resp.stream is None:
+            gate.release()
+        else:
+            slot = _Slot(gate)
+            resp.stream = _released(resp.stream, slot)
+            # A stream the server never starts (the client left before the head was sent) runs no
+            # `finally`: give its slot back when it is collected, on the loop that owns the gate.
+            loop = asyncio.get_running_loop()
+            weakref.finalize(resp.stream, lambda: loop.is_closed() or loop.call_soon_threadsafe(slot.release))
+        return resp
+
+    def _gate(self, model: str) -> AdmissionGate | None:
+        if self.admission is None:
+            return None
+        gate = self.gates.get(model)
+        if gate is None:
+            gate = self.gates[model] = self.admission(model)
+        return gate
+
+    async def _send(self, route: ModelRoute, path: str, headers: Mapping[str, str], raw: bytes, body: dict[str, Any],
+                    request_id: str) -> RouterResponse:
         fwd = [(k, v) for k, v in headers.items() if k.lower() in FORWARDED_HEADERS]
         fwd.append(("x-request-id", request_id))
         if route.prefill is not None and path in ("/v1/completions", "/v1/chat/completions"):
@@ -132,13 +217,8 @@ class RouterCore:
             raw = decode
         req = EngineHTTPRequest(path=path, body=raw, request_id=request_id, headers=fwd)
         if body.get("stream") is not True:
-            return _whole(await route.engine.call(req), request_id)
-        stream = route.engine.stream(req)
-        try:
-            first = await stream.first()
-        except BaseException:
-            stream.cancel()
-            raise
+            return _whole(await self._retrying(lambda: route.engine.call(req), request_id), request_id)
+        stream, first = await self._retrying(lambda: _open(route.engine, req), request_id)
         if first.status != 200:  # an error answered before any token: its own status, whole
             rest = [chunk async for chunk in stream.rest()]
             first.body += b"".join(rest)
@@ -159,12 +239,73 @@ class RouterCore:
         if "max_completion_tokens" in body:
             pre["max_completion_tokens"] = 1
         pre_headers = [(k, v) for k, v in headers if k != "x-request-id"] + [("x-request-id", request_id + "-prefill")]
-        resp = await prefill.call(EngineHTTPRequest(path=path, body=json.dumps(pre).encode(),
-                                                    request_id=request_id + "-prefill", headers=pre_headers))
+        pre_req = EngineHTTPRequest(path=path, body=json.dumps(pre).encode(), request_id=request_id + "-prefill",
+                                    headers=pre_headers)
+        resp = await self._retrying(lambda: prefill.call(pre_req), request_id)
         if resp.status != 200:
             return _whole(resp, request_id)
         params = json.loads(resp.body).get("kv_transfer_params")
         return json.dumps({**body, "kv_transfer_params": params}).encode()
+
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], request_id: str) -> T:
+        """`attempt()`, again after each `EngineUnavailable` (a replica that died before answering)
+        until the retry deadline; then 503 with Retry-After."""
+        try:
+            return await attempt()
+        except EngineUnavailable as exc:
+            error: EngineUnavailable = exc
+        tries = 1
+        async for left in self.retry.backoffs():
+            log_event(logger, "retry", request_id=request_id, attempt=tries + 1, error=error.message,
+                      seconds_left=round(left, 1))
+            try:
+                result = await attempt()
+            except EngineUnavailable as exc:
+                error, tries = exc, tries + 1
+                continue
+            log_event(logger, "retry_succeeded", request_id=request_id, attempts=tries + 1)
+            return result
+        log_event(logger, "retries_exhausted", request_id=request_id, attempts=tries, error=error.message)
+        raise ServiceUnavailable("The model's replicas are not answering; retry shortly.",
+                                 retry_after_s=max(int(self.retry.max_backoff_s), 1)) from None
+
+
+class _Slot:
+    """A stream's admission slot, given back once."""
+
+    def __init__(self, gate: AdmissionGate) -> None:
+        self.gate, self.held = gate, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.release()
+
+
+async def _released(stream: AsyncIterator[bytes], slot: _Slot) -> AsyncIterator[bytes]:
+    """The stream, giving its admission slot back when it ends (finished, failed or abandoned)."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        slot.release()
+
+
+def _bearer(headers: Mapping[str, str]) -> str:
+    """The request's API key (empty when the API is open: then every client shares one limit)."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _open(engine: EngineClient, req: EngineHTTPRequest) -> tuple[EngineStream, EngineHTTPResponse]:
+    """Start a stream and wait for its head and first bytes (cancelled in the engine if that fails)."""
+    stream = engine.stream(req)
+    try:
+        return stream, await stream.first()
+    except BaseException:
+        stream.cancel()
+        raise
 
 
 def _whole(resp: EngineHTTPResponse, request_id: str) -> RouterResponse:

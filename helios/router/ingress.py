@@ -10,6 +10,7 @@ keep their status codes.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,19 +19,23 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ReplicaState
 
 from helios.api import admin, error_handlers
 from helios.config import RouterConfig, RouterContext
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
-from helios.errors import ModelNotFound, ServiceUnavailable
+from helios.errors import EngineUnavailable, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
+from helios.router.admission import AdmissionGate, KeyLimits
 from helios.router.core import (
     ENGINE_ROUTES,
     EngineClient,
     EngineStream,
     ModelRoute,
+    RetryPolicy,
     RouterCore,
     RouterResponse,
     new_request_id,
@@ -43,6 +48,7 @@ app = FastAPI(title="Helios", docs_url=None, redoc_url=None, openapi_url=None)
 error_handlers.install(app)
 app.include_router(admin.router)
 USAGE_FLUSH_S = 1.0
+REPLICA_POLL_S = 5.0
 
 
 async def _unwrapped(awaitable: Any) -> Any:
@@ -50,6 +56,8 @@ async def _unwrapped(awaitable: Any) -> Any:
         return await awaitable
     except StopAsyncIteration:
         raise
+    except RayActorError as exc:  # the replica died or is unreachable: RouterCore retries before any output
+        raise EngineUnavailable(f"engine replica unavailable: {type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - Ray wraps errors: the HeliosError inside keeps its status
         raise error_handlers.unwrap(exc) from None
 
@@ -89,6 +97,13 @@ class ServeEngine(EngineClient):
 
     def stream(self, req: EngineHTTPRequest) -> EngineStream:
         return ServeEngineStream(self.streaming.stream.remote(req))
+
+
+def _key_limits(config: RouterConfig) -> KeyLimits | None:
+    limits = config.rate_limits
+    if limits is None or not (limits.requests_per_minute or limits.tokens_per_minute):
+        return None
+    return KeyLimits(limits.requests_per_minute, limits.tokens_per_minute)
 
 
 def _response(resp: RouterResponse) -> Response:
@@ -154,7 +169,12 @@ class Router:
         routes = {m: ModelRoute(ServeEngine(h), ServeEngine(self.prefill[m]) if m in self.prefill else None)
                   for m, h in engines.items()}
         self.core = RouterCore(routes, [k.encode() for k in self.config.keys()],  # noqa: SIM118 - the API keys
-                               resolver=self._on_demand_route, on_use=self._record_use)
+                               resolver=self._on_demand_route, on_use=self._record_use,
+                               retry=RetryPolicy(deadline_s=self.config.retry_deadline_s,
+                                                 max_backoff_s=self.config.retry_max_backoff_s),
+                               admission=self._admission_gate, limits=_key_limits(self.config))
+        self.replicas: dict[str, int] = {}  # model -> its RUNNING engine replicas, from serve.status()
+        self._replicas_task: asyncio.Task | None = None
         self._on_demand_routes: dict[str, ModelRoute] = {}
         self._openapi: dict[str, Any] | None = None
         self._usage: dict[str, list[float]] = {}
@@ -190,6 +210,39 @@ class Router:
             if isinstance(inner, ModelNotFound):
                 raise ModelNotFound(f"The model `{model}` does not exist.", param="model") from None
             raise ServiceUnavailable("The model registry is not answering; retry shortly.", retry_after_s=5) from None
+
+    # -- admission ---------------------------------------------------------------------
+
+    def _admission_gate(self, model: str) -> AdmissionGate:
+        """A model's queue bound: its replicas' capacity, shared out among the router replicas."""
+        config = self.models.get(model)
+        deployment = config.deployment if config else self.registry_config.defaults.deployment
+        routers = self.config.num_replicas
+        if self._replicas_task is None:
+            self._replicas_task = asyncio.get_running_loop().create_task(self._watch_replicas())
+
+        def capacity() -> int:
+            replicas = self.replicas.get(model, deployment.num_replicas)
+            return max(math.ceil(deployment.max_ongoing_requests * replicas / routers), 1)
+
+        return AdmissionGate(model, capacity, math.ceil(deployment.max_queued_requests / routers),
+                             self.config.queue_timeout_s)
+
+    async def _watch_replicas(self) -> None:
+        """Keep each model's running replica count fresh (autoscaling changes it), waking queues that gained room."""
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                for model, handle in {**self.engines, **self.on_demand.handles}.items():
+                    app = status.applications.get(handle.app_name)
+                    dep = app.deployments.get(handle.deployment_name) if app else None
+                    if dep is not None:
+                        self.replicas[model] = dep.replica_states.get(ReplicaState.RUNNING, 0)
+                for gate in self.core.gates.values():
+                    gate.wake()
+            except Exception as exc:  # noqa: BLE001 - keep the last counts; admission must not fail over this
+                log_event(logger, "replica_count_failed", error=repr(exc))
+            await asyncio.sleep(REPLICA_POLL_S)
 
     # -- usage -----------------------------------------------------------------------
 

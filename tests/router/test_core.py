@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
-from helios.errors import AuthenticationFailed, InvalidRequest, ModelNotFound
-from helios.router.core import EngineClient, EngineStream, ModelRoute, RouterCore
+from helios.errors import AuthenticationFailed, EngineUnavailable, InvalidRequest, ModelNotFound, ServiceUnavailable
+from helios.router.core import EngineClient, EngineStream, ModelRoute, RetryPolicy, RouterCore
 
 JSON = [("content-type", "application/json")]
 
@@ -173,3 +173,89 @@ def test_a_prefill_error_is_the_clients_answer() -> None:
     resp = run(core.forward("/v1/chat/completions", {}, b'{"model":"m","messages":[]}', "r"))
     assert resp is not None and resp.status == 400 and b"too long" in resp.body
     assert decode.seen == []
+
+
+# -- retries before the first token ------------------------------------------------------------
+
+
+class DyingFakeEngine(FakeEngine):
+    """A fake engine whose first `deaths` attempts fail as a replica that died before answering."""
+
+    def __init__(self, deaths: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.deaths = deaths
+
+    def _maybe_die(self) -> None:
+        if self.deaths > 0:
+            self.deaths -= 1
+            raise EngineUnavailable("replica died")
+
+    async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
+        self.seen.append(req)
+        self._maybe_die()
+        return EngineHTTPResponse(self.status, JSON, self.body)
+
+    def stream(self, req: EngineHTTPRequest) -> EngineStream:
+        stream = super().stream(req)
+        die = self._maybe_die
+
+        class _Dying(FakeStream):
+            async def first(self) -> EngineHTTPResponse:
+                die()
+                return await super().first()
+
+        dying = _Dying(stream.head, stream.chunks)
+        self.streams[-1] = dying
+        return dying
+
+
+FAST = RetryPolicy(deadline_s=5.0, first_backoff_s=0.001, max_backoff_s=0.01)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_replica_that_dies_before_answering_is_retried(stream: bool) -> None:
+    engine = DyingFakeEngine(deaths=3, body=b"data: a\n\n", chunks=[b"data: [DONE]\n\n"])
+    core = RouterCore({"m": ModelRoute(engine)}, retry=FAST)
+    raw = json.dumps({"model": "m", "prompt": "x", "stream": stream}).encode()
+    resp = run(core.forward("/v1/completions", {}, raw, "rid"))
+    assert resp.status == 200
+    assert len(engine.seen) == 4 and all(r.body == raw for r in engine.seen)
+    if stream:
+        assert [s.cancelled for s in engine.streams] == [True, True, True, False]
+
+        async def drain() -> bytes:
+            return b"".join([c async for c in resp.stream])
+
+        assert run(drain()) == b"data: a\n\ndata: [DONE]\n\n"
+
+
+def test_retries_end_in_503_with_retry_after_past_the_deadline() -> None:
+    engine = DyingFakeEngine(deaths=10**9)
+    core = RouterCore({"m": ModelRoute(engine)}, retry=RetryPolicy(deadline_s=0.2, first_backoff_s=0.01,
+                                                                  max_backoff_s=0.05))
+    with pytest.raises(ServiceUnavailable) as err:
+        run(core.forward("/v1/completions", {}, b'{"model": "m", "prompt": "x"}', "rid"))
+    assert not isinstance(err.value, EngineUnavailable)
+    assert err.value.status_code == 503 and int(err.value.headers["Retry-After"]) >= 1
+    assert 3 <= len(engine.seen) < 100
+
+
+def test_no_retry_when_turned_off_or_on_an_engine_answer() -> None:
+    engine = DyingFakeEngine(deaths=1)
+    core = RouterCore({"m": ModelRoute(engine)}, retry=RetryPolicy(deadline_s=0))
+    with pytest.raises(ServiceUnavailable):
+        run(core.forward("/v1/completions", {}, b'{"model": "m", "prompt": "x"}', "rid"))
+    assert len(engine.seen) == 1
+    errors = FakeEngine(status=400, body=b'{"error": {"message": "bad"}}')  # an answer, even an error, is final
+    resp = run(RouterCore({"m": ModelRoute(errors)}, retry=FAST).forward("/v1/completions", {},
+                                                                         b'{"model": "m"}', "rid"))
+    assert resp.status == 400 and len(errors.seen) == 1
+
+
+def test_a_dead_prefill_replica_is_retried() -> None:
+    prefill = DyingFakeEngine(deaths=2, body=b'{"kv_transfer_params": {"remote": 1}}')
+    decode = FakeEngine()
+    core = RouterCore({"m": ModelRoute(decode, prefill=prefill)}, retry=FAST)
+    resp = run(core.forward("/v1/completions", {}, b'{"model": "m", "prompt": "x"}', "rid"))
+    assert resp.status == 200 and len(prefill.seen) == 3
+    assert json.loads(decode.seen[0].body)["kv_transfer_params"] == {"remote": 1}
