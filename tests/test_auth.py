@@ -1,7 +1,10 @@
-"""API keys: when configured, /v1/* needs `Authorization: Bearer <key>`; health stays open."""
+"""The edge: API keys (/v1/* needs `Authorization: Bearer <key>`, health stays open), per-key rate
+limits, and the model's bounded queue (load shed with 429 / 503 and Retry-After)."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -13,6 +16,9 @@ from tests.conftest import MODEL_ID, run_app, tiny_args
 pytestmark = pytest.mark.integration
 
 KEY = "sk-helios-test-key"
+KEY2 = "sk-helios-second-key"
+RPM = 30
+QUEUE_TIMEOUT_S = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,10 @@ def base_url(serve_port: int, cache_root: Path) -> str:
     from ray import serve
 
     # HELIOS_API_KEYS is read in the router replica: pass it the way a deployment would.
-    args = tiny_args(cache_root, api_keys=[KEY])
+    # A model that runs 2 requests at once and queues 2 more, so overload is cheap to cause.
+    args = tiny_args(cache_root, api_keys=[KEY, KEY2], queue_timeout_s=QUEUE_TIMEOUT_S,
+                     rate_limits={"requests_per_minute": RPM})
+    args["models"][0]["deployment"] = {"max_ongoing_requests": 2, "max_queued_requests": 2}
     url = run_app(args, "helios-auth", serve_port)
     yield url
     serve.delete("helios-auth")
@@ -65,3 +74,46 @@ def test_auth_is_checked_before_the_model_lookup(base_url: str) -> None:
 def test_health_endpoints_need_no_key(base_url: str) -> None:
     assert requests.get(f"{base_url}/healthz").status_code == 200
     assert requests.get(f"{base_url}/readyz").status_code == 200
+
+
+def test_a_key_past_its_request_rate_gets_429(base_url: str) -> None:
+    body = {"model": MODEL_ID, "prompt": "x", "max_tokens": 1}
+    codes = [requests.post(f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY2}"},
+                           timeout=60) for _ in range(RPM + 1)]
+    assert [r.status_code for r in codes[:RPM]] == [200] * RPM
+    last = codes[-1]
+    assert last.status_code == 429 and int(last.headers["Retry-After"]) >= 1
+    assert last.json()["error"]["code"] == "rate_limit_exceeded"
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY2, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=MODEL_ID, prompt="hi", max_tokens=1)
+    ok = requests.post(f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert ok.status_code == 200  # the other key has its own budget
+
+
+def test_an_overloaded_model_sheds_with_retry_after_and_nothing_waits_past_the_queue_timeout(base_url: str) -> None:
+    """16 long requests at a model that runs 2 and queues 2: 2 are served, 2 wait out the queue timeout
+    (503), 12 are shed at once (429); every refusal says when to come back."""
+    body = {"model": MODEL_ID, "prompt": "a long story", "max_tokens": 1500, "ignore_eos": True}
+
+    def send(_: int) -> tuple[requests.Response, float]:
+        started = time.monotonic()
+        r = requests.post(f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=600)
+        return r, time.monotonic() - started
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, range(16)))
+    by_status: dict[int, list[tuple[requests.Response, float]]] = {}
+    for r, took in answers:
+        by_status.setdefault(r.status_code, []).append((r, took))
+    assert set(by_status) <= {200, 429, 503}, {s: [r.text for r, _ in a] for s, a in by_status.items()}
+    assert len(by_status.get(200, [])) >= 2 and len(by_status.get(429, [])) >= 8
+    for r, _ in by_status[200]:
+        assert r.json()["usage"]["completion_tokens"] == 1500
+    served_in = min(took for _, took in by_status[200])
+    for status in (429, 503):
+        for r, took in by_status.get(status, []):
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] in ("rate_limit_error", "service_unavailable")
+            assert took < served_in  # refused at once or after the queue timeout, not left to wait for a slot
