@@ -82,6 +82,9 @@ class EngineConfig(_Strict):
     chat_template: str | None = Field(
         None, description="Chat template (a file path or the template itself) instead of the tokenizer's."
     )
+    enable_prompt_tokens_details: bool = Field(
+        False, description="Report `usage.prompt_tokens_details.cached_tokens` (prompt tokens vLLM's prefix cache "
+        "already held), as vLLM's server flag of that name does.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Further AsyncEngineArgs keys, passed through verbatim (checked at start)."
     )
@@ -117,6 +120,14 @@ class ModelDeploymentConfig(_Strict):
         description="CPU nice value added to the replica process once its engine has started (the engine "
         "core and workers keep theirs), so the engine's step loop wins contended cores.",
     )
+    request_router: Literal["helios", "serve_default"] = Field(
+        "helios",
+        description="How a request picks its replica: `helios` (prefix and session affinity bounded by load, then "
+        "power of two choices; see README) or Serve's default power of two choices.",
+    )
+    affinity_imbalance: float = Field(
+        8.0, ge=0, description="Most requests an affine replica may carry beyond the least-loaded one before a "
+        "request goes by load instead.")
     stream_interval_ms: float = Field(
         50.0,
         ge=0,
@@ -372,10 +383,17 @@ class RouterConfig(_Strict):
     num_cpus: float = Field(0.5, ge=0, description="Logical Ray CPUs one router replica reserves.")
     max_ongoing_requests: int = Field(2048, ge=1, description="Requests one router replica takes at once.")
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each model's replica.")
+    session_affinity: bool = Field(
+        False, description="Keep a client's requests on one replica: by the `x-session-id` header, else the "
+        "OpenAI `user` field (within the affinity's load bound).")
     queue_timeout_s: float = Field(
         60.0, gt=0, description="How long a request may wait in its model's queue before it gets 503 with Retry-After.")
     rate_limits: KeyRateLimits | None = Field(
         None, description="Per-API-key request and token rates (429 rate_limit_exceeded past them); none by default.")
+    breaker_failures: int = Field(
+        3, ge=1, description="5xx answers in a row after which a replica's circuit breaker opens (no requests "
+        "go there until a probe after `breaker_cooldown_s` succeeds).")
+    breaker_cooldown_s: float = Field(10.0, gt=0, description="How long an open breaker waits before its probe.")
     retry_deadline_s: float = Field(
         120.0, ge=0,
         description="How long a request whose replica died before any output is retried on another (or the "

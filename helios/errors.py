@@ -112,7 +112,18 @@ class RateLimited(HeliosError):
 
 
 class EngineUnavailable(ServiceUnavailable):
-    """The replica that took a request died or could not be reached before any output: safe to retry."""
+    """The replica that took a request died, or its engine did, before any output: safe to retry.
+
+    `replica`: the replica's id when it is known (its engine died under a live replica), so
+    the router can count the failure against that replica's circuit breaker."""
+
+    def __init__(self, message: str = "", *, param: str | None = None, retry_after_s: int | None = None,
+                 replica: str | None = None) -> None:
+        super().__init__(message, param=param, retry_after_s=retry_after_s)
+        self.replica = replica
+
+    def __reduce__(self):
+        return (_rebuild_engine_unavailable, (self.message, self.replica))
 
 
 class EngineError(HeliosError):
@@ -149,3 +160,7 @@ def _rebuild_unavailable(cls: type[ServiceUnavailable], message: str, retry_afte
 
 def _rebuild_rate_limited(message: str, retry_after_s: int, code: str) -> RateLimited:
     return RateLimited(message, retry_after_s=retry_after_s, code=code)
+
+
+def _rebuild_engine_unavailable(message: str, replica: str | None) -> EngineUnavailable:
+    return EngineUnavailable(message, replica=replica)

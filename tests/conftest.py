@@ -15,6 +15,12 @@ TINY_ENGINE = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True,
 MODEL_ID = "helios-demo-tiny"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests with their own Ray cluster run first: the shared session cluster starts with the first
+    module that needs it and lives to the end, and they stop every Ray process on the machine."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("own_cluster") else 1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

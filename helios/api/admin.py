@@ -284,6 +284,13 @@ async def cache_status(request: Request) -> JSONResponse:
 # -- replicas and usage --------------------------------------------------------------
 
 
+@router.get("/routing")
+async def routing_status(request: Request) -> JSONResponse:
+    """This router replica's view per model: admission queue, replicas' circuit breakers, affinity counts."""
+    _authorize(request)
+    return JSONResponse({"models": _state(request).routing_status()})
+
+
 @router.post("/scale")
 async def scale(request: Request) -> JSONResponse:
     """Set a model's replica bounds; the engines' autoscaling policy moves into them within seconds."""

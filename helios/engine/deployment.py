@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from helios.config import ModelConfig, StorageConfig
-from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
+from helios.errors import EngineUnavailable
 from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
 
 logger = get_logger("engine.deployment")
+# Named, not imported: the request router lives in the router layer and runs in the router's process.
+HELIOS_REQUEST_ROUTER = "helios.router.replica_router:HeliosRequestRouter"
 Role = Literal["unified", "prefill", "decode"]
 
 
@@ -42,6 +46,7 @@ class EngineDeployment:
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
         kv_transfer, self.kv_metrics = _kv_connector(config, role)
         self.role = role
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
         await self.engine.start_app()
         # After the engine core and workers are spawned, so they keep the normal priority.
@@ -59,13 +64,29 @@ class EngineDeployment:
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         """One OpenAI request answered whole by vLLM's serving layer (status, headers, body bytes)."""
-        return await self.engine.call(req)
+        self._check_engine()
+        resp = await self.engine.call(req)
+        if resp.status >= 500:
+            self._check_engine()
+        resp.headers.append((REPLICA_HEADER, self.replica))
+        return resp
 
     async def stream(self, req: EngineHTTPRequest) -> AsyncIterator[EngineHTTPResponse | bytes]:
         """The head with the first body bytes, then coalesced SSE bytes (called with `stream=True`);
         cancelling it aborts the request in vLLM."""
+        self._check_engine()
         async for part in self.engine.stream(req):
+            if isinstance(part, EngineHTTPResponse):
+                if part.status >= 500:
+                    self._check_engine()
+                part.headers.append((REPLICA_HEADER, self.replica))
             yield part
+
+    def _check_engine(self) -> None:
+        """A replica whose engine died answers no request: the router retries elsewhere, counts it against
+        this replica's breaker, and Serve's health check replaces the replica."""
+        if self.engine.engine.errored:
+            raise EngineUnavailable("the replica's engine has died", replica=self.replica)
 
     def openapi(self) -> dict[str, Any]:
         """vLLM's OpenAPI schema of the routes this replica answers."""
@@ -75,9 +96,14 @@ class EngineDeployment:
         info = self.engine.info()
         info["role"] = self.role
         info["pid"] = os.getpid()  # the replica's process (its engine core and workers are its children)
+        info["replica"] = self.replica
         if self.kv_metrics is not None:
             info["kv"] = self.kv_metrics.snapshot()
         return info
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What Helios's request router weighs replicas by: the engine's running plus waiting requests."""
+        return {"unfinished": self.engine.num_unfinished_requests()}
 
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests()
@@ -228,6 +254,10 @@ def engine_deployment(
     else:
         pd = model.disaggregated
         scaling = {"num_replicas": pd.prefill_replicas if role == "prefill" else pd.decode_replicas}
+    if d.request_router == "helios" and role != "decode":  # a decode side goes by load: Serve's default
+        scaling["request_router_config"] = RequestRouterConfig(
+            request_router_class=HELIOS_REQUEST_ROUTER, request_router_kwargs={"imbalance": d.affinity_imbalance},
+            request_routing_stats_period_s=2.0, request_routing_stats_timeout_s=10.0)
     return serve.deployment(EngineDeployment).options(
         name=deployment_name(model.id, role),
         max_ongoing_requests=d.max_ongoing_requests,

@@ -8,9 +8,11 @@ cheaply and need neither FastAPI nor vLLM to import.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Headers vLLM's handlers read; whatever else a client sent stays at the router.
 FORWARDED_HEADERS = frozenset({"content-type", "accept", "traceparent", "tracestate"})
+REPLICA_HEADER = "x-helios-replica"  # which engine replica answered: for operators following a request
 
 
 @dataclass(slots=True)
@@ -22,6 +24,7 @@ class EngineHTTPRequest:
     request_id: str
     method: str = "POST"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    routing: Any = None  # the router's RoutingHints (prefix hashes, session), read by its request router
 
 
 @dataclass(slots=True)

@@ -98,6 +98,7 @@ def frontend_kwargs(model: ModelConfig) -> dict[str, Any]:
         "enable_auto_tool_choice": e.enable_auto_tool_choice,
         "tool_call_parser": e.tool_call_parser,
         "chat_template": e.chat_template,
+        "enable_prompt_tokens_details": e.enable_prompt_tokens_details,
     }
 
 

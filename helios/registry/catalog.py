@@ -34,6 +34,9 @@ class ScaleSettings(_Record):
 
     min_replicas: int = Field(0, ge=0, description="Replicas kept even when idle.")
     max_replicas: int = Field(1, ge=1, description="Most replicas autoscaling may start.")
+    explicit: bool = Field(
+        False, description="Set by an admin or at registration; a default one leaves a config model's own "
+        "replica counts in force.")
 
     @model_validator(mode="after")
     def _ordered(self) -> ScaleSettings:
@@ -87,7 +90,7 @@ def check_ids(model_id: str, version: str | None = None) -> None:
 
 def scale_settings(min_replicas: int, max_replicas: int) -> ScaleSettings:
     try:
-        return ScaleSettings(min_replicas=min_replicas, max_replicas=max_replicas)
+        return ScaleSettings(min_replicas=min_replicas, max_replicas=max_replicas, explicit=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = "scale." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "scale"

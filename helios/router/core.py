@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import random
 import time
 import uuid
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from helios.api.bodies import parse_json_object
-from helios.engine.http import FORWARDED_HEADERS, EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.http import FORWARDED_HEADERS, REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import (
     AuthenticationFailed,
     EngineUnavailable,
@@ -32,6 +33,8 @@ from helios.errors import (
 )
 from helios.observability.logs import get_logger, log_event
 from helios.router.admission import AdmissionGate, KeyLimits, estimated_tokens
+from helios.router.breaker import breakers_for
+from helios.router.routing_policy import RoutingHints, hints_for
 
 logger = get_logger("router.core")
 
@@ -66,7 +69,10 @@ class EngineClient(ABC):
     """How the router reaches one engine deployment (a Serve handle, or a fake in unit tests).
 
     `call` raises `EngineUnavailable` when the replica died (or could not be reached)
-    before answering: the router retries those."""
+    before answering: the router retries those. `key` names the deployment for the
+    replicas' circuit breakers, which its request router shares (empty: no breakers)."""
+
+    key: str = ""
 
     @abstractmethod
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse: ...
@@ -135,6 +141,8 @@ class RouterCore:
     admission: Callable[[str], AdmissionGate] | None = None  # makes a model's gate (None: no queue bound)
     limits: KeyLimits | None = None  # per-API-key request and token rates
     gates: dict[str, AdmissionGate] = field(default_factory=dict)
+    session_affinity: bool = False  # route by `x-session-id` / `user` too
+    breaker: dict[str, float] = field(default_factory=dict)  # `breakers_for` settings: failures, cooldown_s
 
     # -- edge checks -------------------------------------------------------------
 
@@ -210,24 +218,26 @@ class RouterCore:
                     request_id: str) -> RouterResponse:
         fwd = [(k, v) for k, v in headers.items() if k.lower() in FORWARDED_HEADERS]
         fwd.append(("x-request-id", request_id))
+        hints = hints_for(body, headers.get("x-session-id"), self.session_affinity)
         if route.prefill is not None and path in ("/v1/completions", "/v1/chat/completions"):
-            decode = await self._prefill(route.prefill, path, body, fwd, request_id)
+            decode = await self._prefill(route.prefill, path, body, fwd, request_id, hints)
             if isinstance(decode, RouterResponse):  # the prefill side refused: its answer is the client's
                 return decode
             raw = decode
-        req = EngineHTTPRequest(path=path, body=raw, request_id=request_id, headers=fwd)
+        req = EngineHTTPRequest(path=path, body=raw, request_id=request_id, headers=fwd, routing=hints)
         if body.get("stream") is not True:
-            return _whole(await self._retrying(lambda: route.engine.call(req), request_id), request_id)
-        stream, first = await self._retrying(lambda: _open(route.engine, req), request_id)
+            return _whole(await self._retrying(route.engine, lambda: route.engine.call(req), request_id), request_id)
+        stream, first = await self._retrying(route.engine, lambda: _open(route.engine, req), request_id,
+                                             head=lambda opened: opened[1])
         if first.status != 200:  # an error answered before any token: its own status, whole
             rest = [chunk async for chunk in stream.rest()]
             first.body += b"".join(rest)
             return _whole(first, request_id)
-        return RouterResponse(200, {"x-request-id": request_id, "cache-control": "no-cache"},
+        return RouterResponse(200, {**_head(first, request_id), "cache-control": "no-cache"},
                               stream=relay(first.body, stream, request_id), media_type="text/event-stream")
 
     async def _prefill(self, prefill: EngineClient, path: str, body: dict[str, Any], headers: list[tuple[str, str]],
-                       request_id: str) -> bytes | RouterResponse:
+                       request_id: str, hints: RoutingHints) -> bytes | RouterResponse:
         """Run the prompt on a prefill replica (one token, KV saved), as vLLM's disaggregation proxy does;
         return the decode request's body, carrying the prefill's `kv_transfer_params` (or, when the
         prefill side answers with an error, that answer for the client).
@@ -240,35 +250,53 @@ class RouterCore:
             pre["max_completion_tokens"] = 1
         pre_headers = [(k, v) for k, v in headers if k != "x-request-id"] + [("x-request-id", request_id + "-prefill")]
         pre_req = EngineHTTPRequest(path=path, body=json.dumps(pre).encode(), request_id=request_id + "-prefill",
-                                    headers=pre_headers)
-        resp = await self._retrying(lambda: prefill.call(pre_req), request_id)
+                                    headers=pre_headers, routing=hints)
+        resp = await self._retrying(prefill, lambda: prefill.call(pre_req), request_id)
         if resp.status != 200:
             return _whole(resp, request_id)
         params = json.loads(resp.body).get("kv_transfer_params")
         return json.dumps({**body, "kv_transfer_params": params}).encode()
 
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]], request_id: str) -> T:
-        """`attempt()`, again after each `EngineUnavailable` (a replica that died before answering)
-        until the retry deadline; then 503 with Retry-After."""
-        try:
-            return await attempt()
-        except EngineUnavailable as exc:
-            error: EngineUnavailable = exc
-        tries = 1
-        async for left in self.retry.backoffs():
-            log_event(logger, "retry", request_id=request_id, attempt=tries + 1, error=error.message,
-                      seconds_left=round(left, 1))
+    async def _retrying(self, engine: EngineClient, attempt: Callable[[], Awaitable[T]], request_id: str,
+                        head: Callable[[T], EngineHTTPResponse] = lambda r: r) -> T:  # type: ignore[assignment,return-value]
+        """`attempt()`, again after each `EngineUnavailable` (a replica, or its engine, that died before
+        answering) until the retry deadline; then 503 with Retry-After.
+
+        Every answer and every dead engine is reported to that replica's breaker (a 5xx answer
+        counts as a failure but is not retried: it may be the request's own fault); with every
+        replica's breaker open the answer is 503 at once."""
+        breakers = breakers_for(engine.key, **self.breaker) if engine.key else None
+        backoffs: AsyncIterator[float] | None = None
+        tries = 0
+        while True:
+            if breakers is not None and (wait := breakers.all_open()) is not None:
+                raise ServiceUnavailable("Every replica of this model is failing its requests; retry later.",
+                                         retry_after_s=math.ceil(wait) or 1)
+            tries += 1
             try:
                 result = await attempt()
             except EngineUnavailable as exc:
-                error, tries = exc, tries + 1
-                continue
-            log_event(logger, "retry_succeeded", request_id=request_id, attempts=tries + 1)
-            return result
-        log_event(logger, "retries_exhausted", request_id=request_id, attempts=tries, error=error.message)
-        raise ServiceUnavailable("The model's replicas are not answering; retry shortly.",
-                                 retry_after_s=max(int(self.retry.max_backoff_s), 1)) from None
+                error = exc.message
+                if breakers is not None and exc.replica:
+                    breakers.report(exc.replica, ok=False)
+            else:
+                resp = head(result)
+                replica = resp.header(REPLICA_HEADER)
+                if breakers is not None and replica:
+                    breakers.report(replica, resp.status < 500)
+                if tries > 1:
+                    log_event(logger, "retry_succeeded", request_id=request_id, attempts=tries, status=resp.status)
+                return result
+            backoffs = backoffs or self.retry.backoffs()
+            try:
+                left = await anext(backoffs)
+            except StopAsyncIteration:
+                log_event(logger, "retries_exhausted", request_id=request_id, attempts=tries, error=error)
+                raise ServiceUnavailable("The model's replicas are not answering; retry shortly.",
+                                         retry_after_s=max(int(self.retry.max_backoff_s), 1)) from None
+            log_event(logger, "retry", request_id=request_id, attempt=tries + 1, error=error,
+                      seconds_left=round(left, 1))
 
 
 class _Slot:
@@ -315,8 +343,14 @@ def _whole(resp: EngineHTTPResponse, request_id: str) -> RouterResponse:
         err = HeliosError("engine error")
         return RouterResponse(resp.status, {"x-request-id": request_id}, json.dumps(err.to_body(request_id)).encode(),
                               media_type="application/json")
-    return RouterResponse(resp.status, {"x-request-id": request_id}, resp.body,
+    return RouterResponse(resp.status, _head(resp, request_id), resp.body,
                           media_type=resp.header("content-type") or "application/json")
+
+
+def _head(resp: EngineHTTPResponse, request_id: str) -> dict[str, str]:
+    """The response headers the client gets: its request id, and which replica answered."""
+    replica = resp.header(REPLICA_HEADER)
+    return {"x-request-id": request_id, **({REPLICA_HEADER: replica} if replica else {})}
 
 
 def error_event(body: dict[str, Any]) -> bytes:

@@ -91,6 +91,7 @@ class ServeEngine(EngineClient):
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
         self.streaming = handle.options(stream=True)
+        self.key = f"{handle.app_name}/{handle.deployment_name}"  # shared with its request router's breakers
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         return await _unwrapped(self.handle.call.remote(req))
@@ -172,7 +173,10 @@ class Router:
                                resolver=self._on_demand_route, on_use=self._record_use,
                                retry=RetryPolicy(deadline_s=self.config.retry_deadline_s,
                                                  max_backoff_s=self.config.retry_max_backoff_s),
-                               admission=self._admission_gate, limits=_key_limits(self.config))
+                               admission=self._admission_gate, limits=_key_limits(self.config),
+                               session_affinity=self.config.session_affinity,
+                               breaker={"failures": self.config.breaker_failures,
+                                        "cooldown_s": self.config.breaker_cooldown_s})
         self.replicas: dict[str, int] = {}  # model -> its RUNNING engine replicas, from serve.status()
         self._replicas_task: asyncio.Task | None = None
         self._on_demand_routes: dict[str, ModelRoute] = {}
@@ -243,6 +247,28 @@ class Router:
             except Exception as exc:  # noqa: BLE001 - keep the last counts; admission must not fail over this
                 log_event(logger, "replica_count_failed", error=repr(exc))
             await asyncio.sleep(REPLICA_POLL_S)
+
+    def routing_status(self) -> dict[str, Any]:
+        """Per model: its admission gate, its replicas' breakers and its affinity counts (this router replica)."""
+        from helios.router.breaker import breakers_for
+        from helios.router.replica_router import POLICIES
+
+        out: dict[str, Any] = {}
+        routes = {**self.core.routes, **self._on_demand_routes}
+        for model, route in routes.items():
+            key = route.engine.key
+            gate = self.core.gates.get(model)
+            policy = POLICIES.get(key)
+            out[model] = {
+                "admission": gate and {"capacity": gate.capacity(), "running": gate.running, "queued": gate.queued,
+                                       "max_queued": gate.max_queued, "shed": gate.shed, "timed_out": gate.timed_out,
+                                       "drain_per_s": gate.drain.per_second()},
+                "breakers": {rid: {"state": b.state, "consecutive_failures": b.consecutive}
+                             for rid, b in breakers_for(key).replicas.items()},
+                "affinity": policy and {"matched": policy.matched, "balanced": policy.balanced,
+                                        "prefixes": len(policy.owners), "sessions": len(policy.sessions)},
+            }
+        return out
 
     # -- usage -----------------------------------------------------------------------
 

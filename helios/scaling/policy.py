@@ -39,7 +39,8 @@ class RegistryBoundedPolicy:
                 return
             try:
                 scale = ray.get(self._pending)
-                self.bounds = (int(scale["min_replicas"]), int(scale["max_replicas"]))
+                if scale.get("explicit", True):  # a registry default must not override the config's counts
+                    self.bounds = (int(scale["min_replicas"]), int(scale["max_replicas"]))
             except Exception:  # noqa: BLE001, S110 - registry restarting or model unknown: keep the last bounds
                 pass
             self._pending = None

@@ -82,7 +82,7 @@ def _check(ray: Any, reg: Any, now: float) -> None:
     assert a["default_version"] == "v2" and a["pinned"] and a["deploy"] == {"engine": {"dtype": "float32"}}
     assert [v["version"] for v in a["versions"]] == ["v2", "v1"]
     assert a["versions"][0]["profile"]["weight_bytes"] == TINY_WEIGHT_BYTES
-    assert b["scale"] == {"min_replicas": 1, "max_replicas": 3} and not b["pinned"]
+    assert b["scale"] == {"min_replicas": 1, "max_replicas": 3, "explicit": True} and not b["pinned"]
     usage = ray.get(reg.usage.remote("org/a"))
     assert usage["requests_total"] == 3 and usage["last_used"] == now - 10
     assert usage["inter_arrival_s"] == [10.0, 10.0]

@@ -1,0 +1,75 @@
+"""Helios's request router for engine deployments, on Ray Serve's own extension point.
+
+Replicas whose circuit breaker is open (`helios.router.breaker`) are left out.
+
+Serve calls `choose_replicas` for each request a handle sends; the ranks come from
+`PrefixAffinityPolicy` (prefix and session affinity, bounded by load, then power of two
+choices), and Serve itself probes each rank's queue lengths and skips full replicas, as
+its default router does. The request's routing hints were computed once by the router
+(`EngineHTTPRequest.routing`), so nothing here parses a body.
+
+Load per replica is the larger of what this handle has in flight there, Serve's cached
+queue length, and the unfinished requests the replica's engine last reported
+(`EngineDeployment.record_routing_stats`, vLLM's running plus waiting).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from helios.router.breaker import breakers_for
+from helios.router.routing_policy import PrefixAffinityPolicy, RoutingHints
+
+# This process's affinity policies by "app/deployment" (one request router per deployment handle).
+POLICIES: dict[str, PrefixAffinityPolicy] = {}
+
+
+class HeliosRequestRouter(FIFOMixin, RequestRouter):
+    """Prefix/session affinity first, then load: see `helios.router.routing_policy`."""
+
+    def initialize_state(self, imbalance: float = 8.0, **_: Any) -> None:
+        self.policy = PrefixAffinityPolicy(imbalance=imbalance)
+        POLICIES[f"{self._deployment_id.app_name}/{self._deployment_id.name}"] = self.policy  # for /admin/routing
+        # The router core reports each answer to these breakers; an open one takes no requests.
+        self.breakers = breakers_for(f"{self._deployment_id.app_name}/{self._deployment_id.name}")
+        self.in_flight: dict[ReplicaID, int] = {}
+        self.requests: dict[str, ReplicaID] = {}  # internal request id -> its replica
+
+    def _load(self, replica: RunningReplica) -> float:
+        cached = self.replica_queue_len_cache.get(replica.replica_id)
+        reported = (replica.routing_stats or {}).get("unfinished", 0)
+        return max(self.in_flight.get(replica.replica_id, 0), cached or 0, reported)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        self.breakers.track(r.replica_id.unique_id for r in self.curr_replicas.values())
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {rid: self._load(by_id[rid]) for rid in self.breakers.available(by_id)}
+        ranks = self.policy.rank(loads, _hints(pending_request))
+        return [[by_id[rid] for rid in rank] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self.policy.record(_hints(pending_request), replica_id.unique_id)
+        self.breakers.routed(replica_id.unique_id)
+        self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
+        self.requests[pending_request.metadata.internal_request_id] = replica_id
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self.requests.pop(internal_request_id, None) is not None:
+            self.in_flight[replica_id] = max(self.in_flight.get(replica_id, 1) - 1, 0)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.policy.forget(replica_id.unique_id)
+        self.in_flight.pop(replica_id, None)
+
+
+def _hints(pending_request: PendingRequest | None) -> RoutingHints:
+    """The hints the router attached to the request (none for calls that are not OpenAI requests)."""
+    if pending_request is None or not pending_request.args:
+        return RoutingHints()
+    routing = getattr(pending_request.args[0], "routing", None)
+    return routing if isinstance(routing, RoutingHints) else RoutingHints()

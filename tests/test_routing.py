@@ -1,0 +1,117 @@
+"""Helios's request router on two real engine replicas: a shared prefix goes back to the replica that
+holds it (vLLM reports the prefix as cached there); requests without one spread over both."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import MODEL_ID, run_app, tiny_args
+
+pytestmark = pytest.mark.integration
+
+APP = "helios-routing"
+ADMIN = "routing-admin-token"
+SYSTEM = "You are Helios, a careful assistant who answers in short sentences. " * 12  # ~800 bytes: 3 blocks
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port: int, cache_root: Path) -> str:
+    from ray import serve
+
+    args = tiny_args(cache_root, admin_token=ADMIN, breaker_failures=2, breaker_cooldown_s=600)
+    model = args["models"][0]
+    model["engine"] = {**model["engine"], "enable_prompt_tokens_details": True}
+    model["deployment"] = {"num_replicas": 2, "num_cpus": 0.5}
+    url = run_app(args, APP, serve_port)
+    from ray.serve.schema import ReplicaState
+
+    from helios.engine.deployment import deployment_name
+
+    deadline = time.monotonic() + 300  # /readyz needs one replica: wait for both
+    while True:
+        deployment = serve.status().applications[APP].deployments[deployment_name(MODEL_ID)]
+        if deployment.replica_states.get(ReplicaState.RUNNING, 0) == 2:
+            break
+        assert time.monotonic() < deadline, deployment.replica_states
+        time.sleep(1)
+    yield url
+    serve.delete(APP)
+
+
+def _chat(base_url: str, user: str) -> requests.Response:
+    body = {"model": MODEL_ID, "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
+    r = requests.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_requests_sharing_a_prefix_land_on_one_replica_and_hit_its_cache(base_url: str) -> None:
+    answers = [_chat(base_url, f"Question number {i}: what is {i} + {i}?") for i in range(6)]
+    replicas = {r.headers["x-helios-replica"] for r in answers}
+    assert len(replicas) == 1, replicas
+    cached = [r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] for r in answers]
+    assert cached[0] == 0 or cached[0] is None or cached[0] < len(SYSTEM.encode()) // 2
+    assert all(c >= len(SYSTEM.encode()) // 2 for c in cached[1:]), cached  # the system prompt came from cache
+
+
+def test_requests_without_a_shared_prefix_use_both_replicas(base_url: str) -> None:
+    seen = set()
+    for i in range(24):
+        r = requests.post(f"{base_url}/v1/completions", timeout=120,
+                          json={"model": MODEL_ID, "prompt": f"short prompt {i}", "max_tokens": 2})
+        assert r.status_code == 200
+        seen.add(r.headers["x-helios-replica"])
+    assert len(seen) == 2
+
+
+def _replica_pids(base_url: str) -> dict[str, int]:
+    """Both engine replicas' ids and pids (each call lands on one; no prefix, so both get calls)."""
+    from ray import serve
+
+    from helios.engine.deployment import deployment_name
+
+    handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name=APP)
+    out: dict[str, int] = {}
+    for _ in range(200):
+        info = handle.info.remote().result(timeout_s=60)
+        out[info["replica"]] = info["pid"]
+        if len(out) == 2:
+            return out
+    raise AssertionError(f"only saw {out}")
+
+
+def test_a_failing_replica_is_skipped_once_its_breaker_opens(base_url: str) -> None:
+    """Kill one replica's engine core: that replica answers 500 until Serve replaces it. Clients see
+    only 200s (a 5xx is retried on the other replica), its breaker opens, and the replacement is used."""
+    import psutil
+
+    replicas = _replica_pids(base_url)
+    bad, good = sorted(replicas)
+    (core,) = [p for p in psutil.Process(replicas[bad]).children(recursive=True)
+               if "VLLM::EngineCore" in " ".join(p.cmdline())]
+    core.kill()
+    served = []
+    for i in range(12):
+        r = requests.post(f"{base_url}/v1/completions", timeout=120,
+                          json={"model": MODEL_ID, "prompt": f"breaker {i}", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        served.append(r.headers["x-helios-replica"])
+    assert set(served) == {good}
+    status = requests.get(f"{base_url}/admin/routing", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).json()
+    breakers = status["models"][MODEL_ID]["breakers"]
+    assert breakers[bad]["state"] == "open", breakers  # or Serve has already replaced it: then it is gone
+    deadline = time.monotonic() + 300  # Serve's health check replaces the replica; the new one takes requests
+    while True:
+        seen = {requests.post(f"{base_url}/v1/completions", timeout=120,
+                              json={"model": MODEL_ID, "prompt": f"after {i}", "max_tokens": 2}).headers.get(
+                                  "x-helios-replica") for i in range(8)}
+        if len(seen - {bad}) == 2:
+            break
+        assert time.monotonic() < deadline, seen
+        time.sleep(2)
+    assert bad not in seen
