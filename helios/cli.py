@@ -17,17 +17,21 @@ import typer
 import yaml
 from rich.console import Console
 
+from helios.config import default_cache_root
 from helios.ray_env import ray_cluster_env, reap_orphaned_haproxy
+from helios.ray_tls import make_certificates, tls_enabled, tls_env
 
 app = typer.Typer(help="Helios: LLM serving on Ray Serve and vLLM.", no_args_is_help=True, add_completion=False)
 demo_app = typer.Typer(help="The built-in demo model.", no_args_is_help=True)
 config_app = typer.Typer(help="Serve configs.", no_args_is_help=True)
 models_app = typer.Typer(help="Models in the store: push, pull, list.", no_args_is_help=True)
 cache_app = typer.Typer(help="This node's cache tiers.", no_args_is_help=True)
+tls_app = typer.Typer(help="Ray's mutual TLS: certificates for a TLS cluster.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 app.add_typer(cache_app, name="cache")
+app.add_typer(tls_app, name="tls")
 console = Console(stderr=True)
 
 
@@ -94,8 +98,14 @@ def config_check(path: Path = typer.Argument(..., help="A Serve config YAML.")) 
     console.print(f"[green]ok[/green]: {path}")
 
 
-def _ray_running() -> bool:
-    return subprocess.run(["ray", "status"], capture_output=True, check=False).returncode == 0
+def _ray_running(env: dict[str, str] | None = None) -> bool:
+    """Whether a local Ray cluster answers. Ray >= 2.5x turns token auth on at `ray start`, yet its
+    `ray status` asks without the token unless told to: ask both ways."""
+    for auth in ({}, {"RAY_AUTH_MODE": "token"}):
+        if subprocess.run(["ray", "status"], capture_output=True, check=False,
+                          env={**(env or os.environ), **auth}).returncode == 0:
+            return True
+    return False
 
 
 def _announce_when_ready(port: int, stop: threading.Event) -> None:
@@ -131,11 +141,19 @@ def serve_cmd(
     port = int((data.get("http_options") or {}).get("port", 8000))
     bin_dir = Path(sys.executable).parent
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = ray_cluster_env()
+    if tls_enabled():
+        directory = Path(os.environ.get("HELIOS_TLS_DIR") or default_cache_root() / "tls")
+        if not (directory / "tls.crt").exists():
+            make_certificates(directory)
+            console.print(f"Made a CA and this node's certificate in {directory}")
+        env.update(tls_env(directory))
+        console.print(f"Ray mutual TLS on (certificates in {directory}): processes without them cannot join.")
     started_ray = False
-    if not _ray_running():
+    if not _ray_running(env):
         console.print(f"Starting a local Ray head with {num_cpus} logical CPUs…")
         subprocess.run(["ray", "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-                        "--include-dashboard=false"], check=True, capture_output=True, env=ray_cluster_env())
+                        "--include-dashboard=false"], check=True, capture_output=True, env=env)
         started_ray = True
     console.print(f"Deploying {len(apps)} application(s) from {config}; the first start builds the demo model "
                   "and starts vLLM (about a minute on a CPU)…")
@@ -143,7 +161,7 @@ def serve_cmd(
     threading.Thread(target=_announce_when_ready, args=(port, stop), daemon=True).start()
     # The child gets a default SIGINT even if ours is ignored (as under `nohup` or `&`).
     child = subprocess.Popen([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)],
-                             env=ray_cluster_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one signal call, nothing that takes a lock
+                             env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one signal call, nothing that takes a lock
 
     def _forward(signum: int, _frame: object) -> None:
         # `serve run` shuts the applications down cleanly on SIGINT, whichever signal we got;
@@ -164,9 +182,24 @@ def serve_cmd(
         stop.set()
         if started_ray:
             console.print("Stopping the local Ray head…")
-            subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+            subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False, env=env)
             reap_orphaned_haproxy()
     raise typer.Exit(child.returncode if child.returncode and child.returncode > 0 else 0)
+
+
+@tls_app.command("init")
+def tls_init(
+    directory: Path = typer.Argument(..., help="Where to write ca.crt, ca.key, tls.crt and tls.key."),
+    name: list[str] = typer.Option(None, "--name", help="DNS names the node is reached at [default: this host's]."),
+    ip: list[str] = typer.Option(None, "--ip", help="IP addresses the node is reached at [default: this host's]."),
+) -> None:
+    """Make a CA (kept if DIR has one) and a node certificate it signs, for Ray's mutual TLS."""
+    paths = make_certificates(directory, name or None, ip or None)
+    console.print(f"Wrote {', '.join(str(p) for p in paths.values())}")
+    console.print("Start every Ray process with:")
+    for key, value in tls_env(directory).items():
+        console.print(f"  export {key}={value}")
+    console.print("or run `HELIOS_TLS=1 HELIOS_TLS_DIR=DIR helios serve`.")
 
 
 # --- the store ---------------------------------------------------------------------

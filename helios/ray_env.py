@@ -27,6 +27,20 @@ def ray_cluster_env() -> dict[str, str]:
     return env
 
 
+def cluster_secret(name: str) -> str:
+    """A secret shared by every process of this Ray cluster, made by whoever asks first.
+
+    Kept in Ray's GCS key-value store (the first writer wins, later ones read it back), so
+    it lives as long as the cluster and needs no extra process. Never log it."""
+    import secrets
+
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+    key = f"secret/{name}"
+    _internal_kv_put(key, secrets.token_hex(32), overwrite=False, namespace="helios")
+    return _internal_kv_get(key, namespace="helios").decode()
+
+
 def reap_orphaned_haproxy() -> int:
     """Kill Ray Serve HAProxy processes whose Ray cluster is gone; returns how many.
 

@@ -136,3 +136,29 @@ def test_ray_stop_leaves_no_engine_process(machine: dict) -> None:
         if helios.poll() is None:
             os.killpg(helios.pid, signal.SIGKILL)
         helios.wait(timeout=60)
+
+
+JOIN = "import ray; ray.init(address='auto', log_to_driver=False); print('JOINED', ray.cluster_resources().get('CPU'))"
+
+
+def test_a_tls_cluster_serves_and_refuses_a_process_without_a_certificate(machine: dict, tmp_path: Path) -> None:
+    """`HELIOS_TLS=1 helios serve`: Ray's mutual TLS on every channel; requests are served as usual,
+    a process holding the CA's certificate joins, one without certificates cannot."""
+    from helios.ray_tls import tls_env
+
+    certs = tmp_path / "tls"
+    machine["env"].update(HELIOS_TLS="1", HELIOS_TLS_DIR=str(certs))
+    helios = _start_helios(machine)  # starts its own head with TLS, serves a completion
+    try:
+        assert {p.name for p in certs.iterdir()} >= {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+        plain = {k: v for k, v in machine["env"].items() if not k.startswith(("RAY_TLS", "RAY_USE_TLS"))}
+        plain["RAY_USE_TLS"] = "0"
+        refused = subprocess.run([sys.executable, "-c", JOIN], env=plain, capture_output=True, text=True,
+                                 timeout=300, check=False)
+        assert refused.returncode != 0 and "JOINED" not in refused.stdout
+        joined = subprocess.run([sys.executable, "-c", JOIN], env={**machine["env"], **tls_env(certs)},
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert "JOINED 8.0" in joined.stdout, joined.stderr[-3000:]
+    finally:
+        helios.send_signal(signal.SIGINT)
+        helios.wait(timeout=180)

@@ -45,6 +45,11 @@ class EngineDeployment:
         prepared = prepare(config, storage_cfg, Path(cache_root))
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
         kv_transfer, self.kv_metrics = _kv_connector(config, role)
+        if kv_transfer is not None:  # the engine core inherits it; vLLM logs engine args, so not there
+            from helios.engine.kv_connector import SECRET_ENV
+            from helios.ray_env import cluster_secret
+
+            os.environ[SECRET_ENV] = cluster_secret("kv-blocks")
         self.role = role
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)

@@ -47,11 +47,14 @@ kv_transfer_params contract (what the PD router does):
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import hmac
 import http.client
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -85,6 +88,9 @@ Role = Literal["kv_producer", "kv_consumer", "kv_both"]
 PARAMS_KEY = "helios"
 BLOCKS_PATH = "/v1/kv/blocks"
 MAX_KEYS_PER_FETCH = 4096
+# The cluster's block-server secret: Helios's engine replica puts it in the environment the engine
+# core inherits (never in the engine arguments, which vLLM logs). A server without one serves nobody.
+SECRET_ENV = "HELIOS_KV_SECRET"
 
 
 class HeliosConnectorConfig(BaseModel):
@@ -97,7 +103,10 @@ class HeliosConnectorConfig(BaseModel):
     serve: bool = Field(True, description="Producers serve their store to other nodes' consumers over HTTP.")
     server_host: str | None = Field(None, description="Address the block server binds and advertises; unset: this node's address.")
     server_port: int = Field(0, ge=0, le=65535, description="Block server port; 0 picks a free one.")
-    fetch_timeout_s: float = Field(30.0, gt=0, description="How long a consumer waits for a remote store before recomputing.")
+    fetch_timeout_s: float = Field(30.0, gt=0, description="Socket timeout of a fetch from a remote store (it goes on "
+                                   "in the background past `fetch_wait_s`, filling this node's store for later).")
+    fetch_wait_s: float = Field(1.0, ge=0, description="Longest a scheduler step waits for a remote fetch before it "
+                                "recomputes the prompt instead (the step blocks every running request meanwhile).")
     instance: str | None = Field(None, description="Name of this engine's stats files; unset: vLLM's engine_id.")
     prefault: bool = Field(True, description="Touch every page of the KV cache at start, so a load never waits on page faults.")
 
@@ -169,6 +178,10 @@ class _BlockHandler(BaseHTTPRequestHandler):
         if self.path != BLOCKS_PATH:
             self.send_error(404)
             return
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.server.secret):
+            self.send_error(401, "a block fetch needs the cluster's secret")
+            return
         try:
             keys = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["keys"]
             if not isinstance(keys, list) or len(keys) > MAX_KEYS_PER_FETCH or not all(_is_key(k) for k in keys):
@@ -202,8 +215,9 @@ def _is_key(k: Any) -> bool:
 class _BlockServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, store: KVStore, host: str, port: int) -> None:
+    def __init__(self, store: KVStore, host: str, port: int, secret: bytes) -> None:
         self.store = store
+        self.secret = secret
         super().__init__((host, port), _BlockHandler)
 
 
@@ -215,13 +229,15 @@ def node_address() -> str:
     return "127.0.0.1"
 
 
-def fetch_blocks(addr: str, keys: list[str], timeout: float) -> list[tuple[str, bytes]]:
+def fetch_blocks(addr: str, keys: list[str], timeout: float, secret: str | None = None) -> list[tuple[str, bytes]]:
     """The longest stored prefix of `keys` from the block server at `addr` ("host:port")."""
     host, _, port = addr.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    secret = secret if secret is not None else os.environ.get(SECRET_ENV, "")
     try:
         body = json.dumps({"keys": keys}).encode()
-        conn.request("POST", BLOCKS_PATH, body=body, headers={"Content-Type": "application/json"})
+        conn.request("POST", BLOCKS_PATH, body=body,
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"})
         resp = conn.getresponse()
         data = resp.read()
         if resp.status != 200:
@@ -258,6 +274,8 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
         self._pending_loads: list[tuple[str, int]] = []
         self._server: _BlockServer | None = None
         self.addr: str | None = None
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="helios-kv-fetch")
+        self._fetches: dict[str, concurrent.futures.Future[int]] = {}  # by the first key fetched
         self._ns = b""
         if role == KVConnectorRole.SCHEDULER:
             self._ns = namespace(**self._identity(vllm_config, kv_cache_config))
@@ -298,7 +316,11 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
 
     def _start_server(self) -> None:
         host = self.cfg.server_host or node_address()
-        self._server = _BlockServer(self.store, host, self.cfg.server_port)
+        secret = os.environ.get(SECRET_ENV, "")
+        if not secret:
+            logger.warning("Helios KV: no %s in the environment: the block server refuses every fetch", SECRET_ENV)
+            secret = secrets.token_hex(32)  # known to nobody
+        self._server = _BlockServer(self.store, host, self.cfg.server_port, secret.encode())
         self.addr = f"{host}:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, name="helios-kv-blocks", daemon=True).start()
         logger.info("Helios KV block server on %s serving %s", self.addr, self.store.dirs)
@@ -344,9 +366,27 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
         addr = remote.get("addr")
         if not addr:
             return 0
+        keys = keys[:MAX_KEYS_PER_FETCH]
+        fetch = self._fetches.get(keys[0])
+        if fetch is None or fetch.done():
+            fetch = self._fetches[keys[0]] = self._fetcher.submit(self._fetch_into_store, str(addr), keys)
+        try:
+            got = fetch.result(timeout=self.cfg.fetch_wait_s)
+        except concurrent.futures.TimeoutError:
+            # Recompute now rather than hold up every running request; the fetch goes on and later
+            # requests with this prefix find the blocks here.
+            self.store.count(remote_fetch_waits_exceeded=1)
+            return 0
+        finally:
+            if fetch.done():
+                self._fetches.pop(keys[0], None)
+        return self.store.count_present(keys) if got else 0
+
+    def _fetch_into_store(self, addr: str, keys: list[str]) -> int:
+        """On the fetch thread: copy the producer's blocks into this node's store; how many arrived."""
         started = time.perf_counter()
         try:
-            got = fetch_blocks(str(addr), keys[:MAX_KEYS_PER_FETCH], self.cfg.fetch_timeout_s)
+            got = fetch_blocks(addr, keys, self.cfg.fetch_timeout_s)
             nbytes = sum(self.store.put_raw(key, data) for key, data in got)
         except (OSError, ValueError, http.client.HTTPException) as exc:
             logger.warning("Helios KV: fetching %d blocks from %s failed (%r); recomputing", len(keys), addr, exc)
@@ -425,6 +465,7 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
         self.store.flush_stats()
 
     # ---------------------------------------------------------------- worker side

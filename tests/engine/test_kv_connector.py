@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
-from helios.engine.kv_connector import connector_stats, kv_transfer_config
+from helios.engine.kv_connector import SECRET_ENV, connector_stats, fetch_blocks, kv_transfer_config
 from helios.engine.kv_store import KVStore, KVStoreConfig
 
 pytestmark = pytest.mark.integration
@@ -33,6 +33,7 @@ PROBE = Path(__file__).with_name("kv_probe.py")
 BLOCK = 128
 TINY = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_space_gib": 1}
 DECODE_TOKENS = 12
+KV_SECRET = "test-cluster-secret"
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -59,7 +60,7 @@ class Engine:
     """One probe process: an engine answering generate commands."""
 
     def __init__(self, name: str, model_dir: Path, engine: dict[str, Any], log_dir: Path) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, SECRET_ENV: KV_SECRET}  # as Helios's replicas get the cluster's secret
         env.pop("VLLM_PLUGINS", None)
         self.name = name
         self.log_path = log_dir / f"{name}.log"
@@ -229,3 +230,16 @@ def test_missing_blocks_fall_back_to_recompute(engines: dict[str, Engine], store
 
 def _all_keys(store: KVStore) -> list[str]:
     return sorted({p.name for d in store.dirs.values() for p in (d / "blocks").glob("*/*")})
+
+
+def test_a_block_fetch_without_the_secret_is_refused(engines: dict[str, Engine], stores: dict[str, KVStoreConfig]) -> None:
+    """The producer's block server answers only holders of the cluster's secret (401 otherwise)."""
+    prompts = [prompt(21, 300)]
+    first = prefill(engines, prompts)
+    remote = first[0]["kv_transfer_params"]["helios"]
+    keys = sorted(p.name for p in (KVStore(stores["A"]).dirs["ram"] / "blocks").glob("*/*") if len(p.name) == 32)[:2]
+    assert keys, "the producer stored no blocks"
+    for wrong in ("", "not-the-secret"):
+        with pytest.raises(OSError, match="HTTP 401"):
+            fetch_blocks(remote["addr"], keys, timeout=10, secret=wrong)
+    assert [k for k, _ in fetch_blocks(remote["addr"], keys, timeout=10, secret=KV_SECRET)]  # the right one is served
