@@ -120,10 +120,11 @@ class ModelDeploymentConfig(_Strict):
         description="CPU nice value added to the replica process once its engine has started (the engine "
         "core and workers keep theirs), so the engine's step loop wins contended cores.",
     )
-    request_router: Literal["helios", "serve_default"] = Field(
+    request_router: Literal["helios", "serve_default", "ray_prefix"] = Field(
         "helios",
         description="How a request picks its replica: `helios` (prefix and session affinity bounded by load, then "
-        "power of two choices; see README) or Serve's default power of two choices.",
+        "power of two choices; see README), Serve's default power of two choices, or Ray Serve LLM's "
+        "PrefixCacheAffinityRouter (`ray_prefix`, for comparison).",
     )
     affinity_imbalance: float = Field(
         8.0, ge=0, description="Most requests an affine replica may carry beyond the least-loaded one before a "

@@ -150,8 +150,8 @@ async def registry_status(request: Request) -> JSONResponse:
     _authorize(request)
     registry = _registry()
     models, status = await asyncio.gather(_call(registry.list_models.remote()), _call(registry.status.remote()))
-    on_demand = _state(request).on_demand
-    return JSONResponse({"models": models, "status": status, "on_demand": on_demand.status()})
+    on_demand = await _state(request).on_demand.status()
+    return JSONResponse({"models": models, "status": status, "on_demand": on_demand})
 
 
 @router.post("/models")

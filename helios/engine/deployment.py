@@ -20,6 +20,7 @@ from helios.ray_env import lower_priority
 logger = get_logger("engine.deployment")
 # Named, not imported: the request router lives in the router layer and runs in the router's process.
 HELIOS_REQUEST_ROUTER = "helios.router.replica_router:HeliosRequestRouter"
+RAY_PREFIX_ROUTER = "ray.serve.llm.request_router:PrefixCacheAffinityRouter"
 Role = Literal["unified", "prefill", "decode"]
 
 
@@ -259,9 +260,11 @@ def engine_deployment(
     else:
         pd = model.disaggregated
         scaling = {"num_replicas": pd.prefill_replicas if role == "prefill" else pd.decode_replicas}
-    if d.request_router == "helios" and role != "decode":  # a decode side goes by load: Serve's default
+    if d.request_router != "serve_default" and role != "decode":  # a decode side goes by load: Serve's default
+        helios = d.request_router == "helios"
         scaling["request_router_config"] = RequestRouterConfig(
-            request_router_class=HELIOS_REQUEST_ROUTER, request_router_kwargs={"imbalance": d.affinity_imbalance},
+            request_router_class=HELIOS_REQUEST_ROUTER if helios else RAY_PREFIX_ROUTER,
+            request_router_kwargs={"imbalance": d.affinity_imbalance} if helios else {},
             request_routing_stats_period_s=2.0, request_routing_stats_timeout_s=10.0)
     return serve.deployment(EngineDeployment).options(
         name=deployment_name(model.id, role),

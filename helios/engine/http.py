@@ -26,6 +26,20 @@ class EngineHTTPRequest:
     headers: list[tuple[str, str]] = field(default_factory=list)
     routing: Any = None  # the router's RoutingHints (prefix hashes, session), read by its request router
 
+    @property
+    def messages(self) -> Any:
+        """The chat messages, or a completion's prompt: what Ray's own `PrefixCacheAffinityRouter` reads
+        from a request (`deployment.request_router: ray_prefix`). Parses the body: only that router asks."""
+        import json
+
+        try:
+            body = json.loads(self.body)
+        except ValueError:
+            return ""
+        if not isinstance(body, dict):
+            return ""
+        return body.get("messages") or body.get("prompt") or ""
+
 
 @dataclass(slots=True)
 class EngineHTTPResponse:

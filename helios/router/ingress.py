@@ -40,7 +40,7 @@ from helios.router.core import (
     RouterResponse,
     new_request_id,
 )
-from helios.router.on_demand import OnDemandModels
+from helios.router.on_demand import OnDemandClient
 
 logger = get_logger("router")
 
@@ -166,7 +166,8 @@ class Router:
         self.storage = context.storage
         self.registry_config = context.registry
         self.models = {m.id: m for m in context.models}
-        self.on_demand = OnDemandModels(self.cache_root, self.storage, self.registry_config)
+        self.on_demand = OnDemandClient(serve.get_replica_context().app_name, self.cache_root, self.storage,
+                                        self.registry_config)
         routes = {m: ModelRoute(ServeEngine(h), ServeEngine(self.prefill[m]) if m in self.prefill else None)
                   for m, h in engines.items()}
         self.core = RouterCore(routes, [k.encode() for k in self.config.keys()],  # noqa: SIM118 - the API keys
@@ -192,7 +193,8 @@ class Router:
         """A registered model's engine, started on demand (503 with Retry-After while it starts)."""
         if not self.on_demand.ready(model):
             record = await self.resolve(model)
-            self._record_use(model)  # demand counts even while the model cold-starts (it drives prefetch)
+            if model not in self.on_demand.handles:
+                self._record_use(model)  # demand counts even while the model cold-starts (it drives prefetch)
             await self.on_demand.handle(model, record)
         handle = self.on_demand.handles[model]
         route = self._on_demand_routes.get(model)

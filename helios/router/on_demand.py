@@ -149,3 +149,124 @@ class OnDemandModels:
         await asyncio.to_thread(serve.delete, name)
         log_event(logger, "model_stopped", flush=True, model=model_id, app=name)
         return True
+
+
+# -- one manager per Helios application -----------------------------------------------------------
+
+MANAGER_PREFIX = "helios-on-demand-"
+MANAGER_NAMESPACE = "helios"
+READY_TTL_S = 5.0  # how long a router replica trusts its cached handle before asking the manager again
+APP_WATCH_S = 30.0
+
+
+class OnDemandManager:
+    """The one place an application's on-demand models are started and stopped (a Ray actor).
+
+    Every router replica asks it, so with several router replicas a model starts once and an
+    admin delete stops it for all. It lives as long as its Helios application: once that is
+    gone it deletes the models it started and exits."""
+
+    def __init__(self, app: str, cache_root: str, storage: dict[str, Any] | None, registry: dict[str, Any]) -> None:
+        self.app = app
+        self.models = OnDemandModels(cache_root, StorageConfig.model_validate(storage) if storage else None,
+                                     RegistryConfig.model_validate(registry))
+        self._watch: asyncio.Task | None = None
+
+    async def ensure(self, model_id: str, record: dict[str, Any]) -> str:
+        """The model's application name once it serves (starting it if needed); 503 while it starts."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_app())
+        await self.models.handle(model_id, record)
+        return app_name(model_id)
+
+    def ready(self, model_id: str) -> bool:
+        return self.models.ready(model_id)
+
+    async def stop(self, model_id: str) -> bool:
+        return await self.models.stop(model_id)
+
+    def status(self) -> dict[str, list[str]]:
+        return self.models.status()
+
+    async def _watch_app(self) -> None:
+        """Exit with the application: its on-demand models go with it."""
+        import ray
+
+        while True:
+            await asyncio.sleep(APP_WATCH_S)
+            try:
+                apps = await asyncio.to_thread(_serve_apps)
+            except Exception:  # noqa: BLE001, S112 - the controller may be restarting: look again later
+                continue
+            if self.app not in apps:
+                for model_id in list(self.models.handles):
+                    await self.models.stop(model_id)
+                log_event(logger, "on_demand_manager_exit", flush=True, app=self.app)
+                ray.actor.exit_actor()
+
+
+class OnDemandClient:
+    """A router replica's view of its application's on-demand models, through the one manager."""
+
+    def __init__(self, app: str, cache_root: str, storage: StorageConfig | None, registry: RegistryConfig) -> None:
+        self.app = app
+        self.args = (app, cache_root, storage.model_dump(mode="json") if storage else None,
+                     registry.model_dump(mode="json"))
+        self.handles: dict[str, DeploymentHandle] = {}
+        self._checked: dict[str, float] = {}
+        self._actor: Any = None
+
+    def _manager(self, create: bool = True) -> Any:
+        import ray
+
+        if self._actor is None:
+            name = MANAGER_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", self.app)
+            if create:
+                self._actor = ray.remote(OnDemandManager).options(
+                    name=name, namespace=MANAGER_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+                    max_restarts=-1, max_concurrency=64).remote(*self.args)
+            else:
+                try:
+                    self._actor = ray.get_actor(name, namespace=MANAGER_NAMESPACE)
+                except ValueError:
+                    return None
+        return self._actor
+
+    async def _call(self, ref: Any) -> Any:
+        from helios.api.error_handlers import unwrap
+
+        try:
+            return await ref
+        except Exception as exc:  # noqa: BLE001 - the manager's HeliosErrors (503, 404) keep their status
+            inner = unwrap(exc)
+            if isinstance(inner, HeliosError):
+                raise inner from None
+            raise ServiceUnavailable("The on-demand model manager is not answering; retry shortly.",
+                                     retry_after_s=5) from None
+
+    def ready(self, model_id: str) -> bool:
+        """Served here without asking the manager (a cached handle, rechecked every READY_TTL_S)."""
+        import time
+
+        return model_id in self.handles and time.monotonic() - self._checked.get(model_id, 0.0) < READY_TTL_S
+
+    async def handle(self, model_id: str, record: dict[str, Any]) -> DeploymentHandle:
+        import time
+
+        name = await self._call(self._manager().ensure.remote(model_id, record))
+        if model_id not in self.handles:
+            self.handles[model_id] = serve.get_app_handle(name)
+        self._checked[model_id] = time.monotonic()
+        return self.handles[model_id]
+
+    async def stop(self, model_id: str) -> bool:
+        self.handles.pop(model_id, None)
+        self._checked.pop(model_id, None)
+        manager = self._manager(create=False)
+        return bool(manager and await self._call(manager.stop.remote(model_id)))
+
+    async def status(self) -> dict[str, list[str]]:
+        manager = self._manager(create=False)
+        if manager is None:
+            return {"ready": [], "starting": [], "stopping": []}
+        return await self._call(manager.status.remote())
