@@ -84,11 +84,12 @@ def helios(model_dir: str, port: int, engine: dict) -> None:
     def build():
         from helios.app import build_app
 
-        # HELIOS_BENCH_DEPLOYMENT / HELIOS_BENCH_ENGINE: JSON settings over the shared ones, to measure a knob.
+        # HELIOS_BENCH_DEPLOYMENT / _ENGINE / _ROUTER: JSON settings over the shared ones, to measure a knob.
         deployment = json.loads(os.environ.get("HELIOS_BENCH_DEPLOYMENT", "{}"))
         engine_args = {**engine, **json.loads(os.environ.get("HELIOS_BENCH_ENGINE", "{}"))}
+        router = json.loads(os.environ.get("HELIOS_BENCH_ROUTER", "{}"))
         model = {"id": MODEL_ID, "source": model_dir, "engine": engine_args, "deployment": deployment}
-        return build_app({"models": [model]})
+        return build_app({"models": [model], "router": router})
 
     _ray_serve(build, port)
 

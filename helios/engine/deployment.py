@@ -260,7 +260,9 @@ def engine_deployment(
     else:
         pd = model.disaggregated
         scaling = {"num_replicas": pd.prefill_replicas if role == "prefill" else pd.decode_replicas}
-    if d.request_router != "serve_default" and role != "decode":  # a decode side goes by load: Serve's default
+    # A decode side goes by load (Serve's default). So does a model started on demand: it is its own
+    # application's ingress, and Serve refuses a custom request router there under HAProxy.
+    if d.request_router != "serve_default" and role != "decode" and pinned:
         helios = d.request_router == "helios"
         scaling["request_router_config"] = RequestRouterConfig(
             request_router_class=HELIOS_REQUEST_ROUTER if helios else RAY_PREFIX_ROUTER,

@@ -343,13 +343,19 @@ class Router:
         self.core.authorize(request.headers)
         probes = await self._probe_all()
         registered = {m["id"]: m for m in await self._registered()}
+        on_demand: set[str] = set()
+        if set(registered) - set(self.engines):
+            try:
+                on_demand = set((await self.on_demand.status())["ready"])
+            except ServiceUnavailable:  # the manager does not answer: list them as not ready
+                pass
         data = []
         for model in [*self.engines, *(m for m in registered if m not in self.engines)]:
             info = probes.get(model)
             known = info or self.infos.get(model) or {}
             entry = {"id": model, "object": "model", "created": known.get("created", 0), "owned_by": "helios",
                      "max_model_len": known.get("max_model_len"),
-                     "ready": info is not None if model in self.engines else self.on_demand.ready(model)}
+                     "ready": info is not None if model in self.engines else model in on_demand}
             entry.update(_registry_view(registered.get(model)))
             data.append(entry)
         return JSONResponse({"object": "list", "data": data})
