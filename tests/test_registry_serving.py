@@ -39,7 +39,8 @@ def base_url(serve_port: int, cache_root: Path, root: Path, tiny_model_dir: Path
     store.push(tiny_model_dir, PUSHED, "v1")  # what `helios models push` does
     store.push(_variant(tiny_model_dir, root / "other"), OTHER, "v1")
     args = {
-        **tiny_args(cache_root, admin_token=ADMIN),
+        # Two router replicas: on-demand state lives in one manager that both ask.
+        **tiny_args(cache_root, admin_token=ADMIN, num_replicas=2),
         "storage": storage,
         "registry": {"state_dir": str(root / "registry"), "max_dynamic_models": 1, "start_timeout_s": 1,
                      "retry_after_s": 7, "prefetch_interval_s": 0, "defaults": {"engine": TINY_ENGINE}},
@@ -130,6 +131,9 @@ def test_pushed_model_is_served_on_demand_after_a_503(base_url: str) -> None:
     assert resp.json()["choices"][0]["token_ids"] == reference.json()["choices"][0]["token_ids"]
     models = {m["id"]: m for m in requests.get(f"{base_url}/v1/models", timeout=60).json()["data"]}
     assert models[PUSHED]["ready"] is True
+    # Whichever router replica answers (HAProxy spreads them), it sees the one start.
+    for _ in range(6):
+        assert admin(base_url, "get", "/registry").json()["on_demand"]["ready"] == [PUSHED]
 
 
 def test_beyond_the_on_demand_limit_is_503_with_retry_after(base_url: str) -> None:
