@@ -150,9 +150,8 @@ class RouterCore:
         """Check the bearer key against the configured API keys (none configured: open)."""
         if not self.api_keys:
             return
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.api_keys):
+        given = _bearer(headers).encode()
+        if not given or not any(hmac.compare_digest(given, k) for k in self.api_keys):
             raise AuthenticationFailed("Missing or invalid API key: send 'Authorization: Bearer <key>'")
 
     async def route(self, model: str) -> ModelRoute:
@@ -321,7 +320,7 @@ async def _released(stream: AsyncIterator[bytes], slot: _Slot) -> AsyncIterator[
 
 
 def _bearer(headers: Mapping[str, str]) -> str:
-    """The request's API key (empty when the API is open: then every client shares one limit)."""
+    """The request's bearer token ("" without one); with no API keys configured every client shares one limit."""
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
