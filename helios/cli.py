@@ -18,7 +18,7 @@ import yaml
 from rich.console import Console
 
 from helios.config import default_cache_root
-from helios.ray_env import ray_cluster_env, reap_orphaned_haproxy
+from helios.ray_env import cluster_gone, gcs_address, ray_cluster_env, reap_orphaned_haproxy
 from helios.ray_tls import make_certificates, tls_enabled, tls_env
 
 app = typer.Typer(help="Helios: LLM serving on Ray Serve and vLLM.", no_args_is_help=True, add_completion=False)
@@ -130,6 +130,22 @@ def _announce_when_ready(port: int, stop: threading.Event) -> None:
     console.rule()
 
 
+def _stop_when_cluster_gone(child: subprocess.Popen, stop: threading.Event, gone: threading.Event) -> None:
+    """`ray stop` (or a crashed head) ends the cluster but not `serve run`, which would wait
+    for good: when the GCS refuses connections three times running, stop it and say why."""
+    address = gcs_address()
+    if address is None:
+        return
+    while not stop.wait(5.0) and child.poll() is None:
+        if cluster_gone(address):
+            console.print(f"The Ray cluster at {address[0]}:{address[1]} is gone; stopping Helios.")
+            gone.set()
+            stop.set()
+            child.terminate()
+            threading.Timer(15, lambda: child.poll() is None and child.kill()).start()
+            return
+
+
 @app.command("serve")
 def serve_cmd(
     config: Path = typer.Argument(Path("serve_configs/local.yaml"), help="A Serve config YAML."),
@@ -176,6 +192,8 @@ def serve_cmd(
 
     signal.signal(signal.SIGINT, _forward)
     signal.signal(signal.SIGTERM, _forward)
+    gone = threading.Event()
+    threading.Thread(target=_stop_when_cluster_gone, args=(child, stop, gone), daemon=True).start()
     try:
         child.wait()
     finally:
@@ -184,6 +202,8 @@ def serve_cmd(
             console.print("Stopping the local Ray head…")
             subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False, env=env)
             reap_orphaned_haproxy()
+    if gone.is_set():
+        raise typer.Exit(1)
     raise typer.Exit(child.returncode if child.returncode and child.returncode > 0 else 0)
 
 

@@ -41,6 +41,34 @@ def cluster_secret(name: str) -> str:
     return _internal_kv_get(key, namespace="helios").decode()
 
 
+def gcs_address() -> tuple[str, int] | None:
+    """The local Ray cluster's GCS (host, port), from the file `ray start` writes; None if none."""
+    import tempfile
+    from pathlib import Path
+
+    base = Path(os.environ.get("RAY_TMPDIR") or Path(tempfile.gettempdir()) / "ray")
+    try:
+        host, _, port = (base / "ray_current_cluster").read_text().split()[0].rpartition(":")
+        return host, int(port)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cluster_gone(address: tuple[str, int], probes: int = 3, interval_s: float = 2.0) -> bool:
+    """Whether the GCS at `address` refused `probes` connections in a row (one miss is a blip)."""
+    import socket
+    import time
+
+    for i in range(probes):
+        try:
+            with socket.create_connection(address, timeout=interval_s):
+                return False
+        except OSError:
+            if i + 1 < probes:
+                time.sleep(interval_s)
+    return True
+
+
 def reap_orphaned_haproxy() -> int:
     """Kill Ray Serve HAProxy processes whose Ray cluster is gone; returns how many.
 

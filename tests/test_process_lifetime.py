@@ -132,6 +132,8 @@ def test_ray_stop_leaves_no_engine_process(machine: dict) -> None:
         assert engines, "no vLLM engine process while serving"
         subprocess.run([str(BIN / "ray"), "stop"], check=True, capture_output=True, env=env)
         assert _wait_gone(engines) == [], "vLLM engine processes outlived `ray stop`"
+        helios.wait(timeout=90)  # `helios serve` sees its cluster gone and ends, saying so
+        assert helios.returncode == 1
     finally:
         if helios.poll() is None:
             os.killpg(helios.pid, signal.SIGKILL)

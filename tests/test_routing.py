@@ -69,6 +69,37 @@ def test_requests_without_a_shared_prefix_use_both_replicas(base_url: str) -> No
     assert len(seen) == 2
 
 
+def _info_of(replica: str) -> dict:
+    """info() of one engine replica (the handle picks replicas; ask until it is the one)."""
+    from ray import serve
+
+    from helios.engine.deployment import deployment_name
+
+    handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name=APP)
+    for _ in range(200):
+        info = handle.info.remote().result(timeout_s=60)
+        if info["replica"] == replica:
+            return info
+    raise AssertionError(f"never reached replica {replica}")
+
+
+def test_replicas_report_the_schedulers_load_to_the_router(base_url: str) -> None:
+    """What the request router weighs a replica by comes from vLLM's scheduler: while a long
+    generation runs, its replica reports it running and KV-cache blocks in use; after, none."""
+    body = {"model": MODEL_ID, "prompt": "a long story", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with requests.post(f"{base_url}/v1/completions", json=body, stream=True, timeout=120) as resp:
+        assert resp.status_code == 200
+        replica = resp.headers["x-helios-replica"]
+        lines = resp.iter_lines()
+        next(lines)
+        busy = _info_of(replica)["scheduler"]
+        assert busy["running"] == 1 and busy["kv_cache_usage"] > 0, busy
+    deadline = time.monotonic() + 60
+    while (idle := _info_of(replica)["scheduler"])["running"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert idle["running"] == 0 and idle["waiting"] == 0, idle
+
+
 def _replica_pids(base_url: str) -> dict[str, int]:
     """Both engine replicas' ids and pids (each call lands on one; no prefix, so both get calls)."""
     from ray import serve

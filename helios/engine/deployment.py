@@ -103,13 +103,15 @@ class EngineDeployment:
         info["role"] = self.role
         info["pid"] = os.getpid()  # the replica's process (its engine core and workers are its children)
         info["replica"] = self.replica
+        info["scheduler"] = self.record_routing_stats()  # vLLM's last step: running, waiting, KV-cache use
         if self.kv_metrics is not None:
             info["kv"] = self.kv_metrics.snapshot()
         return info
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What Helios's request router weighs replicas by: the engine's running plus waiting requests."""
-        return {"unfinished": self.engine.num_unfinished_requests()}
+        """What Helios's request router weighs replicas by: requests in the engine (scheduled or
+        not yet) and the scheduler's last running / waiting counts and KV-cache use."""
+        return self.engine.stats.routing(self.engine.num_unfinished_requests())
 
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests()

@@ -165,6 +165,7 @@ class _Request:
     saved_blocks: int = 0  # prompt blocks already saved or found stored
     local_tokens: int = 0  # block-aligned local hit at the last match
     counted: bool = False
+    fetch_given_up: bool = False  # a remote fetch outlasted fetch_wait_s once: never wait for it again
 
 
 # --------------------------------------------------------------------------- block server
@@ -352,8 +353,11 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
             return 0, False
         wanted = st.keys[start:limit]
         n = self.store.count_present(wanted)
-        if n < len(wanted) and st.remote and not self._is_own_store(st.remote):
-            n += self._fetch(st.remote, wanted[n:])
+        if n < len(wanted) and st.remote and not st.fetch_given_up and not self._is_own_store(st.remote):
+            fetched = self._fetch(st.remote, wanted[n:])
+            if fetched is None:  # the step waited fetch_wait_s once; this request recomputes
+                st.fetch_given_up = True
+            n += fetched or 0
         self.store.touch(wanted[:n])  # just matched: make them the last to be evicted
         self.store.count(lookups=1, lookup_tokens=len(wanted) * self.block_size)
         return n * self.block_size, False
@@ -361,8 +365,9 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
     def _is_own_store(self, remote: dict[str, Any]) -> bool:
         return remote.get("node") == self.node and Path(str(remote.get("store"))) == self.store.dirs["ram"]
 
-    def _fetch(self, remote: dict[str, Any], keys: list[str]) -> int:
-        """Copy the longest prefix of `keys` the producer's store has into this node's store."""
+    def _fetch(self, remote: dict[str, Any], keys: list[str]) -> int | None:
+        """Copy the longest prefix of `keys` the producer's store has into this node's store:
+        how many blocks are here now, or None when the fetch outlasted `fetch_wait_s`."""
         addr = remote.get("addr")
         if not addr:
             return 0
@@ -376,7 +381,7 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
             # Recompute now rather than hold up every running request; the fetch goes on and later
             # requests with this prefix find the blocks here.
             self.store.count(remote_fetch_waits_exceeded=1)
-            return 0
+            return None
         finally:
             if fetch.done():
                 self._fetches.pop(keys[0], None)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from helios.config import ModelConfig
+from helios.engine.engine_stats import EngineStats, SchedulerStatsSink
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.engine.reaper import ensure_reaper
 from helios.errors import InvalidRequest
@@ -43,7 +44,8 @@ def engine_kwargs(
         "tensor_parallel_size": e.tensor_parallel_size,
         "enforce_eager": e.enforce_eager,
         "seed": e.seed,
-        "disable_log_stats": True,
+        # On: the scheduler's stats feed routing (engine_stats) and vLLM's metrics.
+        "disable_log_stats": False,
         "runner": e.runner,
     }
     if e.reasoning_parser:
@@ -119,7 +121,8 @@ class LLMEngine:
         self.model = model
         self.model_id = model.id
         self.engine_args = AsyncEngineArgs(**engine_kwargs(model, model_dir, loader, kv_transfer))
-        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        self.stats = EngineStats()  # the scheduler's latest step, for the request router
+        self.engine = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[SchedulerStatsSink.factory(self.stats)])
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.created = int(time.time())
         self.start_seconds = time.monotonic() - started

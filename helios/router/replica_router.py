@@ -9,8 +9,10 @@ its default router does. The request's routing hints were computed once by the r
 (`EngineHTTPRequest.routing`), so nothing here parses a body.
 
 Load per replica is the larger of what this handle has in flight there, Serve's cached
-queue length, and the unfinished requests the replica's engine last reported
-(`EngineDeployment.record_routing_stats`, vLLM's running plus waiting).
+queue length, and the requests the replica's engine last reported
+(`EngineDeployment.record_routing_stats`: unfinished, and vLLM's scheduler's running plus
+waiting), plus `KV_WEIGHT` times its KV-cache use (0..1): of two replicas equally busy, the
+one whose cache is nearly full would preempt or queue the next long prompt.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 
 from helios.router.breaker import breakers_for
 from helios.router.routing_policy import PrefixAffinityPolicy, RoutingHints
+
+KV_WEIGHT = 4.0  # a full KV cache weighs as much as four more requests in flight
 
 # This process's affinity policies by "app/deployment" (one request router per deployment handle).
 POLICIES: dict[str, PrefixAffinityPolicy] = {}
@@ -39,8 +43,10 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
 
     def _load(self, replica: RunningReplica) -> float:
         cached = self.replica_queue_len_cache.get(replica.replica_id)
-        reported = (replica.routing_stats or {}).get("unfinished", 0)
-        return max(self.in_flight.get(replica.replica_id, 0), cached or 0, reported)
+        stats = replica.routing_stats or {}
+        reported = max(stats.get("unfinished", 0), stats.get("running", 0) + stats.get("waiting", 0))
+        busy = max(self.in_flight.get(replica.replica_id, 0), cached or 0, reported)
+        return busy + KV_WEIGHT * float(stats.get("kv_cache_usage", 0.0))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None,

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -243,3 +244,19 @@ def test_a_block_fetch_without_the_secret_is_refused(engines: dict[str, Engine],
         with pytest.raises(OSError, match="HTTP 401"):
             fetch_blocks(remote["addr"], keys, timeout=10, secret=wrong)
     assert [k for k, _ in fetch_blocks(remote["addr"], keys, timeout=10, secret=KV_SECRET)]  # the right one is served
+
+
+def test_a_producer_that_never_answers_costs_one_bounded_wait(engines: dict[str, Engine], stores: dict[str, KVStoreConfig]) -> None:
+    """A decode whose producer accepts the connection but never answers is not held past
+    `fetch_wait_s`: it recomputes, gives the reference tokens, and waits once, not per step."""
+    prompts = [prompt(31, 400)]
+    expected = reference(engines, prompts)
+    params = prefill(engines, prompts)[0]["kv_transfer_params"]
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # listens, never accepts
+        host, port = silent.getsockname()
+        params = {**params, "helios": {**params["helios"], "addr": f"{host}:{port}", "node": "elsewhere"}}
+        before = connector_stats(stores["B"], "both")
+        decoded = engines["both"].generate(prompts, DECODE_TOKENS, [params])
+    assert decoded[0]["tokens"] == expected[0]
+    after = connector_stats(stores["B"], "both")
+    assert after.get("remote_fetch_waits_exceeded", 0) - before.get("remote_fetch_waits_exceeded", 0) == 1

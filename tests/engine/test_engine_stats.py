@@ -1,0 +1,38 @@
+"""The scheduler-stats sink Helios's request router reads (pure: vLLM's own stats objects, no engine)."""
+
+from __future__ import annotations
+
+from vllm.v1.metrics.stats import PrefixCacheStats, SchedulerStats
+
+from helios.engine.engine_stats import EngineStats, SchedulerStatsSink
+
+
+def _step(running: int, waiting: int, kv: float, hits: int = 0) -> SchedulerStats:
+    prefix = PrefixCacheStats()
+    prefix.record(num_tokens=100, num_hits=hits, preempted=False)
+    return SchedulerStats(num_running_reqs=running, num_waiting_reqs=waiting, kv_cache_usage=kv,
+                          prefix_cache_stats=prefix)
+
+
+def test_the_sink_keeps_the_last_step_and_counts_prefix_hits() -> None:
+    stats = EngineStats()
+    sink = SchedulerStatsSink.factory(stats)(None, 0)
+    sink.record(_step(3, 2, 0.5, hits=40), None)
+    sink.record(None, None)  # a step without scheduler stats changes nothing
+    sink.record(_step(1, 0, 0.25, hits=10), None)
+    assert stats.routing(unfinished=1) == {"unfinished": 1, "running": 1, "waiting": 0, "kv_cache_usage": 0.25}
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (200, 50)
+
+
+def test_data_parallel_engines_add_up_and_the_fullest_cache_counts() -> None:
+    stats = EngineStats()
+    SchedulerStatsSink.factory(stats)(None, 0).record(_step(2, 1, 0.2), None, engine_idx=0)
+    SchedulerStatsSink.factory(stats)(None, 1).record(_step(1, 4, 0.7), None, engine_idx=1)
+    assert stats.routing(unfinished=8) == {"unfinished": 8, "running": 3, "waiting": 5, "kv_cache_usage": 0.7}
+
+
+def test_an_engine_with_no_requests_is_idle_whatever_its_last_step_said() -> None:
+    """An aborted request (client gone) takes no engine step: the last stats still say busy."""
+    stats = EngineStats()
+    SchedulerStatsSink.factory(stats)(None, 0).record(_step(1, 0, 0.3), None)
+    assert stats.routing(unfinished=0) == {"unfinished": 0, "running": 0, "waiting": 0, "kv_cache_usage": 0.0}
