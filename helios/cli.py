@@ -27,11 +27,13 @@ config_app = typer.Typer(help="Serve configs.", no_args_is_help=True)
 models_app = typer.Typer(help="Models in the store: push, pull, list.", no_args_is_help=True)
 cache_app = typer.Typer(help="This node's cache tiers.", no_args_is_help=True)
 tls_app = typer.Typer(help="Ray's mutual TLS: certificates for a TLS cluster.", no_args_is_help=True)
+kuberay_app = typer.Typer(help="KubeRay RayService manifests (kuberay/).", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 app.add_typer(cache_app, name="cache")
 app.add_typer(tls_app, name="tls")
+app.add_typer(kuberay_app, name="kuberay")
 console = Console(stderr=True)
 
 
@@ -368,6 +370,68 @@ def cache_evict(
             store.resolve(model_id, version)  # a clear error for a name the store does not know
         freed = store.evict(model_id, version, tier)
     console.print(f"[green]evicted[/green] {ref or 'everything'} from {tier or 'every local tier'}: {_gib(freed)} freed")
+
+
+# --- KubeRay manifests ---------------------------------------------------------------
+
+
+@kuberay_app.command("render")
+def kuberay_render(
+    config: Path = typer.Argument(..., help="A Serve config YAML, e.g. serve_configs/production.yaml."),
+    template: Path | None = typer.Option(
+        None, "--template", "-t", help="Manifest whose `serveConfigV2: |` block to fill [default: every "
+        "kuberay/*.yaml whose helios/serve-config annotation names CONFIG]."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Where to write [default: the template itself, in place]; `-` for stdout."),
+) -> None:
+    """Write a Serve config (validated first) into a RayService manifest's serveConfigV2."""
+    from helios.scaling.kuberay import ManifestError, manifests_embedding, render
+
+    _check(config)
+    templates = [template] if template else manifests_embedding(config, Path.cwd())
+    if not templates:
+        _fail(f"no kuberay/*.yaml names {config} in its helios/serve-config annotation; pass --template")
+    if out is not None and len(templates) > 1:
+        _fail(f"{len(templates)} manifests embed {config}; pass --template with --out")
+    for path in templates:
+        try:
+            text = render(config, path)
+        except (ManifestError, OSError, yaml.YAMLError) as exc:
+            _fail(f"{path}: {exc}")
+        target = out or path
+        if str(target) == "-":
+            typer.echo(text, nl=False)
+            continue
+        same = target.exists() and target.read_text() == text
+        target.write_text(text)
+        console.print(f"[green]{'unchanged' if same else 'wrote'}[/green]: {target} (serveConfigV2 from {config})")
+
+
+@kuberay_app.command("check")
+def kuberay_check(
+    files: list[Path] = typer.Argument(..., help="Manifests to check (multi-document YAML)."),
+    crds: Path | None = typer.Option(None, "--crds", help="Directory of KubeRay CRDs [default: kuberay/crds]."),
+) -> None:
+    """Validate manifests offline: KubeRay CRDs, Kubernetes schemas, the embedded Serve config and its drift."""
+    try:
+        from helios.scaling.kuberay_schemas import CRD_DIR, check_file
+    except ImportError as exc:
+        _fail(f"{exc.name} is missing: pip install 'helios[kuberay]'")
+    from helios.scaling.kuberay import serve_config_problems
+
+    failed = 0
+    for path in files:
+        try:
+            problems = [str(p) for p in check_file(path, crds or CRD_DIR)]
+        except (OSError, yaml.YAMLError) as exc:
+            _fail(f"{path}: {exc}")
+        problems += serve_config_problems(path, Path.cwd())
+        failed += bool(problems)
+        console.print(f"{path}: " + ("[green]ok[/green]" if not problems else f"[red]{len(problems)} problem(s)[/red]"))
+        for problem in problems:
+            console.print(f"    {problem}", markup=False, highlight=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:
