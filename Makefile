@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= serve_configs/local.yaml
 
-.PHONY: serve test bench-overhead lint clean
+.PHONY: serve test system-deps bench-overhead lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "Helios needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -23,8 +23,22 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(BIN)/helios serve $(CONFIG)
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# What the tests run that pip cannot install: Prometheus and promtool (Debian's `prometheus`).
+# Installed when missing and running as root (CI); otherwise say what to install.
+system-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Debian's prometheus package (prometheus, promtool) for the tests…"; \
+		apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+		echo "The tests need prometheus and promtool: install Debian's package" \
+		     "(sudo apt-get install prometheus), or run 'make test' as root"; \
+		exit 1; \
+	fi
 
 bench-overhead: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

@@ -30,7 +30,8 @@ import servers
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
 SYSTEM_NAMES = {"raw_vllm": "vLLM OpenAI server", "rayserve_llm": "Ray Serve LLM",
-                "rayserve_llm_haproxy": "Ray Serve LLM + HAProxy", "helios": "Helios"}
+                "rayserve_llm_haproxy": "Ray Serve LLM + HAProxy", "helios": "Helios",
+                "helios_metrics_off": "Helios, metrics off", "helios_tracing": "Helios, tracing every request"}
 
 
 def log(msg: str) -> None:
@@ -168,7 +169,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [SYSTEM_NAMES[s] for s in results]
-    palette = {"raw_vllm": "#888888", "rayserve_llm_haproxy": "#4c72b0", "rayserve_llm": "#8fb0d8", "helios": "#dd8452"}
+    palette = {"raw_vllm": "#888888", "rayserve_llm_haproxy": "#4c72b0", "rayserve_llm": "#8fb0d8", "helios": "#dd8452",
+               "helios_metrics_off": "#f0b27a", "helios_tracing": "#a0522d"}
     colors = [palette[s] for s in results]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.bar(names, [r["tok_s"] for r in results.values()], color=colors)
@@ -189,7 +191,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="One round and fewer latency probes (under 5 minutes).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
     parser.add_argument("--systems", default=None,
-                        help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios).")
+                        help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios; "
+                        "also helios_metrics_off and helios_tracing, for what observability costs).")
     parser.add_argument("--port", type=int, default=8321)
     args = parser.parse_args()
     args.requests, args.concurrency, args.max_tokens = 64, 16, 64
@@ -205,7 +208,17 @@ def main() -> None:
     default = "raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios"
     systems = [s.strip() for s in (args.systems or default).split(",") if s.strip()]
     started = time.monotonic()
+    receiver = None
+    if "helios_tracing" in systems:  # a real OTLP receiver takes the spans, as a collector would
+        sys.path.insert(0, str(ROOT))
+        from tests.otlp_receiver import OTLPReceiver
+
+        receiver = OTLPReceiver().start()
+        os.environ["HELIOS_BENCH_OTLP"] = receiver.endpoint
     results = {s: asyncio.run(measure(s, model_dir, args.port + i, args, work)) for i, s in enumerate(systems)}
+    if receiver is not None:
+        results["helios_tracing"]["spans_received"] = len(receiver.spans)
+        receiver.stop()
 
     ratios = {}
     if "helios" in results and "raw_vllm" in results:
@@ -224,6 +237,11 @@ def main() -> None:
             return r["cpu_us_per_token"]["frontend"] / r["cpu_us_per_token"]["engine"]
 
         ratios["helios_over_raw_frontend_cpu"] = share(results["helios"]) / share(results["raw_vllm"])
+    if "helios" in results and "helios_metrics_off" in results:
+        ratios["metrics_on_over_off_tok_s"] = results["helios"]["tok_s"] / results["helios_metrics_off"]["tok_s"]
+    if "helios_tracing" in results and "helios_metrics_off" in results:
+        ratios["tracing_over_metrics_off_tok_s"] = (
+            results["helios_tracing"]["tok_s"] / results["helios_metrics_off"]["tok_s"])
     report = {
         "benchmark": "overhead",
         "quick": args.quick,

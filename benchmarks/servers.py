@@ -88,10 +88,24 @@ def helios(model_dir: str, port: int, engine: dict) -> None:
         deployment = json.loads(os.environ.get("HELIOS_BENCH_DEPLOYMENT", "{}"))
         engine_args = {**engine, **json.loads(os.environ.get("HELIOS_BENCH_ENGINE", "{}"))}
         router = json.loads(os.environ.get("HELIOS_BENCH_ROUTER", "{}"))
+        observability = json.loads(os.environ.get("HELIOS_BENCH_OBSERVABILITY", "{}"))
         model = {"id": MODEL_ID, "source": model_dir, "engine": engine_args, "deployment": deployment}
-        return build_app({"models": [model], "router": router})
+        return build_app({"models": [model], "router": router, "observability": observability})
 
     _ray_serve(build, port)
+
+
+def helios_metrics_off(model_dir: str, port: int, engine: dict) -> None:
+    """Helios with its and vLLM's metrics off (HELIOS_METRICS=0): what metrics cost."""
+    os.environ["HELIOS_METRICS"] = "0"
+    helios(model_dir, port, engine)
+
+
+def helios_tracing(model_dir: str, port: int, engine: dict) -> None:
+    """Helios tracing every request (sample ratio 1.0) to the OTLP receiver at HELIOS_BENCH_OTLP."""
+    os.environ["HELIOS_BENCH_OBSERVABILITY"] = json.dumps(
+        {"tracing": {"endpoint": os.environ["HELIOS_BENCH_OTLP"], "sample_ratio": 1.0}})
+    helios(model_dir, port, engine)
 
 
 def rayserve_llm_haproxy(model_dir: str, port: int, engine: dict) -> None:
@@ -163,7 +177,7 @@ def cold_start_controller(port: int) -> None:
 
 
 SYSTEMS = {"raw_vllm": raw_vllm, "rayserve_llm": rayserve_llm, "rayserve_llm_haproxy": rayserve_llm_haproxy,
-           "helios": helios}
+           "helios": helios, "helios_metrics_off": helios_metrics_off, "helios_tracing": helios_tracing}
 
 
 def _free_port() -> int:

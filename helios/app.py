@@ -8,6 +8,7 @@ from ray import serve
 
 from helios.config import HeliosArgs, ModelConfig, RouterContext, parse_args
 from helios.engine.deployment import engine_deployment
+from helios.observability.tracing import tracing_env
 from helios.router.ingress import router_deployment
 
 
@@ -24,16 +25,18 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
         ref = _config_version(m, config.storage is not None)
         if ref is not None:
             registry.register.remote(m.id, ref[0], ref[1], make_default=True, pinned=True)
+    tracing = config.observability.tracing
+    env = tracing_env(tracing.endpoint, tracing.sample_ratio)  # each replica makes its tracer from it
     engines, prefill = {}, {}
     for m in config.models:
         if m.serving == "disaggregated":  # the router prefills on one side, then decodes on the other
-            prefill[m.id] = engine_deployment(m, cache_root, config.storage, role="prefill")
-            engines[m.id] = engine_deployment(m, cache_root, config.storage, role="decode")
+            prefill[m.id] = engine_deployment(m, cache_root, config.storage, role="prefill", env=env)
+            engines[m.id] = engine_deployment(m, cache_root, config.storage, role="decode", env=env)
         else:
-            engines[m.id] = engine_deployment(m, cache_root, config.storage)
+            engines[m.id] = engine_deployment(m, cache_root, config.storage, env=env)
     context = RouterContext(cache_root=cache_root, storage=config.storage, registry=config.registry,
                             models=config.models)
-    return router_deployment(config.router, engines, context, prefill)
+    return router_deployment(config.router, engines, context, prefill, env=env)
 
 
 def _config_version(model: ModelConfig, has_storage: bool) -> tuple[str, str] | None:

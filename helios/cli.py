@@ -128,6 +128,7 @@ def _announce_when_ready(port: int, stop: threading.Event) -> None:
     console.print(f"OpenAI API: [bold]{base}/v1[/bold]   models: {names}")
     console.print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
                   f"-d '{{\"model\": \"{models[0]['id'] if models else 'MODEL'}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
+    console.print(f"Metrics: {base}/metrics   Ray dashboard (applications, replicas, logs): http://localhost:8265")
     console.print("Press Ctrl-C to stop.")
     console.rule()
 
@@ -171,7 +172,7 @@ def serve_cmd(
     if not _ray_running(env):
         console.print(f"Starting a local Ray head with {num_cpus} logical CPUs…")
         subprocess.run(["ray", "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-                        "--include-dashboard=false"], check=True, capture_output=True, env=env)
+                        "--include-dashboard=true"], check=True, capture_output=True, env=env)
         started_ray = True
     console.print(f"Deploying {len(apps)} application(s) from {config}; the first start builds the demo model "
                   "and starts vLLM (about a minute on a CPU)…")

@@ -103,6 +103,15 @@ class ModelDeploymentConfig(_Strict):
     max_replicas: int | None = Field(
         None, ge=1, description="Most replicas `POST /admin/scale` may ask for; default max(num_replicas, 4)."
     )
+    min_replicas: int | None = Field(
+        None, ge=0, description="Set: the model autoscales on load (queue depth, KV use, predicted bursts) between "
+        "this and max_replicas from the start; 0 lets an idle model scale to zero (its weights stay in the warm "
+        "tiers; the next request waits for a warm start). Unset: num_replicas runs until an admin scales it.")
+    predictive_scaling: bool = Field(
+        True, description="Start replicas ahead of bursts the registry's request history predicts, and keep one "
+        "warm when the next request is due within a cold start (see helios/scaling/predict.py).")
+    idle_to_zero_s: float = Field(
+        300.0, ge=0, description="With min_replicas 0: how long a model stays idle before its last replica stops.")
     target_ongoing_requests: float = Field(
         32, gt=0, description="Requests per replica the autoscaler aims at, between the model's min and max replicas."
     )
@@ -140,6 +149,8 @@ class ModelDeploymentConfig(_Strict):
     def _ceiling(self) -> ModelDeploymentConfig:
         if self.max_replicas is not None and self.max_replicas < self.num_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below num_replicas ({self.num_replicas})")
+        if self.min_replicas is not None and self.min_replicas > self.num_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above num_replicas ({self.num_replicas})")
         return self
 
     def replica_ceiling(self) -> int:
@@ -447,6 +458,19 @@ class RegistryConfig(_Strict):
     defaults: DynamicModelDefaults = Field(default_factory=DynamicModelDefaults)
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces of each request (router, prefill, KV, decode, vLLM) to an OTLP receiver."""
+
+    endpoint: str | None = Field(None, description="OTLP gRPC endpoint, e.g. http://otel-collector:4317; unset: "
+                                 "tracing off (and free).")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of requests traced, decided at the router "
+                                "(a client's sampled traceparent is followed).")
+
+
+class ObservabilityConfig(_Strict):
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+
+
 class RouterContext(_Strict):
     """What the router needs besides its own settings: on-demand starts and the admin API read it."""
 
@@ -468,6 +492,7 @@ class HeliosArgs(_Strict):
         None, description="The multi-tier model cache; without it models load straight from their source directory."
     )
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> HeliosArgs:

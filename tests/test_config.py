@@ -107,3 +107,20 @@ def test_unknown_engine_extra_arg_is_rejected(tmp_path: Path) -> None:
     bad = parse_args({"models": [_model(engine={"extra_args": {"blok_size": 16}})]})
     with pytest.raises(InvalidRequest, match="blok_size"):
         engine_kwargs(bad.models[0], tmp_path)
+
+
+def test_min_replicas_makes_a_model_autoscale_down_to_zero() -> None:
+    from helios.engine.deployment import autoscaling_config
+
+    model = {"id": "m", "source": "demo://tiny"}
+    fixed = autoscaling_config(parse_args({"models": [model]}).models[0])
+    assert (fixed["min_replicas"], fixed["policy"]["policy_kwargs"]["min_replicas"],
+            fixed["policy"]["policy_kwargs"]["max_replicas"]) == (1, 1, 1)  # a config's count is what runs
+    assert "downscale_to_zero_delay_s" not in fixed
+    scaled = autoscaling_config(parse_args({"models": [{**model, "deployment": {
+        "num_replicas": 1, "min_replicas": 0, "max_replicas": 3, "idle_to_zero_s": 60}}]}).models[0])
+    assert scaled["min_replicas"] == 0 and scaled["downscale_to_zero_delay_s"] == 60
+    assert scaled["policy"]["policy_kwargs"] | {"model_id": "m"} == {
+        "model_id": "m", "min_replicas": 0, "max_replicas": 3, "predictive": True}
+    with pytest.raises(ConfigError, match="min_replicas"):
+        parse_args({"models": [{**model, "deployment": {"num_replicas": 1, "min_replicas": 2}}]})

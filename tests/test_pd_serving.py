@@ -12,12 +12,14 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
 from tests.conftest import MODEL_ID, TINY_ENGINE, run_app, tiny_args
+from tests.otlp_receiver import OTLPReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +41,18 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_port: int, cache_root: Path, root: Path) -> str:
+def otlp() -> Iterator[OTLPReceiver]:
+    receiver = OTLPReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port: int, cache_root: Path, root: Path, otlp: OTLPReceiver) -> str:
     from ray import serve
 
     args = tiny_args(cache_root)
+    args["observability"] = {"tracing": {"endpoint": otlp.endpoint, "sample_ratio": 1.0}}  # traced: see the last test
     args["models"][0].update({
         "serving": "disaggregated",
         "disaggregated": {
@@ -166,3 +176,34 @@ def test_disaggregated_n2_and_logprobs(client: openai.OpenAI, reference: list[li
                                        logprobs=1, extra_body={"return_token_ids": True})
     assert greedy.choices[0].token_ids == reference[0]
     assert len(greedy.choices[0].logprobs.token_logprobs) == MAX_TOKENS
+
+
+def test_one_disaggregated_request_is_one_trace_under_the_clients_traceparent(base_url: str, otlp: OTLPReceiver) -> None:
+    """Router -> prefill replica (its KV save) -> decode replica (its KV lookup), vLLM's request spans
+    under each replica's, all in the trace the client's `traceparent` named, each under the right parent."""
+    import requests
+
+    trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    prompt = "A prompt no earlier test sent, so the decode side must look its blocks up. " * 5  # 2+ blocks
+    r = requests.post(f"{base_url}/v1/completions", timeout=300, headers={"traceparent": f"00-{trace_id}-{client_span}-01"},
+                      json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    names = {"helios.request", "helios.prefill", "helios.decode", "helios.engine.prefill", "helios.engine.decode",
+             "helios.kv.save", "helios.kv.lookup", "llm_request"}
+    spans = otlp.wait_for(trace_id, names)
+    one = {s.name: s for s in spans if s.name != "llm_request"}
+    assert one["helios.request"].parent_id == client_span
+    assert one["helios.prefill"].parent_id == one["helios.request"].span_id
+    assert one["helios.decode"].parent_id == one["helios.request"].span_id
+    assert one["helios.engine.prefill"].parent_id == one["helios.prefill"].span_id
+    assert one["helios.engine.decode"].parent_id == one["helios.decode"].span_id
+    assert one["helios.kv.save"].parent_id == one["helios.engine.prefill"].span_id
+    assert one["helios.kv.lookup"].parent_id == one["helios.engine.decode"].span_id
+    vllm_parents = {s.parent_id for s in spans if s.name == "llm_request"}
+    ids = {s.span_id: s.name for s in spans}
+    assert vllm_parents == {one["helios.engine.prefill"].span_id, one["helios.engine.decode"].span_id}, (
+        [(s.name, s.span_id, s.parent_id, ids.get(s.parent_id)) for s in spans])
+    assert one["helios.request"].attributes["helios.model"] == MODEL_ID
+    assert one["helios.kv.lookup"].attributes["helios.cached_tokens"] > 0  # the decode side got the prefill's blocks
+    assert one["helios.engine.decode"].attributes["gen_ai.usage.completion_tokens"] == 4
+    assert not any(prompt[:40] in str(v) for s in spans for v in s.attributes.values())  # never prompt text

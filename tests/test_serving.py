@@ -343,7 +343,8 @@ def _vllm_processes(pid: int) -> list[psutil.Process]:
 def test_a_killed_replica_loses_no_request_and_leaves_no_engine_process(base_url: str) -> None:
     pid = _engine_replica_pid()
     engine = _vllm_processes(pid)
-    assert len(engine) >= 1, "no vLLM engine process under the replica"
+    tree = [(p.pid, " ".join(p.cmdline())[:80]) for p in psutil.Process(pid).children(recursive=True)]
+    assert len(engine) >= 1, f"no vLLM engine process under the replica {pid}: {tree}"
     body = {"model": MODEL_ID, "prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True, "temperature": 0,
             "return_token_ids": True}
     with ThreadPoolExecutor(20) as pool:

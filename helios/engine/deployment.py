@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +16,7 @@ from ray.serve.config import RequestRouterConfig
 from helios.config import ModelConfig, StorageConfig
 from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import EngineUnavailable
+from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
 
@@ -53,6 +56,7 @@ class EngineDeployment:
             os.environ[SECRET_ENV] = cluster_secret("kv-blocks")
         self.role = role
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.node = socket.gethostname()
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
         await self.engine.start_app()
         # After the engine core and workers are spawned, so they keep the normal priority.
@@ -62,6 +66,7 @@ class EngineDeployment:
             timings["engine_start_s"] = max(timings["engine_init_s"] - timings["load_s"], 0.0)
         timings["total_s"] = time.monotonic() - started
         self.engine.timings = {k: round(v, 3) for k, v in timings.items()}
+        _record_start(config.id, role, self.replica, self.engine.timings)
         log_event(
             logger, "engine_started", flush=True, model=config.id, path=str(prepared.path),
             sources=prepared.local.sources if prepared.local else None, **self.engine.timings,
@@ -71,7 +76,14 @@ class EngineDeployment:
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         """One OpenAI request answered whole by vLLM's serving layer (status, headers, body bytes)."""
         self._check_engine()
-        resp = await self.engine.call(req)
+        span = self._span(req)
+        try:
+            resp = await self.engine.call(req)
+        except BaseException as exc:
+            tracing.finish(span, exc)
+            raise
+        if span is not None:
+            tracing.finish(span, status=resp.status, **_usage(resp.body))
         if resp.status >= 500:
             self._check_engine()
         resp.headers.append((REPLICA_HEADER, self.replica))
@@ -81,12 +93,30 @@ class EngineDeployment:
         """The head with the first body bytes, then coalesced SSE bytes (called with `stream=True`);
         cancelling it aborts the request in vLLM."""
         self._check_engine()
-        async for part in self.engine.stream(req):
-            if isinstance(part, EngineHTTPResponse):
-                if part.status >= 500:
-                    self._check_engine()
-                part.headers.append((REPLICA_HEADER, self.replica))
-            yield part
+        span = self._span(req)
+        error: BaseException | None = None
+        try:
+            async for part in self.engine.stream(req):
+                if isinstance(part, EngineHTTPResponse):
+                    if part.status >= 500:
+                        self._check_engine()
+                    part.headers.append((REPLICA_HEADER, self.replica))
+                yield part
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            tracing.finish(span, error)
+
+    def _span(self, req: EngineHTTPRequest) -> Any:
+        """This replica's span of a traced request (None untraced); vLLM's and the KV connector's
+        spans go under it, as the request's trace headers now name it."""
+        span = tracing.start(f"helios.engine.{self.role}", req.headers, server=True, **{
+            "helios.model": self.engine.model_id, "helios.role": self.role, "helios.replica": self.replica,
+            "helios.node": self.node, "helios.request_id": req.request_id})
+        if span is not None:
+            req.headers = tracing.headers_for(span, req.headers)
+        return span
 
     def _check_engine(self) -> None:
         """A replica whose engine died answers no request: the router retries elsewhere, counts it against
@@ -112,6 +142,10 @@ class EngineDeployment:
         """What Helios's request router weighs replicas by: requests in the engine (scheduled or
         not yet) and the scheduler's last running / waiting counts and KV-cache use."""
         return self.engine.stats.routing(self.engine.num_unfinished_requests())
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Helios's autoscaling policy scales on (helios.scaling.policy): the same numbers."""
+        return self.record_routing_stats()
 
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests()
@@ -193,6 +227,30 @@ def _report_stopped(registry: Any, model_id: str, replica_id: str, node_id: str)
         pass
 
 
+def _usage(body: bytes) -> dict[str, int]:
+    """Token counts of a whole answer for its span (prompt, completion, cached); never text."""
+    try:
+        usage = json.loads(body).get("usage") or {}
+    except (ValueError, AttributeError):
+        return {}
+    details = usage.get("prompt_tokens_details") or {}
+    return {k: v for k, v in {"gen_ai.usage.prompt_tokens": usage.get("prompt_tokens"),
+                              "gen_ai.usage.completion_tokens": usage.get("completion_tokens"),
+                              "helios.cached_tokens": details.get("cached_tokens")}.items() if isinstance(v, int)}
+
+
+def _record_start(model: str, role: str, replica: str, timings: dict[str, float]) -> None:
+    """This start's phases as gauges (and a start counted): fetch, engine (vLLM's start and load), total."""
+    from helios.observability.metrics import ENGINE_START_SECONDS, ENGINE_STARTS
+
+    ENGINE_STARTS.inc(model=model, role=role)
+    phases = {"fetch": timings.get("fetch_s"), "load": timings.get("load_s"),
+              "engine": timings.get("engine_init_s"), "total": timings.get("total_s")}
+    for phase, seconds in phases.items():
+        if seconds is not None:
+            ENGINE_START_SECONDS.set(seconds, model=model, role=role, phase=phase, replica=replica)
+
+
 def _loader_options(config: ModelConfig, tier_root: Path) -> tuple[dict[str, Any], Path]:
     """The Helios loader's settings; its report (load seconds, bytes) lands in a file we read back."""
     import tempfile
@@ -227,11 +285,14 @@ def autoscaling_config(model: ModelConfig) -> dict[str, Any]:
     """Serve autoscaling inside the registry's replica bounds (see helios.scaling.policy).
 
     Until an admin scales the model, its bounds are `num_replicas` both ways, so a
-    config's replica count is exactly what runs; `max_replicas` is the ceiling.
+    config's replica count is exactly what runs; `max_replicas` is the ceiling. A model
+    with `min_replicas` set autoscales between it and `max_replicas` from the start, down
+    to zero when it is 0 (after `idle_to_zero_s` without requests).
     """
     d = model.deployment
-    return {
-        "min_replicas": 1,
+    low, high = (d.num_replicas, d.num_replicas) if d.min_replicas is None else (d.min_replicas, d.replica_ceiling())
+    config: dict[str, Any] = {
+        "min_replicas": min(low, 1),
         "initial_replicas": d.num_replicas,
         "max_replicas": d.replica_ceiling(),
         "target_ongoing_requests": d.target_ongoing_requests,
@@ -239,14 +300,18 @@ def autoscaling_config(model: ModelConfig) -> dict[str, Any]:
         "downscale_delay_s": 10.0,
         "policy": {
             "policy_function": "helios.scaling.policy:RegistryBoundedPolicy",
-            "policy_kwargs": {"model_id": model.id, "min_replicas": d.num_replicas, "max_replicas": d.num_replicas},
+            "policy_kwargs": {"model_id": model.id, "min_replicas": low, "max_replicas": high,
+                              "predictive": d.predictive_scaling},
         },
     }
+    if low == 0:
+        config["downscale_to_zero_delay_s"] = d.idle_to_zero_s
+    return config
 
 
 def engine_deployment(
     model: ModelConfig, cache_root: str, storage: StorageConfig | None = None, pinned: bool = True,
-    role: Role = "unified",
+    role: Role = "unified", env: dict[str, str] | None = None,
 ) -> serve.Application:
     """Bind the engine deployment of one model (or one side of a disaggregated model) with its Serve options.
 
@@ -257,6 +322,8 @@ def engine_deployment(
     actor_options: dict[str, Any] = {"num_cpus": d.num_cpus}
     if d.accelerator == "gpu":
         actor_options["num_gpus"] = model.engine.tensor_parallel_size
+    if env:  # tracing settings (helios.observability.tracing)
+        actor_options["runtime_env"] = {"env_vars": env}
     if role == "unified":
         scaling: dict[str, Any] = {"autoscaling_config": autoscaling_config(model)}
     else:

@@ -67,6 +67,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from helios.config import KVStoreConfig, config_errors
 from helios.engine.kv_store import KVStore, block_keys, namespace, read_stats
+from helios.observability import tracing
 
 if TYPE_CHECKING:
     import torch
@@ -166,6 +167,7 @@ class _Request:
     local_tokens: int = 0  # block-aligned local hit at the last match
     counted: bool = False
     fetch_given_up: bool = False  # a remote fetch outlasted fetch_wait_s once: never wait for it again
+    save_started_ns: int = 0  # when its first blocks were planned for saving (the save span's start)
 
 
 # --------------------------------------------------------------------------- block server
@@ -352,12 +354,19 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
         if start >= limit:
             return 0, False
         wanted = st.keys[start:limit]
-        n = self.store.count_present(wanted)
-        if n < len(wanted) and st.remote and not st.fetch_given_up and not self._is_own_store(st.remote):
-            fetched = self._fetch(st.remote, wanted[n:])
-            if fetched is None:  # the step waited fetch_wait_s once; this request recomputes
-                st.fetch_given_up = True
-            n += fetched or 0
+        with tracing.span("helios.kv.lookup", getattr(request, "trace_headers", None),
+                          **{"helios.request_id": request.request_id, "helios.kv.wanted_blocks": len(wanted)}) as span:
+            n = self.store.count_present(wanted)
+            local = n
+            if n < len(wanted) and st.remote and not st.fetch_given_up and not self._is_own_store(st.remote):
+                fetched = self._fetch(st.remote, wanted[n:])
+                if fetched is None:  # the step waited fetch_wait_s once; this request recomputes
+                    st.fetch_given_up = True
+                n += fetched or 0
+            if span is not None:
+                span.set_attribute("helios.kv.local_blocks", local)
+                span.set_attribute("helios.kv.fetched_blocks", n - local)
+                span.set_attribute("helios.cached_tokens", n * self.block_size)
         self.store.touch(wanted[:n])  # just matched: make them the last to be evicted
         self.store.count(lookups=1, lookup_tokens=len(wanted) * self.block_size)
         return n * self.block_size, False
@@ -448,6 +457,7 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
                 block_ids = list(groups[0]) if groups else block_ids
             if block_ids is None:
                 continue
+            st.save_started_ns = st.save_started_ns or time.time_ns()
             for i in range(st.saved_blocks, min(full, len(block_ids))):
                 key = st.keys[i]
                 if key not in seen and self.store.locate(key) is None:
@@ -462,6 +472,11 @@ class HeliosConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
         self.store.flush_stats()
         if not self.saves or st is None:
             return False, None
+        # From the first planned save to now: the saves ran in the request's forward steps.
+        span = tracing.start("helios.kv.save", getattr(request, "trace_headers", None),
+                             start_ns=st.save_started_ns or None, **{
+                                 "helios.request_id": request.request_id, "helios.kv.saved_blocks": st.saved_blocks})
+        tracing.finish(span)
         return False, {PARAMS_KEY: {"v": 1, "node": self.node, "store": str(self.store.dirs["ram"]), "addr": self.addr,
                                     "num_tokens": st.saved_blocks * self.block_size}}
 

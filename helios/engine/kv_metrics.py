@@ -35,7 +35,7 @@ class KVMetrics:
         tags = {"model": model_id, "role": role}
         self._counters = {}
         for name, doc in EXPORTED.items():
-            counter = Counter(f"helios_kv_{name}", description=doc, tag_keys=("model", "role"))
+            counter = Counter(f"helios_kv_{name}_total", description=doc, tag_keys=("model", "role"))
             counter.set_default_tags(tags)
             self._counters[name] = counter
         self._seen: dict[str, float] = {}

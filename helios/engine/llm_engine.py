@@ -18,6 +18,7 @@ from helios.engine.engine_stats import EngineStats, SchedulerStatsSink
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.engine.reaper import ensure_reaper
 from helios.errors import InvalidRequest
+from helios.observability import tracing
 from helios.observability.logs import get_logger
 
 logger = get_logger("engine")
@@ -61,6 +62,8 @@ def engine_kwargs(
         kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer)
     if model.deployment.accelerator == "gpu":
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    if traces_to := tracing.endpoint():  # vLLM's request spans join the router's trace
+        kwargs["otlp_traces_endpoint"] = traces_to
     known = set(AsyncEngineArgs.__dataclass_fields__)
     unknown = sorted(set(e.extra_args) - known)
     if unknown:
@@ -104,6 +107,21 @@ def frontend_kwargs(model: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _stat_loggers(stats: EngineStats) -> list[Any]:
+    """The scheduler-stats sink for routing, and vLLM's own metrics through Ray's pipeline
+    (`ray_vllm:*`, as Ray Serve LLM exports them) when the engine runs in a Ray worker."""
+    import ray
+
+    from helios.observability.metrics import metrics_enabled
+
+    loggers: list[Any] = [SchedulerStatsSink.factory(stats)]
+    if ray.is_initialized() and metrics_enabled():
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        loggers.append(RayPrometheusStatLogger)
+    return loggers
+
+
 class LLMEngine:
     """A started vLLM engine for one model and the OpenAI app that serves it."""
 
@@ -122,7 +140,7 @@ class LLMEngine:
         self.model_id = model.id
         self.engine_args = AsyncEngineArgs(**engine_kwargs(model, model_dir, loader, kv_transfer))
         self.stats = EngineStats()  # the scheduler's latest step, for the request router
-        self.engine = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[SchedulerStatsSink.factory(self.stats)])
+        self.engine = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=_stat_loggers(self.stats))
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.created = int(time.time())
         self.start_seconds = time.monotonic() - started

@@ -31,6 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from helios.config import StorageConfig, default_cache_root
 from helios.errors import ModelNotFound
 from helios.observability.logs import get_logger, log_event
+from helios.observability.metrics import (
+    REGISTRY_MODELS,
+    REGISTRY_PERSIST_FAILURES,
+    REGISTRY_PREFETCH,
+    REGISTRY_USAGE,
+    REGISTRY_VERSIONS,
+)
 from helios.registry.catalog import Catalog
 from helios.registry.core import RegistryCore
 from helios.registry.prefetch import NodeDispatcher
@@ -250,6 +257,8 @@ class Registry:
         """Add request timestamps (unix seconds) per model id; saved by the next flush."""
         with self._lock:
             self.core.record_requests(counts)
+        for model, stamps in counts.items():
+            REGISTRY_USAGE.inc(len(stamps), model=model)
 
     def usage(self, model_id: str | None = None) -> dict:
         with self._lock:
@@ -298,6 +307,9 @@ class Registry:
             targets = self.core.prefetch_targets(defaults, tiers)  # the store, unlocked
             with self._lock:
                 decision = self.core.prefetch.decide(time.time(), targets, replicas)
+            plan = decision.cluster.plan
+            for kind, items in (("keep_alive", plan.keep_alive), ("prewarm", plan.prewarm), ("idle", plan.idle)):
+                REGISTRY_PREFETCH.inc(len(items), kind=kind)
             results, error = {}, None
             try:  # the nodes, unlocked
                 if self._dispatcher is None:
@@ -371,7 +383,16 @@ class Registry:
                     if self._usage_log.flush(self.core.usage):
                         self.last_persisted = time.time()
             except Exception as exc:  # noqa: BLE001 - a full disk must not kill the thread; the next tick tries again
+                REGISTRY_PERSIST_FAILURES.inc()
                 log_event(logger, "registry_flush_failed", error=f"{type(exc).__name__}: {exc}")
+            self._export_counts()
+
+    def _export_counts(self) -> None:
+        """The catalogue's size as gauges (every flush tick: cheap, and right after a restart)."""
+        with self._lock:
+            models = list(self.core.catalog.models.values())
+        REGISTRY_MODELS.set(len(models))
+        REGISTRY_VERSIONS.set(sum(len(m.versions) for m in models))
 
     def _prefetch_loop(self) -> None:
         wait = self.settings.prefetch_interval_s

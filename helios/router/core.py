@@ -31,9 +31,12 @@ from helios.errors import (
     ModelNotFound,
     ServiceUnavailable,
 )
+from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event
+from helios.observability.metrics import ROUTER_RETRIES
 from helios.router.admission import AdmissionGate, KeyLimits, estimated_tokens
 from helios.router.breaker import breakers_for
+from helios.router.request_metrics import RequestTimer
 from helios.router.routing_policy import RoutingHints, hints_for
 
 logger = get_logger("router.core")
@@ -115,18 +118,14 @@ class RetryPolicy:
     first_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
 
-    def backoffs(self) -> AsyncIterator[float]:
+    async def backoffs(self) -> AsyncIterator[float]:
         """Sleep before each retry (doubling, with jitter) until the deadline; yields the seconds left."""
-        return _backoffs(self)
-
-
-async def _backoffs(policy: RetryPolicy) -> AsyncIterator[float]:
-    deadline = time.monotonic() + policy.deadline_s
-    backoff = policy.first_backoff_s
-    while (left := deadline - time.monotonic()) > 0:
-        await asyncio.sleep(min(backoff * random.uniform(0.5, 1.0), left))
-        yield deadline - time.monotonic()
-        backoff = min(backoff * 2, policy.max_backoff_s)
+        deadline = time.monotonic() + self.deadline_s
+        backoff = self.first_backoff_s
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(backoff * random.uniform(0.5, 1.0), left))
+            yield deadline - time.monotonic()
+            backoff = min(backoff * 2, self.max_backoff_s)
 
 
 @dataclass
@@ -143,6 +142,7 @@ class RouterCore:
     gates: dict[str, AdmissionGate] = field(default_factory=dict)
     session_affinity: bool = False  # route by `x-session-id` / `user` too
     breaker: dict[str, float] = field(default_factory=dict)  # `breakers_for` settings: failures, cooldown_s
+    name: str = ""  # this router replica, the `router` tag of its gauges
 
     # -- edge checks -------------------------------------------------------------
 
@@ -179,18 +179,37 @@ class RouterCore:
         """Send one OpenAI request to its model's engine and shape the answer for the client.
 
         Admission first: the key's rate limits, then a slot in the model's bounded queue,
-        held until the answer (or the stream) ends."""
-        body = parse_json_object(raw)
-        model = self._model_of(body)
+        held until the answer (or the stream) ends. Every answer is counted and timed
+        (`request_metrics`), refusals included."""
+        timer = RequestTimer(path, self.name, headers, request_id)
+        try:
+            body = parse_json_object(raw)
+            timer.model = model = self._model_of(body)
+            resp = await self._admitted(model, path, headers, raw, body, request_id, timer)
+        except HeliosError as exc:
+            timer.refused(exc)
+            raise
+        except BaseException:
+            timer.answered(500)
+            raise
+        if resp.stream is None:
+            timer.answered(resp.status)
+        else:
+            resp.stream = timer.stream(resp.stream)
+        return resp
+
+    async def _admitted(self, model: str, path: str, headers: Mapping[str, str], raw: bytes, body: dict[str, Any],
+                        request_id: str, timer: RequestTimer) -> RouterResponse:
         route = await self.route(model)
         if self.limits is not None:  # an open API has one shared limit: made-up keys must not dodge it
             self.limits.check(_bearer(headers) if self.api_keys else "", estimated_tokens(raw, body))
         gate = self._gate(model)
         if gate is None:
-            return await self._send(route, path, headers, raw, body, request_id)
-        await gate.acquire()
+            return await self._send(route, path, headers, raw, body, request_id, timer.span)
+        with timer.queued(gate):
+            await gate.acquire()
         try:
-            resp = await self._send(route, path, headers, raw, body, request_id)
+            resp = await self._send(route, path, headers, raw, body, request_id, timer.span)
         except BaseException:
             gate.release(finished=False)
             raise
@@ -214,26 +233,40 @@ class RouterCore:
         return gate
 
     async def _send(self, route: ModelRoute, path: str, headers: Mapping[str, str], raw: bytes, body: dict[str, Any],
-                    request_id: str) -> RouterResponse:
+                    request_id: str, parent: Any = None) -> RouterResponse:
         fwd = [(k, v) for k, v in headers.items() if k.lower() in FORWARDED_HEADERS]
         fwd.append(("x-request-id", request_id))
         hints = hints_for(body, headers.get("x-session-id"), self.session_affinity)
         if route.prefill is not None and path in ("/v1/completions", "/v1/chat/completions"):
-            decode = await self._prefill(route.prefill, path, body, fwd, request_id, hints)
+            with tracing.span("helios.prefill", parent, **{"helios.request_id": request_id}) as span:
+                decode = await self._prefill(route.prefill, path, body, tracing.headers_for(span, fwd), request_id,
+                                             hints)
             if isinstance(decode, RouterResponse):  # the prefill side refused: its answer is the client's
                 return decode
             raw = decode
-        req = EngineHTTPRequest(path=path, body=raw, request_id=request_id, headers=fwd, routing=hints)
-        if body.get("stream") is not True:
-            return _whole(await self._retrying(route.engine, lambda: route.engine.call(req), request_id), request_id)
-        stream, first = await self._retrying(route.engine, lambda: _open(route.engine, req), request_id,
-                                             head=lambda opened: opened[1])
+        span = tracing.start("helios.decode" if route.prefill is not None else "helios.generate", parent,
+                             **{"helios.request_id": request_id})
+        req = EngineHTTPRequest(path=path, body=raw, request_id=request_id, headers=tracing.headers_for(span, fwd),
+                                routing=hints)
+        try:
+            if body.get("stream") is not True:
+                resp = await self._retrying(route.engine, lambda: route.engine.call(req), request_id)
+                tracing.finish(span, status=resp.status, **{"helios.replica": resp.header(REPLICA_HEADER)})
+                return _whole(resp, request_id)
+            stream, first = await self._retrying(route.engine, lambda: _open(route.engine, req), request_id,
+                                                 head=lambda opened: opened[1])
+        except BaseException as exc:
+            tracing.finish(span, exc)
+            raise
+        if span is not None:
+            span.set_attribute("helios.replica", first.header(REPLICA_HEADER) or "")
         if first.status != 200:  # an error answered before any token: its own status, whole
             rest = [chunk async for chunk in stream.rest()]
             first.body += b"".join(rest)
+            tracing.finish(span, status=first.status)
             return _whole(first, request_id)
         return RouterResponse(200, {**_head(first, request_id), "cache-control": "no-cache"},
-                              stream=relay(first.body, stream, request_id), media_type="text/event-stream")
+                              stream=relay(first.body, stream, request_id, span), media_type="text/event-stream")
 
     async def _prefill(self, prefill: EngineClient, path: str, body: dict[str, Any], headers: list[tuple[str, str]],
                        request_id: str, hints: RoutingHints) -> bytes | RouterResponse:
@@ -294,6 +327,7 @@ class RouterCore:
                 log_event(logger, "retries_exhausted", request_id=request_id, attempts=tries, error=error)
                 raise ServiceUnavailable("The model's replicas are not answering; retry shortly.",
                                          retry_after_s=max(int(self.retry.max_backoff_s), 1)) from None
+            ROUTER_RETRIES.inc(deployment=engine.key)
             log_event(logger, "retry", request_id=request_id, attempt=tries + 1, error=error,
                       seconds_left=round(left, 1))
 
@@ -357,8 +391,9 @@ def error_event(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-async def relay(first: bytes, stream: EngineStream, request_id: str) -> AsyncIterator[bytes]:
-    """The engine's SSE bytes as they come; a client that goes away cancels the engine request."""
+async def relay(first: bytes, stream: EngineStream, request_id: str, span: Any = None) -> AsyncIterator[bytes]:
+    """The engine's SSE bytes as they come; a client that goes away cancels the engine request.
+    `span`, the engine call's trace span, ends with the stream."""
     finished = False
     try:
         if first:
@@ -372,6 +407,7 @@ async def relay(first: bytes, stream: EngineStream, request_id: str) -> AsyncIte
         finished = True
         yield error_event(err.to_body(request_id))
     finally:
+        tracing.finish(span, cancelled=not finished or None)
         if not finished:
             stream.cancel()
             log_event(logger, "stream_cancelled", request_id=request_id)

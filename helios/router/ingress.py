@@ -27,6 +27,7 @@ from helios.api import admin, error_handlers
 from helios.config import RouterConfig, RouterContext
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import EngineUnavailable, ModelNotFound, ServiceUnavailable
+from helios.observability.export import PROMETHEUS_TEXT, HeadMetrics
 from helios.observability.logs import get_logger, log_event
 from helios.ray_env import lower_priority
 from helios.router.admission import AdmissionGate, KeyLimits
@@ -177,13 +178,15 @@ class Router:
                                admission=self._admission_gate, limits=_key_limits(self.config),
                                session_affinity=self.config.session_affinity,
                                breaker={"failures": self.config.breaker_failures,
-                                        "cooldown_s": self.config.breaker_cooldown_s})
+                                        "cooldown_s": self.config.breaker_cooldown_s},
+                               name=serve.get_replica_context().replica_id.unique_id)
         self.replicas: dict[str, int] = {}  # model -> its RUNNING engine replicas, from serve.status()
         self._replicas_task: asyncio.Task | None = None
         self._on_demand_routes: dict[str, ModelRoute] = {}
         self._openapi: dict[str, Any] | None = None
         self._usage: dict[str, list[float]] = {}
         self._usage_task: asyncio.Task | None = None
+        self.head_metrics = HeadMetrics()
         app.state.helios = self  # the admin routes reach the router's state through the app
         lower_priority(self.config.nice)
 
@@ -224,8 +227,7 @@ class Router:
         config = self.models.get(model)
         deployment = config.deployment if config else self.registry_config.defaults.deployment
         routers = self.config.num_replicas
-        if self._replicas_task is None:
-            self._replicas_task = asyncio.get_running_loop().create_task(self._watch_replicas())
+        self._watch_replica_counts()
 
         def capacity() -> int:
             replicas = self.replicas.get(model, deployment.num_replicas)
@@ -234,16 +236,24 @@ class Router:
         return AdmissionGate(model, capacity, math.ceil(deployment.max_queued_requests / routers),
                              self.config.queue_timeout_s)
 
+    def _watch_replica_counts(self) -> None:
+        if self._replicas_task is None:
+            self._replicas_task = asyncio.get_running_loop().create_task(self._watch_replicas())
+
+    async def _count_replicas(self) -> None:
+        """Each model's RUNNING replicas, from Serve's status."""
+        status = await asyncio.to_thread(serve.status)
+        for model, handle in {**self.engines, **self.on_demand.handles}.items():
+            app = status.applications.get(handle.app_name)
+            dep = app.deployments.get(handle.deployment_name) if app else None
+            if dep is not None:
+                self.replicas[model] = dep.replica_states.get(ReplicaState.RUNNING, 0)
+
     async def _watch_replicas(self) -> None:
         """Keep each model's running replica count fresh (autoscaling changes it), waking queues that gained room."""
         while True:
             try:
-                status = await asyncio.to_thread(serve.status)
-                for model, handle in {**self.engines, **self.on_demand.handles}.items():
-                    app = status.applications.get(handle.app_name)
-                    dep = app.deployments.get(handle.deployment_name) if app else None
-                    if dep is not None:
-                        self.replicas[model] = dep.replica_states.get(ReplicaState.RUNNING, 0)
+                await self._count_replicas()
                 for gate in self.core.gates.values():
                     gate.wake()
             except Exception as exc:  # noqa: BLE001 - keep the last counts; admission must not fail over this
@@ -294,7 +304,14 @@ class Router:
                     log_event(logger, "usage_flush_failed", error=repr(exc))
 
     async def _probe(self, model: str) -> dict[str, Any] | None:
-        """The model's engine facts if a replica (of each side, if disaggregated) answers in time, else None."""
+        """The model's engine facts if a replica (of each side, if disaggregated) answers in time, else None.
+        A model scaled to zero is ready without asking: a probe would wake it (its next request will)."""
+        self._watch_replica_counts()
+        config = self.models.get(model)
+        if config is not None and config.deployment.min_replicas == 0:
+            await self._count_replicas()  # fresh: a probe of a model at zero would queue and wake it
+            if self.replicas.get(model) == 0:
+                return {**self.infos.get(model, {}), "replicas": 0}
         sides = [self.engines[model], *([self.prefill[model]] if model in self.prefill else [])]
         try:
             info, *_ = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in sides)),
@@ -394,6 +411,15 @@ class Router:
 
     # -- health --------------------------------------------------------------------
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self) -> Response:
+        """Prometheus text: the head node's Ray metrics export (Helios's, vLLM's, Ray's own)."""
+        try:
+            text = await self.head_metrics.text()
+        except OSError as exc:
+            raise ServiceUnavailable(f"metrics are not available: {exc}", retry_after_s=5) from None
+        return Response(text, media_type=PROMETHEUS_TEXT)
+
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -406,7 +432,8 @@ class Router:
 
 
 def router_deployment(
-    config: RouterConfig, engines: dict[str, Any], context: RouterContext, prefill: dict[str, Any] | None = None
+    config: RouterConfig, engines: dict[str, Any], context: RouterContext, prefill: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> serve.Application:
     """Bind the router with its Serve options over the bound engine deployments.
 
@@ -416,5 +443,5 @@ def router_deployment(
         name="router",
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.num_cpus},
+        ray_actor_options={"num_cpus": config.num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})},
     ).bind(config.model_dump(), engines, context, prefill or {})

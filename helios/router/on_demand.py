@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 from ray import serve
@@ -21,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from helios.config import ModelConfig, RegistryConfig, StorageConfig
 from helios.errors import HeliosError, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
+from helios.observability.metrics import ON_DEMAND_START_SECONDS, ON_DEMAND_STARTS
 
 logger = get_logger("router.on_demand")
 APP_PREFIX = "helios-model-"
@@ -96,6 +98,17 @@ class OnDemandModels:
             self.streams[model_id] = handle.options(stream=True)
 
     async def _start(self, model_id: str, record: dict[str, Any]) -> DeploymentHandle:
+        started = time.monotonic()
+        try:
+            handle = await self._deploy(model_id, record)
+        except BaseException:
+            ON_DEMAND_STARTS.inc(model=model_id, outcome="failed")
+            raise
+        ON_DEMAND_STARTS.inc(model=model_id, outcome="started")
+        ON_DEMAND_START_SECONDS.observe(time.monotonic() - started, model=model_id)
+        return handle
+
+    async def _deploy(self, model_id: str, record: dict[str, Any]) -> DeploymentHandle:
         name = app_name(model_id)
         apps = await asyncio.to_thread(_serve_apps)
         if name not in apps:

@@ -9,6 +9,7 @@ this node needs no network.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,14 @@ from pathlib import Path
 from helios.config import RemoteTierConfig, StorageConfig, TransferConfig
 from helios.errors import BlobNotFound, CorruptBlob, ModelVersionNotFound, StorageError
 from helios.observability.logs import get_logger, log_event
+from helios.observability.metrics import (
+    CACHE_CAPACITY_BYTES,
+    CACHE_CORRUPT,
+    CACHE_EVICTED_BYTES,
+    CACHE_EVICTIONS,
+    CACHE_LOOKUPS,
+    CACHE_USED_BYTES,
+)
 from helios.storage.eviction import POLICIES
 from helios.storage.manifest import Manifest, build_manifest
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier
@@ -203,22 +212,32 @@ class ModelStore:
                 local.fill.start()
             else:
                 self._fill(manifest, target, fill_tiers)
+        self.report_usage()
         log_event(
             logger, "model_local", model=manifest.model_id, version=manifest.version, tier=target.kind,
             seconds=round(fetch_s, 3), sources=sources, bytes=manifest.total_bytes,
         )
         return local
 
+    def report_usage(self) -> None:
+        """Each local tier's bytes held and capacity, as gauges of this node."""
+        node = socket.gethostname()
+        for t in self.local:
+            CACHE_USED_BYTES.set(t.used(), node=node, tier=t.kind)
+            CACHE_CAPACITY_BYTES.set(t.capacity, node=node, tier=t.kind)
+
     def _bring(
         self, digest: str, size: int, target: LocalTier, protected: set[str], progress: Progress | None
     ) -> tuple[Tier, TransferResult | None]:
         """Get one blob into `target` from the fastest tier holding a good copy: (that tier, the transfer)."""
         if target.stat(digest) is not None:
+            CACHE_LOOKUPS.inc(tier=target.kind, result="hit")
             for t in self.local[self.local.index(target) :]:
                 t.touch(digest)  # slower copies too: their policies must see what is used, not only what was missed
             if progress:
                 progress(size)
             return target, None
+        CACHE_LOOKUPS.inc(tier=target.kind, result="miss")
         for src in self.tiers:
             if src is target or src.stat(digest) is None:
                 continue
@@ -227,6 +246,7 @@ class ModelStore:
             except CorruptBlob as exc:
                 if src is self.remote:
                     raise
+                CACHE_CORRUPT.inc(tier=src.kind)
                 log_event(logger, "blob_corrupt", digest=digest[:12], tier=src.kind, error=str(exc))
                 src.delete(digest)  # a bad local copy: drop it and take the next tier's
                 continue
@@ -275,10 +295,14 @@ class ModelStore:
             plan = {f.sha256 for m in drop for f in m.files} - keep_digests
             if model_id is None:  # evicting everything also drops blobs no manifest names
                 plan |= {b.digest for b in t.blobs()} - keep_digests
+            tier_freed = 0
             for digest in sorted(plan):
                 info = t.stat(digest)
-                freed += info.size if info else 0
+                tier_freed += info.size if info else 0
                 t.delete(digest)
+            freed += tier_freed
+            CACHE_EVICTIONS.inc(len(plan), tier=t.kind, reason="admin")
+            CACHE_EVICTED_BYTES.inc(tier_freed, tier=t.kind, reason="admin")
             for m in drop:
                 t.delete_manifest(m.model_id, m.version)
         log_event(logger, "cache_evicted", model=model_id, version=version, tier=tier, bytes=freed)

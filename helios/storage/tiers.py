@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from helios.errors import CorruptBlob, RemoteUnavailable, TierFull
+from helios.observability.metrics import CACHE_EVICTED_BYTES, CACHE_EVICTIONS
 from helios.storage.eviction import EvictionPolicy, LRUPolicy
 from helios.storage.manifest import MANIFEST_NAME, Manifest, model_key
 
@@ -222,6 +223,8 @@ class LocalTier(Tier):
             info = self.stat(digest)
             self.delete(digest)
             freed += info.size if info else 0
+        CACHE_EVICTIONS.inc(len(victims), tier=self.kind, reason="capacity")
+        CACHE_EVICTED_BYTES.inc(freed, tier=self.kind, reason="capacity")
         if freed < need:
             raise TierFull(
                 f"tier {self.describe()}: needs {need} B more room but only {freed} B are evictable "

@@ -1,0 +1,183 @@
+"""Helios's metrics as a real Prometheus sees them, scraping the ingress's `GET /metrics`.
+
+A known set of requests goes through the app; then Prometheus's HTTP API must report the
+same numbers: requests by status, streamed requests in the TTFT histogram, the model
+cache's misses and bytes for the tiers the weights came through, and vLLM's own KV-cache
+gauge per replica. Prometheus is Debian's `prometheus` (`make test` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import free_port, local_storage, run_app, tiny_args
+
+pytestmark = pytest.mark.integration
+
+APP = "helios-metrics"
+# Its own model id: the session's Ray cluster keeps exporting other modules' series under theirs.
+MODEL_ID = "helios-metrics-tiny"
+MISSING = "no-such-model-metrics"
+DASHBOARD = Path(__file__).resolve().parents[1] / "observability" / "helios-dashboard.json"
+PLAIN, STREAMED = 5, 3
+
+
+@pytest.fixture(scope="module")
+def app(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    from ray import serve
+
+    tiers = tmp_path_factory.mktemp("metrics-tiers")
+    args = {**tiny_args(cache_root), "storage": local_storage(tiers)}
+    args["models"][0]["id"] = MODEL_ID
+    # With a KV store the unified engine runs Helios's KV connector (kv_both): its counters are exported too.
+    args["models"][0]["kv_cache"] = {"root": str(tiers / "kv"), "ram_bytes": "64MiB"}
+    url = run_app(args, APP, serve_port)
+    yield {"url": url, "port": serve_port, "tiers": tiers}
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def prometheus(app: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    assert binary, "Prometheus is not installed: run `make test` as root, or `apt-get install prometheus`"
+    work = tmp_path_factory.mktemp("prometheus")
+    (work / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: helios\n    metrics_path: /metrics\n    static_configs: [{{targets: ['127.0.0.1:{app['port']}']}}]\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(work / "prometheus.log").open("w"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (work / "prometheus.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{base}/-/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "Prometheus did not become ready"
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def query(prom: str, expr: str) -> list[dict]:
+    r = requests.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]["result"]
+
+
+def value(prom: str, expr: str) -> float | None:
+    result = query(prom, expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+def eventually(prom: str, expr: str, expected: float, timeout_s: float = 120) -> None:
+    """Ray exports every few seconds and Prometheus scrapes every second: wait for the value."""
+    deadline = time.monotonic() + timeout_s
+    while (got := value(prom, expr)) != expected:
+        assert time.monotonic() < deadline, f"{expr} = {got}, expected {expected}"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def traffic(app: dict, prometheus: str) -> dict:
+    """The requests the tests count: plain, streamed, and one for a model nobody serves."""
+    base = app["url"]
+    for i in range(PLAIN):
+        r = requests.post(f"{base}/v1/completions", json={"model": MODEL_ID, "prompt": f"count {i}", "max_tokens": 3},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+    for i in range(STREAMED):
+        body = {"model": MODEL_ID, "prompt": f"stream {i}", "max_tokens": 4, "stream": True}
+        with requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=120) as r:
+            assert r.status_code == 200
+            assert b"[DONE]" in b"".join(r.iter_content(None))
+    long = {"model": MODEL_ID, "prompt": "Blocks of KV for the connector to save. " * 10, "max_tokens": 2}
+    assert requests.post(f"{base}/v1/completions", json=long, timeout=120).status_code == 200
+    missing = requests.post(f"{base}/v1/completions", json={"model": MISSING, "prompt": "x"}, timeout=60)
+    assert missing.status_code == 404
+    return {"plain": PLAIN + 1, "streamed": STREAMED}
+
+
+def test_the_ingress_serves_prometheus_text(app: dict, traffic: dict) -> None:
+    r = requests.get(f"{app['url']}/metrics", timeout=30)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert "# TYPE" in r.text
+
+
+def test_prometheus_counts_every_request_by_status(prometheus: str, traffic: dict) -> None:
+    ok = f'sum(ray_helios_router_requests_total{{model="{MODEL_ID}",endpoint="/v1/completions",status="200"}})'
+    eventually(prometheus, ok, traffic["plain"] + traffic["streamed"])
+    eventually(prometheus, f'sum(ray_helios_router_requests_total{{model="{MISSING}",status="404"}})', 1)
+
+
+def test_streamed_requests_fill_the_time_to_first_token_histogram(prometheus: str, traffic: dict) -> None:
+    eventually(prometheus, f'sum(ray_helios_router_time_to_first_token_seconds_count{{model="{MODEL_ID}"}})',
+               traffic["streamed"])
+    eventually(prometheus, f'sum(ray_helios_router_request_duration_seconds_count{{model="{MODEL_ID}"}})',
+               traffic["plain"] + traffic["streamed"])
+
+
+def test_cache_counters_match_the_tiers_the_weights_came_through(prometheus: str, app: dict, traffic: dict) -> None:
+    """The replica pulled every blob from the remote into RAM (each one a RAM miss), then filled NVMe."""
+    ram_blobs = [p for p in (app["tiers"] / "ram" / "blobs").rglob("*") if p.is_file()]
+    assert ram_blobs
+    size = sum(p.stat().st_size for p in ram_blobs)
+    eventually(prometheus, 'sum(ray_helios_cache_lookups_total{tier="ram",result="miss"})', len(ram_blobs))
+    eventually(prometheus, 'sum(ray_helios_cache_read_bytes_total{tier="remote"})', size)
+    eventually(prometheus, 'sum(ray_helios_cache_written_bytes_total{tier="ram"})', size)
+    eventually(prometheus, 'sum(ray_helios_cache_written_bytes_total{tier="nvme"})', size)
+
+
+def test_vllms_kv_cache_gauge_is_exported_per_replica(prometheus: str, traffic: dict) -> None:
+    """vLLM's own metrics come through its Ray stat logger (Ray writes `vllm:` as `vllm_`)."""
+    deadline = time.monotonic() + 120
+    while not (series := query(prometheus, f'ray_vllm_kv_cache_usage_perc{{model_name="{MODEL_ID}"}}')):
+        names = requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"]
+        assert time.monotonic() < deadline, f"no vLLM KV-cache gauge in Prometheus: {[n for n in names if 'vllm' in n]}"
+        time.sleep(1)
+    assert len({s["metric"].get("ReplicaId") for s in series}) == len(series) >= 1  # one series per replica
+    assert all(0.0 <= float(s["value"][1]) <= 1.0 for s in series)
+
+
+# Panels of events this module does not cause (a Ray counter appears only once it counts): refusals
+# (tests/test_auth.py causes them) and on-demand starts (tests/test_registry_serving.py).
+EVENT_PANELS = {"Refused before an engine", "On-demand start seconds"}
+
+
+def test_every_dashboard_panel_queries_a_metric_prometheus_saw(prometheus: str, traffic: dict) -> None:
+    """The committed dashboard is drawn from series that exist: each panel names at least one that
+    this module's Prometheus scraped (EVENT_PANELS aside), the KV connector's included."""
+    from helios.observability.dashboard import _panels, promql_metric_names
+
+    eventually(prometheus, f'sum(ray_helios_router_requests_total{{model="{MISSING}",status="404"}})', 1)
+    deadline = time.monotonic() + 60
+    seen: set[str] = set()
+    while True:
+        seen = set(requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
+        dashboard = json.loads(DASHBOARD.read_text())
+        blind = [p["title"] for p in _panels(dashboard["panels"]) if p.get("targets") and p["title"] not in EVENT_PANELS
+                 and not set().union(*(promql_metric_names(t["expr"]) for t in p["targets"])) & seen]
+        if not blind or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not blind, f"panels whose metrics Prometheus never saw: {blind}"
