@@ -17,7 +17,7 @@ from helios.config import ModelConfig, StorageConfig
 from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import EngineUnavailable
 from helios.observability import tracing
-from helios.observability.logs import get_logger, log_event
+from helios.observability.logs import get_logger, log_event, request_context
 from helios.ray_env import lower_priority
 
 logger = get_logger("engine.deployment")
@@ -78,7 +78,8 @@ class EngineDeployment:
         self._check_engine()
         span = self._span(req)
         try:
-            resp = await self.engine.call(req)
+            with request_context(req.request_id, tracing.trace_id(span)):
+                resp = await self.engine.call(req)
         except BaseException as exc:
             tracing.finish(span, exc)
             raise

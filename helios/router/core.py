@@ -32,7 +32,7 @@ from helios.errors import (
     ServiceUnavailable,
 )
 from helios.observability import tracing
-from helios.observability.logs import get_logger, log_event
+from helios.observability.logs import get_logger, log_event, request_context
 from helios.observability.metrics import ROUTER_RETRIES
 from helios.router.admission import AdmissionGate, KeyLimits, estimated_tokens
 from helios.router.breaker import breakers_for
@@ -182,6 +182,11 @@ class RouterCore:
         held until the answer (or the stream) ends. Every answer is counted and timed
         (`request_metrics`), refusals included."""
         timer = RequestTimer(path, self.name, headers, request_id)
+        with request_context(request_id, tracing.trace_id(timer.span)):
+            return await self._timed(timer, path, headers, raw, request_id)
+
+    async def _timed(self, timer: RequestTimer, path: str, headers: Mapping[str, str], raw: bytes,
+                     request_id: str) -> RouterResponse:
         try:
             body = parse_json_object(raw)
             timer.model = model = self._model_of(body)
