@@ -41,6 +41,17 @@ def cluster_secret(name: str) -> str:
     return _internal_kv_get(key, namespace="helios").decode()
 
 
+def node_address() -> str:
+    """This node's address as other nodes reach it (the interface of the default route)."""
+    import contextlib
+    import socket
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 1))  # no packet is sent; this only picks a route
+        return s.getsockname()[0]
+    return "127.0.0.1"
+
+
 def gcs_address() -> tuple[str, int] | None:
     """The local Ray cluster's GCS (host, port), from the file `ray start` writes; None if none."""
     import tempfile

@@ -40,15 +40,10 @@ def _write_key(path: Path, key) -> None:
 
 def node_names() -> tuple[list[str], list[str]]:
     """DNS names and IPs this node is reached at: localhost, its hostname, loopback, its address."""
+    from helios.ray_env import node_address
+
     names = sorted({"localhost", socket.gethostname(), socket.getfqdn()})
-    ips = {"127.0.0.1"}
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the route's address
-            ips.add(s.getsockname()[0])
-    except OSError:
-        pass
-    return names, sorted(ips)
+    return names, sorted({"127.0.0.1", node_address()})
 
 
 def make_certificates(directory: Path, names: list[str] | None = None, ips: list[str] | None = None,

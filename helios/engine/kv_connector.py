@@ -68,6 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from helios.config import KVStoreConfig, config_errors
 from helios.engine.kv_store import KVStore, block_keys, namespace, read_stats
 from helios.observability import tracing
+from helios.ray_env import node_address
 
 if TYPE_CHECKING:
     import torch
@@ -222,14 +223,6 @@ class _BlockServer(ThreadingHTTPServer):
         self.store = store
         self.secret = secret
         super().__init__((host, port), _BlockHandler)
-
-
-def node_address() -> str:
-    """This node's address as other nodes reach it (the interface of the default route)."""
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("10.255.255.255", 1))  # no packet is sent; this only picks a route
-        return s.getsockname()[0]
-    return "127.0.0.1"
 
 
 def fetch_blocks(addr: str, keys: list[str], timeout: float, secret: str | None = None) -> list[tuple[str, bytes]]:

@@ -10,19 +10,12 @@ import pytest
 from helios.errors import RateLimited, ServiceUnavailable
 from helios.router.admission import AdmissionGate, DrainRate, KeyLimits, TokenBucket, estimated_tokens
 from helios.router.core import ModelRoute, RouterCore
+from tests.router.fakes import FakeClock
 from tests.router.test_core import FakeEngine
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_drain_rate_and_retry_after() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     rate = DrainRate(clock=clock)
     assert rate.per_second() is None and rate.seconds_for(10) == 1
     for _ in range(11):
@@ -103,7 +96,7 @@ def test_more_capacity_wakes_waiters() -> None:
 
 
 def test_token_bucket_and_key_limits() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     bucket = TokenBucket(60, clock)  # one a second, a burst of 60
     bucket.take(60)
     assert bucket.wait_s(1) == pytest.approx(1.0)

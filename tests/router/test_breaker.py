@@ -11,19 +11,12 @@ from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResp
 from helios.errors import EngineUnavailable, ServiceUnavailable
 from helios.router.breaker import Breakers, CircuitBreaker, breakers_for
 from helios.router.core import ModelRoute, RetryPolicy, RouterCore
+from tests.router.fakes import FakeClock
 from tests.router.test_core import JSON, FakeEngine
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_opens_after_consecutive_failures_then_one_probe_closes_it() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     breaker = CircuitBreaker(failures=3, cooldown_s=10, clock=clock)
     breaker.failure()
     breaker.success()  # not consecutive
@@ -43,7 +36,7 @@ def test_opens_after_consecutive_failures_then_one_probe_closes_it() -> None:
 
 
 def test_a_failed_probe_opens_it_again_and_a_lost_probe_is_given_up() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     breaker = CircuitBreaker(failures=1, cooldown_s=5, clock=clock)
     breaker.failure()
     clock.now = 5
@@ -59,7 +52,7 @@ def test_a_failed_probe_opens_it_again_and_a_lost_probe_is_given_up() -> None:
 
 
 def test_breakers_track_live_replicas_and_say_when_all_are_open() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     breakers = Breakers(failures=1, cooldown_s=4, clock=clock)
     breakers.track(["a", "b"])
     breakers.report("a", ok=False)
