@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
+from common import machine, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
@@ -36,24 +36,6 @@ SYSTEM_NAMES = {"raw_vllm": "vLLM OpenAI server", "rayserve_llm": "Ray Serve LLM
 
 def log(msg: str) -> None:
     print(f"[overhead {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-async def wait_ready(base: str, proc, timeout_s: float = 420) -> float:
-    """Poll /v1/models until the model answers; returns seconds waited."""
-    started = time.monotonic()
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() - started < timeout_s:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                async with http.post(f"{base}/v1/completions", json={"model": servers.MODEL_ID, "prompt": "hi", "max_tokens": 1},
-                                     timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    if r.status == 200:
-                        return time.monotonic() - started
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            await asyncio.sleep(1)
-    raise TimeoutError(f"not ready after {timeout_s}s")
 
 
 async def stream_one(http: aiohttp.ClientSession, base: str, prompt: str, max_tokens: int) -> tuple[float, int]:
@@ -134,7 +116,7 @@ async def measure(system: str, model_dir: Path, port: int, args: argparse.Namesp
     proc = servers.launch(system, str(model_dir), port, ENGINE, str(work / f"{system}.log"))
     base = f"http://127.0.0.1:{port}"
     try:
-        ready_s = await wait_ready(base, proc)
+        ready_s = await wait_ready(base, proc, 420)
         log(f"{SYSTEM_NAMES[system]}: ready after {ready_s:.0f}s; warming up")
         await throughput(base, 16, 16, 16)
         rates = []
@@ -245,7 +227,7 @@ def main() -> None:
     report = {
         "benchmark": "overhead",
         "quick": args.quick,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
         "workload": {"model": "demo://tiny", "engine": ENGINE, "requests": args.requests,
                      "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds,
                      "ttft_requests": args.ttft_requests, "streaming": True},

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -34,6 +33,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
+from common import machine, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
@@ -53,16 +53,6 @@ SYSTEMS = {
 
 def log(msg: str) -> None:
     print(f"[overload {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-    return sorted(wanted & set(line.split()))
 
 
 async def one(http: aiohttp.ClientSession, base: str, i: int) -> dict:
@@ -127,22 +117,6 @@ def summarize(load: float, rate: float, results: list[dict], seconds: float) -> 
             "errors_5xx": len(errors), "timeouts": sum(r["status"] is None for r in results),
             "other_4xx": sum(1 for r in results if r["status"] is not None and 400 <= r["status"] < 500
                              and r not in shed)}
-
-
-async def wait_ready(base: str, proc, timeout_s: float = 600) -> None:
-    started = time.monotonic()
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() - started < timeout_s:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                r = await one(http, base, -1)
-                if r["status"] == 200:
-                    return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(1)
-    raise TimeoutError("not ready")
 
 
 def run_system(name: str, model_dir: Path, port: int, work: Path, args: argparse.Namespace,
@@ -221,8 +195,7 @@ def main() -> None:
     report = {
         "benchmark": "overload",
         "quick": args.quick,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_flags": cpu_flags()},
+        "machine": machine(),
         "workload": {"model": "demo://tiny", "engine": ENGINE, "max_tokens": MAX_TOKENS, "streaming": False,
                      "capacity_clients": CONCURRENCY, "step_s": args.step_s, "loads": list(LOADS),
                      "client_timeout_s": CLIENT_TIMEOUT_S},

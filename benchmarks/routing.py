@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -33,7 +32,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
-from overload import cpu_flags
+from common import cpu_flags, machine, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTERS = ("helios", "serve_default", "ray_prefix")
@@ -100,22 +99,6 @@ async def drive(base: str, chats: list[list[dict]], concurrency: int) -> tuple[l
         return out, time.perf_counter() - started
 
 
-async def wait_ready(base: str, proc, timeout_s: float = 900) -> None:
-    started = time.monotonic()
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() - started < timeout_s:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                async with http.get(f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    if r.status == 200:
-                        return
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            await asyncio.sleep(2)
-    raise TimeoutError("not ready")
-
-
 async def both_replicas_up(base: str, timeout_s: float = 900) -> None:
     """/readyz needs one replica; wait until two distinct replicas have answered short, unshared prompts."""
     seen: set[str] = set()
@@ -143,7 +126,7 @@ def measure(router: str, model_dir: Path, port: int, engine: dict, chats: list[l
     proc = servers.launch("helios", str(model_dir), port, engine, str(work / f"routing-{router}.log"))
     base = f"http://127.0.0.1:{port}"
     try:
-        asyncio.run(wait_ready(base, proc))
+        asyncio.run(wait_ready(base, proc, 900))
         asyncio.run(both_replicas_up(base))
         results, seconds = asyncio.run(drive(base, chats, args.concurrency))
     finally:
@@ -205,8 +188,7 @@ def main() -> None:
     report = {
         "benchmark": "routing",
         "quick": args.quick,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_flags": flags},
+        "machine": machine(),
         "workload": {"model": "demo://bench", "engine": engine, "replicas": 2, "system_prompts": args.prompts,
                      "requests": args.requests, "system_prompt_chars": args.chars, "concurrency": args.concurrency,
                      "max_tokens": MAX_TOKENS, "streaming": True},
