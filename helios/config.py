@@ -60,7 +60,9 @@ class EngineConfig(_Strict):
         1, ge=1, description="CPU only: whole GiB of RAM for the KV cache (sets VLLM_CPU_KVCACHE_SPACE)."
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: share of GPU memory vLLM may use.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over (inside a node).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages, each on tensor_parallel_size GPUs "
+                                        "(may span nodes).")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile (faster start).")
     seed: int = Field(0, description="Engine seed, for reproducible sampling.")
     share_weights: bool = Field(
@@ -115,7 +117,13 @@ class ModelDeploymentConfig(_Strict):
     target_ongoing_requests: float = Field(
         32, gt=0, description="Requests per replica the autoscaler aims at, between the model's min and max replicas."
     )
-    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the engine runs.")
+    accelerator: str = Field(
+        "cpu", pattern=r"^(cpu|gpu|mig-\d+g\.\d+gb)$",
+        description="Where the engine runs: cpu, gpu (whole GPUs, or gpu_fraction of one), or a MIG slice such as "
+        "mig-1g.10gb (the custom resource a node with that slice advertises; the model must fit its memory).")
+    gpu_fraction: float | None = Field(
+        None, gt=0, le=1, description="accelerator gpu, one GPU per replica: the share of a GPU a replica takes "
+        "(several small models fit on one GPU); vLLM's gpu_memory_utilization is scaled to it.")
     num_cpus: float = Field(1.0, ge=0, description="Logical Ray CPUs one replica reserves.")
     max_ongoing_requests: int = Field(
         256, ge=1, description="Requests one replica runs at once; the model's capacity is this times its replicas.")

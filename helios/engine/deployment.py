@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 
 from helios.config import ModelConfig, StorageConfig
 from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.placement import placement_for
 from helios.errors import EngineUnavailable
 from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event, request_context
@@ -320,11 +321,9 @@ def engine_deployment(
     started on demand from the registry. Unified deployments autoscale within the
     registry's bounds; prefill and decode sides run their configured replica counts."""
     d = model.deployment
-    actor_options: dict[str, Any] = {"num_cpus": d.num_cpus}
-    if d.accelerator == "gpu":
-        actor_options["num_gpus"] = model.engine.tensor_parallel_size
+    placement = placement_for(model).deployment_options()
     if env:  # tracing settings (helios.observability.tracing)
-        actor_options["runtime_env"] = {"env_vars": env}
+        placement["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     if role == "unified":
         scaling: dict[str, Any] = {"autoscaling_config": autoscaling_config(model)}
     else:
@@ -341,7 +340,7 @@ def engine_deployment(
     return serve.deployment(EngineDeployment).options(
         name=deployment_name(model.id, role),
         max_ongoing_requests=d.max_ongoing_requests,
-        ray_actor_options=actor_options,
+        **placement,
         health_check_period_s=10,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=20,

@@ -16,6 +16,7 @@ from typing import Any
 from helios.config import ModelConfig
 from helios.engine.engine_stats import EngineStats, SchedulerStatsSink
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.placement import placement_for
 from helios.engine.reaper import ensure_reaper
 from helios.errors import InvalidRequest
 from helios.observability import tracing
@@ -60,8 +61,9 @@ def engine_kwargs(
         from vllm.config import KVTransferConfig
 
         kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer)
-    if model.deployment.accelerator == "gpu":
+    if model.deployment.accelerator != "cpu":
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+        kwargs.update(placement_for(model).engine_kwargs)  # a GPU share, or Ray workers in the placement group
     if traces_to := tracing.endpoint():  # vLLM's request spans join the router's trace
         kwargs["otlp_traces_endpoint"] = traces_to
     known = set(AsyncEngineArgs.__dataclass_fields__)
