@@ -37,6 +37,7 @@ def app(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFact
     tiers = tmp_path_factory.mktemp("metrics-tiers")
     args = {**tiny_args(cache_root), "storage": local_storage(tiers)}
     args["models"][0]["id"] = MODEL_ID
+    args["registry"] = {"state_dir": str(tiers / "registry")}  # later modules' registries must not list it
     # With a KV store the unified engine runs Helios's KV connector (kv_both): its counters are exported too.
     args["models"][0]["kv_cache"] = {"root": str(tiers / "kv"), "ram_bytes": "64MiB"}
     url = run_app(args, APP, serve_port)
@@ -142,18 +143,24 @@ def test_cache_counters_match_the_tiers_the_weights_came_through(prometheus: str
     ram_blobs = [p for p in (app["tiers"] / "ram" / "blobs").rglob("*") if p.is_file()]
     assert ram_blobs
     size = sum(p.stat().st_size for p in ram_blobs)
-    eventually(prometheus, 'sum(ray_helios_cache_lookups_total{tier="ram",result="miss"})', len(ram_blobs))
-    eventually(prometheus, 'sum(ray_helios_cache_read_bytes_total{tier="remote"})', size)
-    eventually(prometheus, 'sum(ray_helios_cache_written_bytes_total{tier="ram"})', size)
-    eventually(prometheus, 'sum(ray_helios_cache_written_bytes_total{tier="nvme"})', size)
+    ours = f'model="{MODEL_ID}"'
+    eventually(prometheus, f'sum(ray_helios_cache_lookups_total{{{ours},tier="ram",result="miss"}})', len(ram_blobs))
+    eventually(prometheus, f'sum(ray_helios_cache_read_bytes_total{{{ours},tier="remote"}})', size)
+    eventually(prometheus, f'sum(ray_helios_cache_written_bytes_total{{{ours},tier="ram"}})', size)
+    eventually(prometheus, f'sum(ray_helios_cache_written_bytes_total{{{ours},tier="nvme"}})', size)
 
 
-def test_vllms_kv_cache_gauge_is_exported_per_replica(prometheus: str, traffic: dict) -> None:
-    """vLLM's own metrics come through its Ray stat logger (Ray writes `vllm:` as `vllm_`)."""
+def test_vllms_kv_cache_gauge_is_exported_per_replica(prometheus: str, app: dict, traffic: dict) -> None:
+    """vLLM's own metrics come through its Ray stat logger (Ray writes `vllm:` as `vllm_`). A gauge is
+    set on engine steps (an idle engine's goes stale in Ray's export): serve one request first."""
+    r = requests.post(f"{app['url']}/v1/completions", json={"model": MODEL_ID, "prompt": "gauge", "max_tokens": 2},
+                      timeout=120)
+    assert r.status_code == 200
     deadline = time.monotonic() + 120
     while not (series := query(prometheus, f'ray_vllm_kv_cache_usage_perc{{model_name="{MODEL_ID}"}}')):
         names = requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"]
-        assert time.monotonic() < deadline, f"no vLLM KV-cache gauge in Prometheus: {[n for n in names if 'vllm' in n]}"
+        labels = [s["metric"] for s in query(prometheus, "ray_vllm_kv_cache_usage_perc")]
+        assert time.monotonic() < deadline, f"no vLLM KV-cache gauge for {MODEL_ID}: {labels} {len(names)}"
         time.sleep(1)
     assert len({s["metric"].get("ReplicaId") for s in series}) == len(series) >= 1  # one series per replica
     assert all(0.0 <= float(s["value"][1]) <= 1.0 for s in series)

@@ -125,10 +125,12 @@ ENGINE_STARTS = Counter("helios_engine_starts_total", "Engine replica starts, by
 
 # -- model cache (storage tiers) -------------------------------------------------------------
 CACHE_LOOKUPS = Counter("helios_cache_lookups_total",
-                        "Blob lookups by the tier asked and the result: hit (it held the blob) or miss.",
-                        ("tier", "result"))
-CACHE_READ_BYTES = Counter("helios_cache_read_bytes_total", "Bytes read from a tier to fill another.", ("tier",))
-CACHE_WRITTEN_BYTES = Counter("helios_cache_written_bytes_total", "Bytes written into a tier.", ("tier",))
+                        "Blob lookups of a model's load, by the tier asked and the result: hit (it held the blob) "
+                        "or miss.", ("model", "tier", "result"))
+CACHE_READ_BYTES = Counter("helios_cache_read_bytes_total", "Bytes read from a tier to fill another, by model.",
+                           ("model", "tier"))
+CACHE_WRITTEN_BYTES = Counter("helios_cache_written_bytes_total", "Bytes written into a tier, by model.",
+                              ("model", "tier"))
 CACHE_TRANSFER_SECONDS = Histogram("helios_cache_transfer_seconds",
                                    "Seconds to move one blob between tiers, by source and target.",
                                    ("source", "target"), LATENCY_BUCKETS)

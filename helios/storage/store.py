@@ -26,7 +26,9 @@ from helios.observability.metrics import (
     CACHE_EVICTED_BYTES,
     CACHE_EVICTIONS,
     CACHE_LOOKUPS,
+    CACHE_READ_BYTES,
     CACHE_USED_BYTES,
+    CACHE_WRITTEN_BYTES,
 )
 from helios.storage.eviction import POLICIES
 from helios.storage.manifest import Manifest, build_manifest
@@ -195,7 +197,7 @@ class ModelStore:
         sources: dict[str, int] = {}
         fetched = resumed = 0
         for f in manifest.files:
-            src, result = self._bring(f.sha256, f.size, target, protected, progress)
+            src, result = self._bring(f.sha256, f.size, target, protected, progress, manifest.model_id)
             sources[src.kind] = sources.get(src.kind, 0) + f.size
             if result is not None:
                 fetched += result.fetched
@@ -227,17 +229,18 @@ class ModelStore:
             CACHE_CAPACITY_BYTES.set(t.capacity, node=node, tier=t.kind)
 
     def _bring(
-        self, digest: str, size: int, target: LocalTier, protected: set[str], progress: Progress | None
+        self, digest: str, size: int, target: LocalTier, protected: set[str], progress: Progress | None,
+        model: str = "",
     ) -> tuple[Tier, TransferResult | None]:
         """Get one blob into `target` from the fastest tier holding a good copy: (that tier, the transfer)."""
         if target.stat(digest) is not None:
-            CACHE_LOOKUPS.inc(tier=target.kind, result="hit")
+            CACHE_LOOKUPS.inc(model=model, tier=target.kind, result="hit")
             for t in self.local[self.local.index(target) :]:
                 t.touch(digest)  # slower copies too: their policies must see what is used, not only what was missed
             if progress:
                 progress(size)
             return target, None
-        CACHE_LOOKUPS.inc(tier=target.kind, result="miss")
+        CACHE_LOOKUPS.inc(model=model, tier=target.kind, result="miss")
         for src in self.tiers:
             if src is target or src.stat(digest) is None:
                 continue
@@ -252,6 +255,7 @@ class ModelStore:
                 continue
             if isinstance(src, LocalTier):
                 src.touch(digest)
+            _count_moved(model, src, target, result)
             if result.fetched and not result.waited_for_other:
                 target.policy.observe_bandwidth(src.kind, result.fetched, result.seconds)
             return src, result
@@ -266,7 +270,8 @@ class ModelStore:
                     if t.stat(f.sha256) is None and src.stat(f.sha256) is not None:
                         if not t.policy.admit(f.sha256, f.size, t.sync_policy() + f.size - t.capacity):
                             continue  # the tier's policy would rather keep what it has
-                        fetch_blob(src, t, f.sha256, f.size, self.transfer, None, protected)
+                        _count_moved(manifest.model_id, src, t,
+                                     fetch_blob(src, t, f.sha256, f.size, self.transfer, None, protected))
                 if t.has_all(manifest):
                     t.put_manifest(manifest)
             except StorageError as exc:  # a full lower tier must not fail the load that already succeeded
@@ -307,6 +312,12 @@ class ModelStore:
                 t.delete_manifest(m.model_id, m.version)
         log_event(logger, "cache_evicted", model=model_id, version=version, tier=tier, bytes=freed)
         return freed
+
+
+def _count_moved(model: str, src: Tier, dst: Tier, result: TransferResult) -> None:
+    """Bytes this process moved between tiers for a model (none when another process did the copy)."""
+    CACHE_READ_BYTES.inc(result.fetched, model=model, tier=src.kind)
+    CACHE_WRITTEN_BYTES.inc(result.fetched, model=model, tier=dst.kind)
 
 
 def _file_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from helios.config import TransferConfig
 from helios.errors import CorruptBlob, StorageError
 from helios.observability.logs import get_logger, log_event
-from helios.observability.metrics import CACHE_READ_BYTES, CACHE_TRANSFER_SECONDS, CACHE_WRITTEN_BYTES
+from helios.observability.metrics import CACHE_TRANSFER_SECONDS
 from helios.storage.tiers import LocalTier, Tier
 
 logger = get_logger("storage.transfer")
@@ -78,8 +78,6 @@ def fetch_blob(
         logger, "blob_fetched", digest=digest[:12], src=src.kind, dst=dst.kind, bytes=size - resumed_from,
         resumed_from=resumed_from, seconds=round(seconds, 3), gbps=round((size - resumed_from) / max(seconds, 1e-9) / 1e9, 3),
     )
-    CACHE_READ_BYTES.inc(size - resumed_from, tier=src.kind)
-    CACHE_WRITTEN_BYTES.inc(size - resumed_from, tier=dst.kind)
     CACHE_TRANSFER_SECONDS.observe(seconds, source=src.kind, target=dst.kind)
     return TransferResult(digest, size, size - resumed_from, resumed_from, seconds, waited)
 
