@@ -48,6 +48,18 @@ def nodes() -> Iterator[dict[str, str]]:
         cluster.shutdown()
 
 
+def _wait_all_gpus_free(timeout_s: float = 60) -> None:
+    """Until an earlier test's actors and placement groups have given their GPUs back (asynchronous)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("GPU", 0) < ray.cluster_resources().get("GPU", 0):
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+
+
 def _bundle_nodes(placement, names: dict[str, str]) -> list[str]:
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
@@ -62,6 +74,7 @@ def _bundle_nodes(placement, names: dict[str, str]) -> list[str]:
 
 
 def test_tensor_parallel_bundles_land_on_one_node(nodes: dict[str, str]) -> None:
+    _wait_all_gpus_free()
     where = _bundle_nodes(placement_for(model({"accelerator": "gpu"}, tensor_parallel_size=2)), nodes)
     assert where[1] == where[2] == "two_gpus"  # both GPU ranks together, on the only node with two
 
@@ -69,6 +82,7 @@ def test_tensor_parallel_bundles_land_on_one_node(nodes: dict[str, str]) -> None
 def test_pipeline_stages_spread_over_nodes_when_one_cannot_hold_them(nodes: dict[str, str]) -> None:
     import ray
 
+    _wait_all_gpus_free()
     blocker = ray.remote(num_gpus=2, resources={"is_two_gpus": 1})(_Sleeper).remote()  # the two-GPU node is busy
     ray.get(blocker.ready.remote(), timeout=60)
     try:
@@ -101,6 +115,7 @@ def test_two_fractional_gpu_models_share_one_gpu(nodes: dict[str, str]) -> None:
     import ray
 
     half = placement_for(model({"accelerator": "gpu", "gpu_fraction": 0.5}))
+    _wait_all_gpus_free()
     blockers = [_actor_node(placement_for(model({"accelerator": "gpu"})), nodes)[1] for _ in range(3)]
     try:  # three whole GPUs taken: one GPU is left, and both halves must fit on it
         (a, x), (b, y) = _actor_node(half, nodes), _actor_node(half, nodes)
