@@ -7,7 +7,7 @@ from typing import Any
 from ray import serve
 
 from helios.config import HeliosArgs, ModelConfig, RouterContext, parse_args
-from helios.engine.deployment import engine_deployment
+from helios.engine.deployment import engine_deployment, registry_hints
 from helios.observability.tracing import tracing_env
 from helios.router.ingress import router_deployment
 
@@ -29,11 +29,12 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
     env = tracing_env(tracing.endpoint, tracing.sample_ratio)  # each replica makes its tracer from it
     engines, prefill = {}, {}
     for m in config.models:
+        hints = registry_hints(m)  # warm nodes first; a MIG slice must hold the model
         if m.serving == "disaggregated":  # the router prefills on one side, then decodes on the other
-            prefill[m.id] = engine_deployment(m, cache_root, config.storage, role="prefill", env=env)
-            engines[m.id] = engine_deployment(m, cache_root, config.storage, role="decode", env=env)
+            prefill[m.id] = engine_deployment(m, cache_root, config.storage, role="prefill", env=env, hints=hints)
+            engines[m.id] = engine_deployment(m, cache_root, config.storage, role="decode", env=env, hints=hints)
         else:
-            engines[m.id] = engine_deployment(m, cache_root, config.storage, env=env)
+            engines[m.id] = engine_deployment(m, cache_root, config.storage, env=env, hints=hints)
     context = RouterContext(cache_root=cache_root, storage=config.storage, registry=config.registry,
                             models=config.models)
     return router_deployment(config.router, engines, context, prefill, env=env)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from helios.config import parse_args
-from helios.engine.placement import placement_for
+from helios.engine.placement import placement_for, warm_first
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -133,3 +133,57 @@ def test_a_mig_model_lands_only_where_that_slice_is(nodes: dict[str, str]) -> No
     where, actor = _actor_node(placement_for(model({"accelerator": "mig-1g.10gb"})), nodes)
     assert where == "mig"
     ray.kill(actor)
+
+
+class Where:
+    """A stand-in replica: the GPUs are simulated, so no engine; Serve places it by the engine's options."""
+
+    async def __call__(self, hold_s: float) -> str:
+        import asyncio
+
+        await asyncio.sleep(hold_s)  # an ongoing request, which Serve's autoscaler counts
+        return "done"
+
+
+def _serve_replica_nodes(app: str, names: dict[str, str], count: int, timeout_s: float = 90) -> list[str]:
+    """Where the app's replicas run once `count` of them are alive."""
+    import time
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        where = sorted(names[a.node_id] for a in actors if a.class_name == f"ServeReplica:{app}:Where")
+        if len(where) >= count or time.monotonic() > deadline:
+            return where
+        time.sleep(0.5)
+
+
+def test_a_scale_up_prefers_the_node_whose_ram_tier_holds_the_model(nodes: dict[str, str]) -> None:
+    """Serve's own scheduler spreads replicas over nodes; with the registry's warm view (the model in
+    one_gpu_b's RAM tier, in two_gpus's NVMe tier) each scale-up lands where the blobs are, and only
+    when the warm node is full does the next go to the next-warmest."""
+    from ray import serve
+
+    _wait_all_gpus_free()
+    ids = {name: node for node, name in nodes.items()}
+    warm = [[ids["one_gpu_b"]], [ids["two_gpus"]]]  # RegistryCore.warm_nodes' shape
+    options = warm_first(placement_for(model({"accelerator": "gpu", "gpu_fraction": 0.5})), warm).deployment_options()
+    autoscaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                   "upscale_delay_s": 0, "downscale_delay_s": 600, "metrics_interval_s": 0.5,
+                   "look_back_period_s": 1}
+    serve.start(proxy_location="Disabled")
+    try:
+        handle = serve.run(serve.deployment(Where).options(autoscaling_config=autoscaling, max_ongoing_requests=4,
+                                                           **options).bind(), name="warm", route_prefix=None)
+        seen = [_serve_replica_nodes("warm", nodes, 1)]
+        held = [handle.remote(120)]
+        for replicas in (2, 3):  # Serve's autoscaler wants a replica per request held (the target is 1)
+            held.append(handle.remote(120))
+            seen.append(_serve_replica_nodes("warm", nodes, replicas))
+        assert seen == [["one_gpu_b"], ["one_gpu_b", "one_gpu_b"], ["one_gpu_b", "one_gpu_b", "two_gpus"]]
+        for response in held:
+            response.cancel()
+    finally:
+        serve.shutdown()

@@ -15,7 +15,7 @@ from ray.serve.config import RequestRouterConfig
 
 from helios.config import ModelConfig, StorageConfig
 from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
-from helios.engine.placement import placement_for
+from helios.engine.placement import placement_for, warm_first
 from helios.errors import EngineUnavailable
 from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event, request_context
@@ -311,17 +311,38 @@ def autoscaling_config(model: ModelConfig) -> dict[str, Any]:
     return config
 
 
+def registry_hints(model: ModelConfig) -> dict[str, Any]:
+    """The registry's placement hints for `model` (`RegistryActor.placement_hints`); none when there
+    is no registry or it does not answer in time: placement then goes by resources alone."""
+    import ray
+
+    from helios.registry.actor import get_registry
+
+    registry = get_registry()
+    if registry is None:
+        return {}
+    try:
+        return ray.get(registry.placement_hints.remote(model.id, model.engine.max_model_len), timeout=10)
+    except Exception as exc:  # noqa: BLE001 - a hint, not a requirement
+        log_event(logger, "placement_hints_unavailable", model=model.id, error=repr(exc)[:300])
+        return {}
+
+
 def engine_deployment(
     model: ModelConfig, cache_root: str, storage: StorageConfig | None = None, pinned: bool = True,
-    role: Role = "unified", env: dict[str, str] | None = None,
+    role: Role = "unified", env: dict[str, str] | None = None, hints: dict[str, Any] | None = None,
 ) -> serve.Application:
     """Bind the engine deployment of one model (or one side of a disaggregated model) with its Serve options.
 
     `pinned`: the model comes from the Serve config (registered by its replicas), not
     started on demand from the registry. Unified deployments autoscale within the
-    registry's bounds; prefill and decode sides run their configured replica counts."""
+    registry's bounds; prefill and decode sides run their configured replica counts. `hints`
+    (`registry_hints`): the model's memory need, which a MIG slice must hold, and the nodes
+    that hold it, which its replicas prefer."""
     d = model.deployment
-    placement = placement_for(model).deployment_options()
+    hints = hints or {}
+    placement = warm_first(placement_for(model, hints.get("memory_need")), hints.get("warm_nodes") or [])
+    placement = placement.deployment_options()
     if env:  # tracing settings (helios.observability.tracing)
         placement["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     if role == "unified":

@@ -10,18 +10,23 @@
   tensor-parallel group inside one node (it talks over NVLink every layer); with pipeline
   stages, `PACK` lets stages spill to other nodes (they exchange activations once per
   stage). vLLM runs its workers in that placement group (`distributed_executor_backend="ray"`).
+- Warm first (`warm_first`): a replica prefers the nodes whose tiers already hold the model,
+  warmest first, through label selectors on Ray's node-id label with fallbacks down to any
+  node, so a scale-up or a start from zero maps local blobs when it can and waits for no node.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from helios.config import ConfigError, ModelConfig
 
 MIG = re.compile(r"^mig-(\d+)g\.(\d+)gb$")
 GiB = 1 << 30
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries it
 
 
 @dataclass
@@ -71,3 +76,21 @@ def placement_for(model: ModelConfig, memory_need: int | None = None) -> Placeme
     strategy = "STRICT_PACK" if e.pipeline_parallel_size == 1 else "PACK"
     return Placement({"num_cpus": d.num_cpus, "num_gpus": 0}, bundles, strategy,
                      {"distributed_executor_backend": "ray", "pipeline_parallel_size": e.pipeline_parallel_size})
+
+
+def warm_first(placement: Placement, warm_nodes: Sequence[Sequence[str]]) -> Placement:
+    """`placement` preferring `warm_nodes` (groups, warmest first: `RegistryCore.warm_nodes`).
+
+    The first group is the replica's label selector and each later group a fallback, then every
+    other node: soft, so a full or dead warm node never holds a replica back. A replica with a
+    placement group keeps Ray's own choice: Serve passes no fallback for bundle selectors, so
+    a selector there would be hard and could strand a scale-up."""
+    groups = [sorted(set(g)) for g in warm_nodes if g]
+    if not groups or placement.bundles:
+        return placement
+    every = sorted({n for g in groups for n in g})
+    selectors = [{NODE_ID_LABEL: f"in({','.join(g)})"} for g in groups]
+    selectors.append({NODE_ID_LABEL: f"!in({','.join(every)})"})
+    options = {**placement.actor_options, "label_selector": selectors[0],
+               "fallback_strategy": [{"label_selector": s} for s in selectors[1:]]}
+    return replace(placement, actor_options=options)

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from helios.config import StorageConfig, default_cache_root
-from helios.errors import ModelNotFound
+from helios.errors import HeliosError, ModelNotFound
 from helios.observability.logs import get_logger, log_event
 from helios.observability.metrics import (
     REGISTRY_MODELS,
@@ -231,6 +231,18 @@ class Registry:
         resolved = self.resolve(model_id, version)
         with self._lock:
             return self.core.memory_needed(model_id, context_len, batch, resolved["version"], kv_dtype)
+
+    def placement_hints(self, model_id: str, context_len: int | None = None, kv_dtype: str | None = None) -> dict:
+        """What placing a new replica of `model_id` needs from the registry: the nodes that hold it,
+        warmest first (`RegistryCore.warm_nodes`), and its memory need for one sequence at
+        `context_len` (None while it has no profile, or is not registered yet)."""
+        with self._lock:
+            warm = self.core.warm_nodes(model_id)
+            try:
+                need: int | None = self.core.memory_needed(model_id, context_len, 1, None, kv_dtype)
+            except HeliosError:
+                need = None
+        return {"warm_nodes": warm, "memory_need": need}
 
     def report_profile(self, model_id: str, version: str, profile: dict[str, Any]) -> dict:
         """A profile computed where the files are (`profile_from_dir` in a replica), for a version the

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from helios.config import DEFAULT_BANDWIDTH
 from helios.errors import HeliosError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import Catalog, VersionRecord, check_ids, scale_settings
@@ -60,6 +61,7 @@ class RegistryCore:
         self.last_sync: float | None = None
         self._miss_synced: dict[str, float] = {}
         self._profile_tried: dict[tuple[str, str], float] = {}
+        self.bandwidths = dict(bandwidths or DEFAULT_BANDWIDTH)
         self.prefetch = Prefetcher(store, prefetch_interval_s, bandwidths)
         self.prefetch.seed(self.usage, prefetch_state)  # the saved histograms, then newer persisted requests
 
@@ -237,6 +239,29 @@ class RegistryCore:
                 retry_after_s=int(self.profile_retry_s),
             )
         return record.profile.memory_bytes(context_len, batch, kv_dtype)
+
+    def warm_nodes(self, model_id: str, now: float | None = None) -> list[list[str]]:
+        """Nodes that hold `model_id` locally, in groups from the warmest: nodes running a replica of
+        it, then by the fastest local tier holding its blobs (the warm view's tier reports and the
+        prefetch rounds' node reports). Warm-first placement prefers them in this order."""
+        best: dict[str, float] = {}  # node -> read bytes/s of its fastest tier holding the model
+
+        def offer(node: str, kind: str | None) -> None:
+            if kind and kind != "remote":
+                best[node] = max(best.get(node, 0.0), float(self.bandwidths.get(kind, 1.0)))
+
+        for node, models in self.warm.state.tiers.items():
+            for kind, size in models.get(model_id, {}).items():
+                if size > 0:
+                    offer(node, kind)
+        for node, fastest in self.prefetch.node_reports(time.time() if now is None else now).items():
+            offer(node, fastest.get(model_id))
+        for entry in self.warm.state.replicas.get(model_id, {}).values():
+            best[entry.node_id] = float("inf")  # its weights are mapped in memory there
+        groups: dict[float, list[str]] = {}
+        for node, speed in best.items():
+            groups.setdefault(speed, []).append(node)
+        return [sorted(groups[speed]) for speed in sorted(groups, reverse=True)]
 
     def usage_of(self, model_id: str | None = None, now: float | None = None) -> dict:
         """One model's usage with its recent inter-arrival times, or every model's summary by id."""

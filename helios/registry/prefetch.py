@@ -253,7 +253,7 @@ class Prefetcher:
         self.release(now)
         states = {m: ModelState(t.manifest.total_bytes, t.tier) for m, t in targets.items()}
         d = Decision(now, dict(targets), NodePlan.of(self.planner.plan(now, states), targets))
-        for node, tiers in self._fresh_reports(now).items():
+        for node, tiers in self.node_reports(now).items():
             mine = {m: ModelState(s.size, tiers.get(m, s.tier)) for m, s in states.items()}
             d.nodes[node] = NodePlan.of(self.planner.plan(now, mine), targets)
         for node, node_plan in [(n, p.plan) for n, p in d.nodes.items()] or [("unreported", d.cluster.plan)]:
@@ -268,7 +268,7 @@ class Prefetcher:
         self._log_changes(_merged(d.plans()))
         return d
 
-    def _fresh_reports(self, now: float) -> dict[str, dict[str, str]]:
+    def node_reports(self, now: float) -> dict[str, dict[str, str]]:
         """node id -> model id -> the fastest of its tiers holding the model, from recent rounds only
         (a node that stopped reporting, gone or busy for long, falls back to the cluster-wide view)."""
         horizon = now - max(10 * self.interval_s, 600.0)

@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from helios.config import ModelConfig, RegistryConfig, StorageConfig
 from helios.errors import HeliosError, ModelNotFound, ServiceUnavailable
+from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event
 from helios.observability.metrics import ON_DEMAND_START_SECONDS, ON_DEMAND_STARTS
 
@@ -121,9 +122,11 @@ class OnDemandModels:
                 )
             config = model_config(model_id, record, self.config.defaults.model_dump(mode="json"))
             log_event(logger, "model_starting", flush=True, model=model_id, app=name, source=config.source)
-            from helios.engine.deployment import engine_deployment
+            from helios.engine.deployment import engine_deployment, registry_hints
 
-            app = engine_deployment(config, self.cache_root, self.storage, pinned=False)
+            hints = await asyncio.to_thread(registry_hints, config)  # warm nodes first
+            app = engine_deployment(config, self.cache_root, self.storage, pinned=False, hints=hints,
+                                    env=tracing.inherited_env())
             try:
                 await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
             except Exception as exc:  # noqa: BLE001 - whatever failed, the half-deployed app is removed

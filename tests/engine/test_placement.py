@@ -1,5 +1,5 @@
 """Replica resources and placement groups from a model's parallelism, and the vLLM arguments that follow
-(pure: no Ray, no GPU; where Ray puts such bundles on a multi-node cluster is not tested yet)."""
+(pure: no Ray, no GPU; where Ray puts them on a multi-node cluster: tests/test_placement_cluster.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from helios.config import ConfigError, parse_args
 from helios.engine.deployment import engine_deployment
 from helios.engine.llm_engine import engine_kwargs
-from helios.engine.placement import GiB, placement_for
+from helios.engine.placement import GiB, placement_for, warm_first
 
 
 def model(deployment: dict | None = None, **engine: object):
@@ -74,3 +74,26 @@ def test_the_engine_deployment_carries_the_placement_group() -> None:
     assert replica.placement_group_strategy == "STRICT_PACK"
     assert replica.placement_group_bundles == [{"CPU": 1.0}, {"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 1.0}]
     assert deployment.ray_actor_options["num_gpus"] == 0
+
+
+def test_warm_nodes_become_label_selectors_warmest_first_then_any_node() -> None:
+    placed = warm_first(placement_for(model({"accelerator": "gpu", "gpu_fraction": 0.5})), [["n2"], ["n1", "n3"]])
+    options = placed.actor_options
+    assert options["num_gpus"] == 0.5 and options["label_selector"] == {"ray.io/node-id": "in(n2)"}
+    assert options["fallback_strategy"] == [{"label_selector": {"ray.io/node-id": "in(n1,n3)"}},
+                                            {"label_selector": {"ray.io/node-id": "!in(n1,n2,n3)"}}]
+    assert warm_first(placement_for(model()), []).actor_options == {"num_cpus": 1.0}  # nothing warm: no preference
+
+
+def test_a_placement_group_replica_keeps_rays_choice_of_node() -> None:
+    gang = placement_for(model({"accelerator": "gpu"}, tensor_parallel_size=2))
+    assert warm_first(gang, [["n1"]]) == gang  # Serve has no fallback for bundle selectors: it would be hard
+
+
+def test_the_engine_deployment_takes_the_registrys_hints() -> None:
+    m = model({"accelerator": "mig-1g.10gb"})
+    bound = engine_deployment(m, "/tmp/cache", hints={"warm_nodes": [["n1"]], "memory_need": 2 * GiB})
+    options = bound._bound_deployment.ray_actor_options
+    assert options["resources"] == {"mig-1g.10gb": 1} and options["label_selector"] == {"ray.io/node-id": "in(n1)"}
+    with pytest.raises(ConfigError, match="needs 11.0 GiB"):
+        engine_deployment(m, "/tmp/cache", hints={"warm_nodes": [], "memory_need": 11 * GiB})

@@ -96,3 +96,15 @@ def test_a_replica_reports_the_profile_of_a_directory_on_its_node(tiny_model_dir
     assert got["profile"]["weight_bytes"] == TINY_WEIGHT_BYTES and got["profile_error"] is None
     with pytest.raises(ModelNotFound):
         core.report_profile("m", "v9", profile_from_dir(tiny_model_dir))
+
+
+def test_warm_nodes_go_from_running_replicas_to_the_fastest_tier_holding_the_model() -> None:
+    core = RegistryCore()
+    core.warm.set_tiers("nvme-node", {"m": {"nvme": 100}, "other": {"ram": 100}})
+    core.warm.set_tiers("ram-node", {"m": {"ram": 40, "nvme": 100}})
+    core.warm.set_tiers("remote-only", {"m": {"remote": 100}})
+    core.warm.set_tiers("cold", {"other": {"ram": 100}})
+    assert core.warm_nodes("m") == [["ram-node"], ["nvme-node"]]
+    core.warm.set_replica("m", "r1", "cold", loaded=True, version="v1")  # its weights are mapped there
+    assert core.warm_nodes("m") == [["cold"], ["ram-node"], ["nvme-node"]]
+    assert core.warm_nodes("unknown") == []
