@@ -144,6 +144,47 @@ async def measure(system: str, model_dir: Path, port: int, args: argparse.Namesp
         servers.stop(proc)
 
 
+async def measure_interleaved(systems: list[str], model_dir: Path, port: int, args: argparse.Namespace,
+                              work: Path) -> tuple[dict, dict]:
+    """Every system up at once, then rounds in turn (A, B, C, A, B, C, ...): each round of one
+    system runs while the others idle, so a drift of the host's speed (this machine's swings
+    exceed the costs measured) falls on all of them alike. Returns (results per system,
+    each system's tokens/s over the first's in the same cycle, per cycle)."""
+    procs = {}
+    try:
+        for i, system in enumerate(systems):
+            log(f"{SYSTEM_NAMES[system]}: starting (log {work / (system + '.log')})")
+            procs[system] = (servers.launch(system, str(model_dir), port + i, ENGINE, str(work / f"{system}.log")),
+                             f"http://127.0.0.1:{port + i}")
+        for system, (proc, base) in procs.items():
+            ready_s = await wait_ready(base, proc, 600)
+            log(f"{SYSTEM_NAMES[system]}: ready after {ready_s:.0f}s; warming up")
+            await throughput(base, 16, 16, 16)
+        rates: dict[str, list[float]] = {s: [] for s in systems}
+        cpu_before = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}
+        for r in range(args.rounds):
+            for system, (_, base) in procs.items():
+                rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
+            log(f"cycle {r + 1}/{args.rounds}: " + ", ".join(f"{SYSTEM_NAMES[s]} {rates[s][-1]:.0f}" for s in systems)
+                + " tok/s")
+        tokens = args.rounds * args.requests * args.max_tokens
+        results = {}
+        for system, (proc, base) in procs.items():
+            after = cpu_seconds(proc.pid)
+            lat = await ttfts(base, args.ttft_requests)
+            results[system] = {
+                "tok_s": statistics.median(rates[system]), "tok_s_rounds": rates[system],
+                "ttft_p50_ms": percentile(lat, 0.5) * 1000, "ttft_p99_ms": percentile(lat, 0.99) * 1000,
+                "cpu_us_per_token": {k: (after[k] - cpu_before[system][k]) / tokens * 1e6 for k in after},
+            }
+        first = systems[0]
+        paired = {s: [a / b for a, b in zip(rates[s], rates[first], strict=True)] for s in systems[1:]}
+        return results, paired
+    finally:
+        for proc, _ in procs.values():
+            servers.stop(proc)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -175,11 +216,17 @@ def main() -> None:
     parser.add_argument("--systems", default=None,
                         help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios; "
                         "also helios_metrics_off and helios_tracing, for what observability costs).")
+    parser.add_argument("--observability", action="store_true",
+                        help="What metrics and tracing cost: Helios with metrics off, on, and tracing every request, "
+                        "all up at once and measured in alternating rounds (replaces --systems).")
     parser.add_argument("--port", type=int, default=8321)
     args = parser.parse_args()
     args.requests, args.concurrency, args.max_tokens = 64, 16, 64
     # Tokens/s on a small shared machine swings between rounds; the median of several is reported.
     args.rounds = 3 if args.quick else 7
+    if args.observability:  # small costs under this host's swings: more and longer rounds, paired per cycle
+        args.rounds = 4 if args.quick else 12
+        args.requests = 64 if args.quick else 192
     args.ttft_requests = 30 if args.quick else 100
 
     from helios.storage.demo_model import resolve_source
@@ -188,6 +235,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_source("demo://tiny", work / "cache")
     default = "raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios"
+    if args.observability:
+        args.systems = "helios_metrics_off,helios,helios_tracing"
     systems = [s.strip() for s in (args.systems or default).split(",") if s.strip()]
     started = time.monotonic()
     receiver = None
@@ -197,7 +246,11 @@ def main() -> None:
 
         receiver = OTLPReceiver().start()
         os.environ["HELIOS_BENCH_OTLP"] = receiver.endpoint
-    results = {s: asyncio.run(measure(s, model_dir, args.port + i, args, work)) for i, s in enumerate(systems)}
+    paired: dict[str, list[float]] = {}
+    if args.observability:
+        results, paired = asyncio.run(measure_interleaved(systems, model_dir, args.port, args, work))
+    else:
+        results = {s: asyncio.run(measure(s, model_dir, args.port + i, args, work)) for i, s in enumerate(systems)}
     if receiver is not None:
         results["helios_tracing"]["spans_received"] = len(receiver.spans)
         receiver.stop()
@@ -219,9 +272,12 @@ def main() -> None:
             return r["cpu_us_per_token"]["frontend"] / r["cpu_us_per_token"]["engine"]
 
         ratios["helios_over_raw_frontend_cpu"] = share(results["helios"]) / share(results["raw_vllm"])
-    if "helios" in results and "helios_metrics_off" in results:
+    if paired:  # the median of each cycle's own ratio: the host's drift between cycles cancels
+        ratios["metrics_on_over_off_tok_s"] = statistics.median(paired["helios"])
+        ratios["tracing_over_metrics_off_tok_s"] = statistics.median(paired["helios_tracing"])
+    elif "helios" in results and "helios_metrics_off" in results:
         ratios["metrics_on_over_off_tok_s"] = results["helios"]["tok_s"] / results["helios_metrics_off"]["tok_s"]
-    if "helios_tracing" in results and "helios_metrics_off" in results:
+    if not paired and "helios_tracing" in results and "helios_metrics_off" in results:
         ratios["tracing_over_metrics_off_tok_s"] = (
             results["helios_tracing"]["tok_s"] / results["helios_metrics_off"]["tok_s"])
     report = {
@@ -233,6 +289,7 @@ def main() -> None:
                      "ttft_requests": args.ttft_requests, "streaming": True},
         "systems": results,
         "ratios": ratios,
+        **({"paired_ratios_per_cycle": paired, "interleaved": True} if paired else {}),
         "seconds": time.monotonic() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,8 @@ def _ray_serve(app_builder, port: int) -> None:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False)
+    # A cluster of its own ("local"), even beside another system's: overhead.py --observability runs three at once.
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder(), name="bench", route_prefix="/")
     try:
@@ -67,12 +68,22 @@ def rayserve_llm(model_dir: str, port: int, engine: dict) -> None:
                 "dtype": engine["dtype"], "max_model_len": engine["max_model_len"],
                 "max_num_seqs": engine["max_num_seqs"], "enforce_eager": engine["enforce_eager"], "seed": 0,
             },
-            deployment_config={"num_replicas": 1},
+            deployment_config=_rsllm_deployment(),
             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(engine["kv_cache_space_gib"])}},
         )
         return build_openai_app({"llm_configs": [config]})
 
     _ray_serve(build, port)
+
+
+def _rsllm_deployment() -> dict:
+    """One replica, or (HELIOS_BENCH_RSLLM_AUTOSCALING: JSON) Serve's default autoscaling with those
+    settings; `max_ongoing_requests` among them goes to the deployment."""
+    scaling = json.loads(os.environ.get("HELIOS_BENCH_RSLLM_AUTOSCALING", "{}"))
+    if not scaling:
+        return {"num_replicas": 1}
+    ongoing = scaling.pop("max_ongoing_requests", None)
+    return {"autoscaling_config": scaling, **({"max_ongoing_requests": ongoing} if ongoing else {})}
 
 
 def helios(model_dir: str, port: int, engine: dict) -> None:
@@ -147,7 +158,8 @@ def cold_start_controller(port: int) -> None:
 
         return build_openai_app({"llm_configs": [LLMConfig(**args)]})
 
-    ray.init(num_cpus=8, include_dashboard=False)
+    # A cluster of its own ("local"), even beside another system's: overhead.py --observability runs three at once.
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     say("ready")
     try:

@@ -97,8 +97,15 @@ class EngineDeployment:
         self._check_engine()
         span = self._span(req)
         error: BaseException | None = None
+        parts = self.engine.stream(req)
+        trace_id = tracing.trace_id(span)
         try:
-            async for part in self.engine.stream(req):
+            while True:
+                with request_context(req.request_id, trace_id):  # each step's log lines name the request
+                    try:
+                        part = await anext(parts)
+                    except StopAsyncIteration:
+                        break
                 if isinstance(part, EngineHTTPResponse):
                     if part.status >= 500:
                         self._check_engine()
@@ -108,6 +115,7 @@ class EngineDeployment:
             error = exc
             raise
         finally:
+            await parts.aclose()  # a cancelled stream aborts its request in vLLM now, not at collection
             tracing.finish(span, error)
 
     def _span(self, req: EngineHTTPRequest) -> Any:

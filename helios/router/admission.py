@@ -65,9 +65,14 @@ class AdmissionGate:
     def queued(self) -> int:
         return sum(1 for w in self.waiters if not w.done())
 
+    @property
+    def has_room(self) -> bool:
+        """Whether `acquire` would take a slot at once (nothing waits, a slot is free)."""
+        return self.running < max(self.capacity(), 1) and not self.queued
+
     async def acquire(self) -> None:
         """Wait for a slot: 429 when the queue is full, 503 after `queue_timeout_s` in it."""
-        if self.running < max(self.capacity(), 1) and not self.queued:
+        if self.has_room:
             self.running += 1
             return
         queued = self.queued

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 # model -> requests this router process holds now (the in-flight gauge's value)
 _IN_FLIGHT: dict[str, int] = {}
+_QUEUE_SHOWN: set[str] = set()  # models whose queue gauge this process has set
 
 
 class RequestTimer:
@@ -76,7 +77,11 @@ class RequestTimer:
     def queued(self, gate: AdmissionGate) -> Iterator[None]:
         """Around waiting for an admission slot: the request is in flight, the queue depth shown."""
         self._hold()
-        ROUTER_QUEUED.set(gate.queued + 1, model=self.model, router=self.router)
+        # The queue gauge moves for a request that joins the queue (and once per model, so it shows 0).
+        waits = not gate.has_room or self.model not in _QUEUE_SHOWN
+        _QUEUE_SHOWN.add(self.model)
+        if waits:
+            ROUTER_QUEUED.set(gate.queued + 1, model=self.model, router=self.router)
         span = tracing.start("helios.admission", self.span)
         try:
             yield
@@ -85,7 +90,8 @@ class RequestTimer:
             raise
         finally:
             tracing.finish(span, **{"helios.queued_behind": gate.queued})
-            ROUTER_QUEUED.set(gate.queued, model=self.model, router=self.router)
+            if waits:
+                ROUTER_QUEUED.set(gate.queued, model=self.model, router=self.router)
 
     def answered(self, status: int) -> None:
         self._done(status)
