@@ -61,11 +61,11 @@ class EngineMeter(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid, self.replica_s, self.peak, self.now = pid, 0.0, 0, 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         last = time.monotonic()
-        while not self._stop.wait(0.5):
+        while not self._halt.wait(0.5):
             self.now = engines(self.pid)
             t = time.monotonic()
             self.replica_s += self.now * (t - last)
@@ -73,7 +73,7 @@ class EngineMeter(threading.Thread):
             last = t
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -145,9 +145,9 @@ async def run_system(system: str, model_dir: Path, port: int, work: Path, burst:
             "seconds": seconds, "settings": settings,
         }
     finally:
-        if meter is not None and meter.is_alive():
+        servers.stop(proc)  # first: nothing of the server outlives a failed run
+        if meter is not None:
             meter.stop()
-        servers.stop(proc)
         os.environ.pop(env_key, None)
 
 

@@ -336,15 +336,24 @@ def _engine_replica_pid() -> int:
 
 
 def _vllm_processes(pid: int) -> list[psutil.Process]:
-    """vLLM's engine core and worker under a replica (they retitle themselves `VLLM::...`)."""
-    return [p for p in psutil.Process(pid).children(recursive=True) if "VLLM::" in " ".join(p.cmdline())]
+    """vLLM's engine core and worker under a replica (they retitle themselves `VLLM::...`: the name
+    and, where setproctitle could rewrite it, the command line)."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "VLLM::" in p.name() or "VLLM::" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_a_killed_replica_loses_no_request_and_leaves_no_engine_process(base_url: str) -> None:
-    pid = _engine_replica_pid()
-    engine = _vllm_processes(pid)
-    tree = [(p.pid, " ".join(p.cmdline())[:80]) for p in psutil.Process(pid).children(recursive=True)]
-    assert len(engine) >= 1, f"no vLLM engine process under the replica {pid}: {tree}"
+    deadline = time.monotonic() + 60  # a replica Serve has just replaced may still be starting its engine
+    while not (engine := _vllm_processes(pid := _engine_replica_pid())):
+        tree = [(p.pid, p.name(), " ".join(p.cmdline())[:80]) for p in psutil.Process(pid).children(recursive=True)]
+        assert time.monotonic() < deadline, f"no vLLM engine process under the replica {pid}: {tree}"
+        time.sleep(1)
     body = {"model": MODEL_ID, "prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True, "temperature": 0,
             "return_token_ids": True}
     with ThreadPoolExecutor(20) as pool:
