@@ -65,12 +65,15 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self._lock:
             return [s for s in self.spans if s.trace_id == trace_id]
 
-    def wait_for(self, trace_id: str, names: set[str], timeout_s: float = 90) -> list[Span]:
-        """The trace's spans once every name in `names` has arrived (exporters batch for seconds)."""
+    def wait_for(self, trace_id: str, names: set[str], timeout_s: float = 90,
+                 counts: dict[str, int] | None = None) -> list[Span]:
+        """The trace's spans once every name in `names` has arrived, and at least `counts[name]` of
+        those named there (each process's exporter batches for seconds, on its own schedule)."""
         deadline = time.monotonic() + timeout_s
         while True:
             spans = self.trace(trace_id)
-            if names <= {s.name for s in spans}:
+            seen = [s.name for s in spans]
+            if names <= set(seen) and all(seen.count(n) >= k for n, k in (counts or {}).items()):
                 return spans
             if time.monotonic() > deadline:
                 raise AssertionError(f"spans of {trace_id}: got {sorted(s.name for s in spans)}, want {sorted(names)}")
