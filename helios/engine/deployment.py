@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -73,6 +74,7 @@ class EngineDeployment:
             sources=prepared.local.sources if prepared.local else None, **self.engine.timings,
         )
         self._warm = _report_started(config, prepared, pinned)
+        self._store, self._usage_at = prepared.store, time.monotonic()
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         """One OpenAI request answered whole by vLLM's serving layer (status, headers, body bytes)."""
@@ -162,6 +164,20 @@ class EngineDeployment:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+        await self._report_cache_usage()
+
+    async def _report_cache_usage(self, every_s: float = 15.0) -> None:
+        """Set the node's cache-fill gauges again now and then (from the health check): Ray's export
+        drops a gauge nobody has set for a while, and the tiers change under other processes too."""
+        import time
+
+        if self._store is None or time.monotonic() - self._usage_at < every_s:
+            return
+        self._usage_at = time.monotonic()
+        try:
+            await asyncio.to_thread(self._store.report_usage)
+        except OSError as exc:  # a tier being cleaned up under us: the next round reports it
+            log_event(logger, "cache_usage_unreadable", error=str(exc)[:300])
 
     def __del__(self) -> None:
         metrics = getattr(self, "kv_metrics", None)

@@ -28,6 +28,7 @@ class PreparedModel:
     via_store: bool
     timings: dict[str, float] = field(default_factory=dict)
     local: LocalModel | None = None
+    store: ModelStore | None = None  # the node's tiers it came through (their fill is reported again later)
 
     @property
     def manifest(self) -> Manifest | None:
@@ -60,4 +61,4 @@ def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path)
     manifest = store_manifest(model, store, cache_root)
     progress = LogProgress(manifest.total_bytes, manifest.ref)
     local = store.localize(manifest, progress=progress, background_fill=True)
-    return PreparedModel(local.path, True, dict(local.timings), local)
+    return PreparedModel(local.path, True, dict(local.timings), local, store)
