@@ -50,8 +50,9 @@ class AdmissionGate:
     """One model's admission: at most `capacity()` requests run, `max_queued` more wait (FIFO)."""
 
     def __init__(self, model: str, capacity: Callable[[], int], max_queued: int, queue_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_depth: Callable[[int], None] | None = None) -> None:
         self.model = model
+        self.on_depth = on_depth or (lambda depth: None)  # told the queue depth whenever it changes (a gauge)
         self.capacity = capacity
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
@@ -60,19 +61,15 @@ class AdmissionGate:
         self.drain = DrainRate(clock=clock)
         self.shed = 0  # 429s
         self.timed_out = 0  # 503s after waiting
+        self.on_depth(0)
 
     @property
     def queued(self) -> int:
         return sum(1 for w in self.waiters if not w.done())
 
-    @property
-    def has_room(self) -> bool:
-        """Whether `acquire` would take a slot at once (nothing waits, a slot is free)."""
-        return self.running < max(self.capacity(), 1) and not self.queued
-
     async def acquire(self) -> None:
         """Wait for a slot: 429 when the queue is full, 503 after `queue_timeout_s` in it."""
-        if self.has_room:
+        if self.running < max(self.capacity(), 1) and not self.queued:
             self.running += 1
             return
         queued = self.queued
@@ -83,6 +80,7 @@ class AdmissionGate:
                 retry_after_s=self.drain.seconds_for(queued + 1), code="model_overloaded")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
+        self.on_depth(self.queued)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
         except BaseException as exc:
@@ -96,6 +94,8 @@ class AdmissionGate:
                     f"The model `{self.model}` did not have room within {self.queue_timeout_s:g} s; retry later.",
                     retry_after_s=self.drain.seconds_for(self.queued + 1)) from None
             raise
+        finally:
+            self.on_depth(self.queued)  # granted, timed out or cancelled: one waiter fewer
 
     def release(self, finished: bool = True) -> None:
         """Give a slot back (when the request's answer, or its stream, has ended) and wake the next waiter."""

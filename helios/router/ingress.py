@@ -42,6 +42,7 @@ from helios.router.core import (
     new_request_id,
 )
 from helios.router.on_demand import OnDemandClient
+from helios.router.request_metrics import queue_depth_gauge
 
 logger = get_logger("router")
 
@@ -234,7 +235,7 @@ class Router:
             return max(math.ceil(deployment.max_ongoing_requests * replicas / routers), 1)
 
         return AdmissionGate(model, capacity, math.ceil(deployment.max_queued_requests / routers),
-                             self.config.queue_timeout_s)
+                             self.config.queue_timeout_s, on_depth=queue_depth_gauge(model, self.core.name))
 
     def _watch_replica_counts(self) -> None:
         if self._replicas_task is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from helios.errors import HeliosError, RateLimited, ServiceUnavailable
@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 
 # model -> requests this router process holds now (the in-flight gauge's value)
 _IN_FLIGHT: dict[str, int] = {}
-_QUEUE_SHOWN: set[str] = set()  # models whose queue gauge this process has set
+
+
+def queue_depth_gauge(model: str, router: str) -> Callable[[int], None]:
+    """An `AdmissionGate`'s `on_depth`: its model's admission-queue gauge on this router replica."""
+    return lambda depth: ROUTER_QUEUED.set(depth, model=model, router=router)
 
 
 class RequestTimer:
@@ -75,13 +79,9 @@ class RequestTimer:
 
     @contextlib.contextmanager
     def queued(self, gate: AdmissionGate) -> Iterator[None]:
-        """Around waiting for an admission slot: the request is in flight, the queue depth shown."""
+        """Around waiting for an admission slot: the request is in flight (the gate shows the queue's
+        depth itself, through `queue_depth_gauge`)."""
         self._hold()
-        # The queue gauge moves for a request that joins the queue (and once per model, so it shows 0).
-        waits = not gate.has_room or self.model not in _QUEUE_SHOWN
-        _QUEUE_SHOWN.add(self.model)
-        if waits:
-            ROUTER_QUEUED.set(gate.queued + 1, model=self.model, router=self.router)
         span = tracing.start("helios.admission", self.span)
         try:
             yield
@@ -90,8 +90,6 @@ class RequestTimer:
             raise
         finally:
             tracing.finish(span, **{"helios.queued_behind": gate.queued})
-            if waits:
-                ROUTER_QUEUED.set(gate.queued, model=self.model, router=self.router)
 
     def answered(self, status: int) -> None:
         self._done(status)

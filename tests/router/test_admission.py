@@ -49,6 +49,26 @@ def test_gate_runs_capacity_queues_the_next_and_sheds_past_the_queue() -> None:
     asyncio.run(scenario())
 
 
+def test_the_gate_reports_its_queue_depth_as_it_changes() -> None:
+    """What the admission-queue gauge shows: 0 from the start, one per waiter, none once they leave."""
+    async def scenario() -> None:
+        depths: list[int] = []
+        gate = AdmissionGate("m", lambda: 1, max_queued=2, queue_timeout_s=0.05, on_depth=depths.append)
+        await gate.acquire()  # a free slot: nobody queues
+        assert depths == [0]
+        waiting = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        assert depths == [0, 1]
+        gate.release()
+        await waiting
+        assert depths == [0, 1, 0]
+        with pytest.raises(ServiceUnavailable):
+            await gate.acquire()  # waits, then times out
+        assert depths == [0, 1, 0, 1, 0]
+
+    asyncio.run(scenario())
+
+
 def test_a_request_that_waits_past_the_timeout_gets_503_and_frees_its_place() -> None:
     async def scenario() -> None:
         gate = AdmissionGate("m", lambda: 1, max_queued=1, queue_timeout_s=0.05)
