@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -40,8 +41,6 @@ class EngineDeployment:
         pinned: bool = True,
         role: Role = "unified",
     ) -> None:
-        import time
-
         from helios.engine.llm_engine import LLMEngine
         from helios.storage.sources import prepare
 
@@ -169,8 +168,6 @@ class EngineDeployment:
     async def _report_cache_usage(self, every_s: float = 15.0) -> None:
         """Set the node's cache-fill gauges again now and then (from the health check): Ray's export
         drops a gauge nobody has set for a while, and the tiers change under other processes too."""
-        import time
-
         if self._store is None or time.monotonic() - self._usage_at < every_s:
             return
         self._usage_at = time.monotonic()

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from helios.config import DEFAULT_BANDWIDTH
 from helios.errors import HeliosError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import Catalog, VersionRecord, check_ids, scale_settings
@@ -61,7 +60,6 @@ class RegistryCore:
         self.last_sync: float | None = None
         self._miss_synced: dict[str, float] = {}
         self._profile_tried: dict[tuple[str, str], float] = {}
-        self.bandwidths = dict(bandwidths or DEFAULT_BANDWIDTH)
         self.prefetch = Prefetcher(store, prefetch_interval_s, bandwidths)
         self.prefetch.seed(self.usage, prefetch_state)  # the saved histograms, then newer persisted requests
 
@@ -245,10 +243,11 @@ class RegistryCore:
         it, then by the fastest local tier holding its blobs (the warm view's tier reports and the
         prefetch rounds' node reports). Warm-first placement prefers them in this order."""
         best: dict[str, float] = {}  # node -> read bytes/s of its fastest tier holding the model
+        speeds = self.prefetch.planner.bandwidths  # the configured tiers' read rates, defaults by kind
 
         def offer(node: str, kind: str | None) -> None:
             if kind and kind != "remote":
-                best[node] = max(best.get(node, 0.0), float(self.bandwidths.get(kind, 1.0)))
+                best[node] = max(best.get(node, 0.0), float(speeds.get(kind, 1.0)))
 
         for node, models in self.warm.state.tiers.items():
             for kind, size in models.get(model_id, {}).items():
