@@ -25,10 +25,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
-from common import machine, wait_ready
+from common import TINY_ENGINE, machine, stream_one, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
 SYSTEM_NAMES = {"raw_vllm": "vLLM OpenAI server", "rayserve_llm": "Ray Serve LLM",
                 "rayserve_llm_haproxy": "Ray Serve LLM + HAProxy", "helios": "Helios",
                 "helios_metrics_off": "Helios, metrics off", "helios_tracing": "Helios, tracing every request"}
@@ -36,25 +35,6 @@ SYSTEM_NAMES = {"raw_vllm": "vLLM OpenAI server", "rayserve_llm": "Ray Serve LLM
 
 def log(msg: str) -> None:
     print(f"[overhead {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-async def stream_one(http: aiohttp.ClientSession, base: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """One streamed completion: (seconds to the first token, completion tokens from usage)."""
-    body = {"model": servers.MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft, tokens = None, 0
-    async with http.post(f"{base}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.content:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and event.get("choices"):
-                ttft = time.perf_counter() - start
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return (ttft if ttft is not None else time.perf_counter() - start), tokens
 
 
 async def throughput(base: str, requests: int, concurrency: int, max_tokens: int) -> float:
@@ -111,9 +91,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def summarize(rates: list[float], lat: list[float], cpu_before: dict[str, float], cpu_after: dict[str, float],
+              args: argparse.Namespace) -> dict:
+    """One system's result: median tokens/s of its rounds, TTFT percentiles, CPU per token over its rounds."""
+    tokens = args.rounds * args.requests * args.max_tokens
+    return {
+        "tok_s": statistics.median(rates),
+        "tok_s_rounds": rates,
+        "ttft_p50_ms": percentile(lat, 0.5) * 1000,
+        "ttft_p99_ms": percentile(lat, 0.99) * 1000,
+        "cpu_us_per_token": {k: (cpu_after[k] - cpu_before[k]) / tokens * 1e6 for k in cpu_after},
+    }
+
+
 async def measure(system: str, model_dir: Path, port: int, args: argparse.Namespace, work: Path) -> dict:
     log(f"{SYSTEM_NAMES[system]}: starting (log {work / (system + '.log')})")
-    proc = servers.launch(system, str(model_dir), port, ENGINE, str(work / f"{system}.log"))
+    proc = servers.launch(system, str(model_dir), port, TINY_ENGINE, str(work / f"{system}.log"))
     base = f"http://127.0.0.1:{port}"
     try:
         ready_s = await wait_ready(base, proc, 420)
@@ -125,17 +118,9 @@ async def measure(system: str, model_dir: Path, port: int, args: argparse.Namesp
             rates.append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
             log(f"{SYSTEM_NAMES[system]}: round {r + 1}/{args.rounds}: {rates[-1]:.0f} tok/s")
         cpu_after = cpu_seconds(proc.pid)
-        tokens = args.rounds * args.requests * args.max_tokens
-        cpu_us = {k: (cpu_after[k] - cpu_before[k]) / tokens * 1e6 for k in cpu_after}
-        lat = await ttfts(base, args.ttft_requests)
-        result = {
-            "tok_s": statistics.median(rates),
-            "tok_s_rounds": rates,
-            "ttft_p50_ms": percentile(lat, 0.5) * 1000,
-            "ttft_p99_ms": percentile(lat, 0.99) * 1000,
-            "ready_s": ready_s,
-            "cpu_us_per_token": cpu_us,
-        }
+        result = summarize(rates, await ttfts(base, args.ttft_requests), cpu_before, cpu_after, args)
+        result["ready_s"] = ready_s
+        cpu_us = result["cpu_us_per_token"]
         log(f"{SYSTEM_NAMES[system]}: {result['tok_s']:.0f} tok/s, TTFT p50 {result['ttft_p50_ms']:.1f} ms, "
             f"p99 {result['ttft_p99_ms']:.1f} ms; CPU per token: engine {cpu_us['engine']:.0f} us, "
             f"front end {cpu_us['frontend']:.0f} us")
@@ -154,7 +139,7 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
     try:
         for i, system in enumerate(systems):
             log(f"{SYSTEM_NAMES[system]}: starting (log {work / (system + '.log')})")
-            procs[system] = (servers.launch(system, str(model_dir), port + i, ENGINE, str(work / f"{system}.log")),
+            procs[system] = (servers.launch(system, str(model_dir), port + i, TINY_ENGINE, str(work / f"{system}.log")),
                              f"http://127.0.0.1:{port + i}")
         for system, (proc, base) in procs.items():
             ready_s = await wait_ready(base, proc, 600)
@@ -167,16 +152,9 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
                 rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
             log(f"cycle {r + 1}/{args.rounds}: " + ", ".join(f"{SYSTEM_NAMES[s]} {rates[s][-1]:.0f}" for s in systems)
                 + " tok/s")
-        tokens = args.rounds * args.requests * args.max_tokens
-        results = {}
-        for system, (proc, base) in procs.items():
-            after = cpu_seconds(proc.pid)
-            lat = await ttfts(base, args.ttft_requests)
-            results[system] = {
-                "tok_s": statistics.median(rates[system]), "tok_s_rounds": rates[system],
-                "ttft_p50_ms": percentile(lat, 0.5) * 1000, "ttft_p99_ms": percentile(lat, 0.99) * 1000,
-                "cpu_us_per_token": {k: (after[k] - cpu_before[system][k]) / tokens * 1e6 for k in after},
-            }
+        cpu_after = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}  # all at once, before the probes
+        results = {s: summarize(rates[s], await ttfts(base, args.ttft_requests), cpu_before[s], cpu_after[s], args)
+                   for s, (_, base) in procs.items()}
         first = systems[0]
         paired = {s: [a / b for a, b in zip(rates[s], rates[first], strict=True)] for s in systems[1:]}
         return results, paired
@@ -272,19 +250,16 @@ def main() -> None:
             return r["cpu_us_per_token"]["frontend"] / r["cpu_us_per_token"]["engine"]
 
         ratios["helios_over_raw_frontend_cpu"] = share(results["helios"]) / share(results["raw_vllm"])
-    if paired:  # the median of each cycle's own ratio: the host's drift between cycles cancels
-        ratios["metrics_on_over_off_tok_s"] = statistics.median(paired["helios"])
-        ratios["tracing_over_metrics_off_tok_s"] = statistics.median(paired["helios_tracing"])
-    elif "helios" in results and "helios_metrics_off" in results:
-        ratios["metrics_on_over_off_tok_s"] = results["helios"]["tok_s"] / results["helios_metrics_off"]["tok_s"]
-    if not paired and "helios_tracing" in results and "helios_metrics_off" in results:
-        ratios["tracing_over_metrics_off_tok_s"] = (
-            results["helios_tracing"]["tok_s"] / results["helios_metrics_off"]["tok_s"])
+    for system, key in (("helios", "metrics_on_over_off_tok_s"), ("helios_tracing", "tracing_over_metrics_off_tok_s")):
+        if system in paired:  # the median of each cycle's own ratio: the host's drift between cycles cancels
+            ratios[key] = statistics.median(paired[system])
+        elif system in results and "helios_metrics_off" in results:
+            ratios[key] = results[system]["tok_s"] / results["helios_metrics_off"]["tok_s"]
     report = {
         "benchmark": "overhead",
         "quick": args.quick,
         "machine": machine(),
-        "workload": {"model": "demo://tiny", "engine": ENGINE, "requests": args.requests,
+        "workload": {"model": "demo://tiny", "engine": TINY_ENGINE, "requests": args.requests,
                      "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds,
                      "ttft_requests": args.ttft_requests, "streaming": True},
         "systems": results,

@@ -33,10 +33,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
-from common import machine, wait_ready
+from common import TINY_ENGINE, machine, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
 CONCURRENCY = 8
 QUEUED = 2  # the queue bound sets how long an admitted request may wait: about QUEUED / capacity
 QUEUE_TIMEOUT_S = 10.0
@@ -125,7 +124,7 @@ def run_system(name: str, model_dir: Path, port: int, work: Path, args: argparse
     os.environ["HELIOS_BENCH_DEPLOYMENT"] = json.dumps(settings["deployment"])
     os.environ["HELIOS_BENCH_ROUTER"] = json.dumps(settings["router"])
     log(f"{name}: starting")
-    proc = servers.launch("helios", str(model_dir), port, ENGINE, str(work / f"overload-{name}.log"))
+    proc = servers.launch("helios", str(model_dir), port, TINY_ENGINE, str(work / f"overload-{name}.log"))
     base = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(wait_ready(base, proc))
@@ -196,7 +195,7 @@ def main() -> None:
         "benchmark": "overload",
         "quick": args.quick,
         "machine": machine(),
-        "workload": {"model": "demo://tiny", "engine": ENGINE, "max_tokens": MAX_TOKENS, "streaming": False,
+        "workload": {"model": "demo://tiny", "engine": TINY_ENGINE, "max_tokens": MAX_TOKENS, "streaming": False,
                      "capacity_clients": CONCURRENCY, "step_s": args.step_s, "loads": list(LOADS),
                      "client_timeout_s": CLIENT_TIMEOUT_S},
         "capacity_rps": capacity_rps,

@@ -30,8 +30,8 @@ from typing import Any
 import aiohttp
 import psutil
 import servers
+from common import TINY_ENGINE, stream_one, wait_ready
 
-ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
 IDLE_TO_ZERO_S = 10.0
 SCALING = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "max_ongoing_requests": 2}
 
@@ -77,21 +77,6 @@ class EngineMeter(threading.Thread):
         self.join()
 
 
-async def stream(http: aiohttp.ClientSession, base: str, prompt: str, max_tokens: int) -> float:
-    """Seconds to the first streamed token of one completion, which must finish with a 200."""
-    body = {"model": servers.MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    start = time.perf_counter()
-    first = None
-    async with http.post(f"{base}/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"{resp.status}: {(await resp.text())[:300]}")
-        async for line in resp.content:
-            if first is None and line.startswith(b"data: {"):
-                first = time.perf_counter() - start
-    return first if first is not None else time.perf_counter() - start
-
-
 async def until(what: str, check, timeout_s: float) -> float:
     started = time.monotonic()
     while not check():
@@ -105,18 +90,15 @@ async def run_system(system: str, model_dir: Path, port: int, work: Path, burst:
                      wait_for_zero: bool) -> dict[str, Any]:
     env_key = "HELIOS_BENCH_DEPLOYMENT" if system == "helios" else "HELIOS_BENCH_RSLLM_AUTOSCALING"
     settings = ({**SCALING, "num_replicas": 1, "idle_to_zero_s": IDLE_TO_ZERO_S, "num_cpus": 0.5}
-                if system == "helios" else
-                {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                 "upscale_delay_s": 2.0, "downscale_delay_s": 10.0, "downscale_to_zero_delay_s": IDLE_TO_ZERO_S,
-                 "max_ongoing_requests": SCALING["max_ongoing_requests"]})
+                if system == "helios" else  # Serve's autoscaling config, with the delays Helios's engines get
+                {**SCALING, "initial_replicas": 1, "upscale_delay_s": 2.0, "downscale_delay_s": 10.0,
+                 "downscale_to_zero_delay_s": IDLE_TO_ZERO_S})
     os.environ[env_key] = json.dumps(settings)
     log(f"{system}: starting (log {work / f'scaling-{system}.log'})")
-    proc = servers.launch(system, str(model_dir), port, ENGINE, str(work / f"scaling-{system}.log"))
+    proc = servers.launch(system, str(model_dir), port, TINY_ENGINE, str(work / f"scaling-{system}.log"))
     base = f"http://127.0.0.1:{port}"
     meter = None
     try:
-        from common import wait_ready
-
         ready_s = await wait_ready(base, proc, 600)
         zero_s = await until("idle at zero", lambda: engines(proc.pid) == 0, 300)
         log(f"{system}: ready after {ready_s:.0f}s, idle at zero {zero_s:.0f}s later; the trace starts")
@@ -125,12 +107,12 @@ async def run_system(system: str, model_dir: Path, port: int, work: Path, burst:
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=900)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=64)) as http:
-            from_zero = await stream(http, base, "A start from zero:", 16)
+            from_zero = (await stream_one(http, base, "A start from zero:", 16))[0]
             log(f"{system}: first request after zero: first token after {from_zero:.1f}s")
-            burst_ttft = await asyncio.gather(*(stream(http, base, f"Burst {i}: a long story.", burst_tokens)
-                                                for i in range(burst)))
+            burst_ttft = [ttft for ttft, _ in await asyncio.gather(
+                *(stream_one(http, base, f"Burst {i}: a long story.", burst_tokens) for i in range(burst)))]
             log(f"{system}: burst of {burst}: first tokens after " + ", ".join(f"{t:.1f}" for t in burst_ttft) + " s")
-            warm = [await stream(http, base, f"Warm probe {i}", 1) for i in range(10)]
+            warm = [(await stream_one(http, base, f"Warm probe {i}", 1))[0] for i in range(10)]
         warm_ttft = statistics.median(warm)
         back_to_zero_s = None
         if wait_for_zero:
@@ -161,7 +143,7 @@ def real_run(quick: bool, port: int = 8361) -> dict[str, Any]:
     model_dir = resolve_source("demo://tiny", work / "cache")
     systems = ["helios"] if quick else ["helios", "rayserve_llm"]
     burst, tokens = (6, 300) if quick else (8, 600)
-    out: dict[str, Any] = {"systems": {}, "burst": burst, "burst_tokens": tokens, "engine": ENGINE,
+    out: dict[str, Any] = {"systems": {}, "burst": burst, "burst_tokens": tokens, "engine": TINY_ENGINE,
                            "idle_to_zero_s": IDLE_TO_ZERO_S}
     for i, system in enumerate(systems):
         out["systems"][system] = asyncio.run(run_system(system, model_dir, port + i, work, burst, tokens,
