@@ -137,6 +137,12 @@ class ModelDeploymentConfig(_Strict):
         description="CPU nice value added to the replica process once its engine has started (the engine "
         "core and workers keep theirs), so the engine's step loop wins contended cores.",
     )
+    engine_processes: Literal["zygote", "spawn"] = Field(
+        "zygote",
+        description="How vLLM's engine core and worker start: forked from a zygote that imported vLLM while the "
+        "replica did (`zygote`, seconds), or spawned afresh, each importing torch and vLLM (`spawn`, vLLM's own "
+        "way). Replicas whose workers are Ray actors (tensor or pipeline parallel) always spawn.",
+    )
     request_router: Literal["helios", "serve_default", "ray_prefix"] = Field(
         "helios",
         description="How a request picks its replica: `helios` (prefix and session affinity bounded by load, then "

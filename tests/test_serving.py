@@ -166,6 +166,23 @@ def test_engine_loaded_the_model_through_the_tiers(base_url: str, cache_root: Pa
         time.sleep(0.2)
 
 
+def test_the_engine_core_is_forked_from_the_replicas_zygote(base_url: str) -> None:
+    """vLLM's engine core is a child of the zygote (a forkserver that imported vLLM while the replica did)
+    and its worker a child of the engine core: neither ran an import phase of its own."""
+    from ray import serve
+
+    from helios.engine.deployment import deployment_name
+
+    info = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name="helios-serving").info.remote().result()
+    assert {"imports_s", "engine_process_start_s", "engine_init_s"} <= set(info["timings"])
+    tree = psutil.Process(info["pid"]).children(recursive=True)
+    core = next(p for p in tree if p.name() == "VLLM::EngineCore")
+    zygote = core.parent()
+    assert "multiprocessing.forkserver" in " ".join(zygote.cmdline())
+    assert zygote.parent().pid == info["pid"]
+    assert [p.name() for p in core.children()] == ["VLLM::Worker"]
+
+
 def test_streamed_greedy_tokens_equal_vllm(base_url: str, vllm_reference: list[list[int]]) -> None:
     body = {"model": MODEL_ID, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
             "stream": True, "return_token_ids": True}
@@ -337,11 +354,11 @@ def _engine_replica_pid() -> int:
 
 def _vllm_processes(pid: int) -> list[psutil.Process]:
     """vLLM's engine core and worker under a replica (they retitle themselves `VLLM::...`: the name
-    and, where setproctitle could rewrite it, the command line)."""
+    and, where setproctitle could rewrite it, the command line), and the zygote they were forked from."""
     found = []
     for p in psutil.Process(pid).children(recursive=True):
         try:
-            if "VLLM::" in p.name() or "VLLM::" in " ".join(p.cmdline()):
+            if "VLLM::" in p.name() or any(m in " ".join(p.cmdline()) for m in ("VLLM::", "multiprocessing.forkserver")):
                 found.append(p)
         except psutil.Error:
             continue

@@ -41,11 +41,18 @@ class EngineDeployment:
         pinned: bool = True,
         role: Role = "unified",
     ) -> None:
-        from helios.engine.llm_engine import LLMEngine
-        from helios.storage.sources import prepare
-
         started = time.monotonic()
         config = ModelConfig.model_validate(model)
+        if config.deployment.engine_processes == "zygote":
+            from helios.engine import warm_start
+
+            warm_start.start_zygote()  # imports vLLM in parallel with this replica's own imports
+        imports = time.monotonic()
+        from helios.engine.llm_engine import LLMEngine, import_vllm
+        from helios.storage.sources import prepare
+
+        import_vllm()
+        imports_s = time.monotonic() - imports
         storage_cfg = StorageConfig.model_validate(storage) if storage else None
         prepared = prepare(config, storage_cfg, Path(cache_root))
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
@@ -62,7 +69,7 @@ class EngineDeployment:
         await self.engine.start_app()
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
-        timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
+        timings = {"imports_s": imports_s, **prepared.timings, **_load_report(report), **self.engine.timings}
         if "load_s" in timings:
             timings["engine_start_s"] = max(timings["engine_init_s"] - timings["load_s"], 0.0)
         timings["total_s"] = time.monotonic() - started

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from helios.config import ModelConfig
+from helios.engine import warm_start
 from helios.engine.engine_stats import EngineStats, SchedulerStatsSink
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.engine.placement import placement_for
@@ -109,6 +110,28 @@ def frontend_kwargs(model: ModelConfig) -> dict[str, Any]:
     }
 
 
+def import_vllm() -> None:
+    """Import what the replica needs of vLLM (its engine client and OpenAI server), so a start's
+    import phase is timed on its own."""
+    import vllm.engine.arg_utils
+    import vllm.entrypoints.launchers.api_server.app_state
+    import vllm.entrypoints.launchers.app
+    import vllm.v1.engine.async_llm  # noqa: F401
+
+
+def uses_zygote(model: ModelConfig, kwargs: dict[str, Any]) -> bool:
+    """Whether this engine's processes are forked from the replica's zygote (`warm_start`): not when
+    configured off, nor when its workers are Ray actors (vLLM's Ray executor starts those itself)."""
+    return model.deployment.engine_processes == "zygote" and kwargs.get("distributed_executor_backend") != "ray"
+
+
+def _process_report() -> str:
+    import tempfile
+    import uuid
+
+    return str(Path(tempfile.gettempdir()) / f"helios-process-start-{uuid.uuid4().hex}")
+
+
 def _stat_loggers(stats: EngineStats) -> list[Any]:
     """The scheduler-stats sink for routing, and vLLM's own metrics through Ray's pipeline
     (`ray_vllm:*`, as Ray Serve LLM exports them) when the engine runs in a Ray worker."""
@@ -140,13 +163,26 @@ class LLMEngine:
         ensure_reaper()  # before vLLM spawns its engine core: a replica killed mid-start leaves nothing behind
         self.model = model
         self.model_id = model.id
-        self.engine_args = AsyncEngineArgs(**engine_kwargs(model, model_dir, loader, kv_transfer))
+        kwargs = engine_kwargs(model, model_dir, loader, kv_transfer)
+        self.engine_args = AsyncEngineArgs(**kwargs)
         self.stats = EngineStats()  # the scheduler's latest step, for the request router
-        self.engine = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=_stat_loggers(self.stats))
+        report = _process_report() if uses_zygote(model, kwargs) else None
+        if report is not None:
+            warm_start.use_for_engine()
+            os.environ[warm_start.REPORT_ENV] = report
+        constructing = time.time()
+        try:
+            self.engine = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=_stat_loggers(self.stats))
+        finally:
+            os.environ.pop(warm_start.REPORT_ENV, None)
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.created = int(time.time())
         self.start_seconds = time.monotonic() - started
         self.timings: dict[str, float] = {"engine_init_s": self.start_seconds}
+        if report is not None and (starts := warm_start.process_starts(report)):
+            # From asking vLLM for its engine to the engine core running its code: no imports when forked.
+            self.timings["engine_process_start_s"] = max(starts[0] - constructing, 0.0)
+            Path(report).unlink(missing_ok=True)
         self.app: Any = None  # vLLM's OpenAI app, built by start_app
         self.tasks: list[str] = []  # what the engine serves (generate, embed, ...), from start_app
 
