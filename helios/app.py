@@ -36,7 +36,7 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
         else:
             engines[m.id] = engine_deployment(m, cache_root, config.storage, env=env, hints=hints)
     context = RouterContext(cache_root=cache_root, storage=config.storage, registry=config.registry,
-                            models=config.models)
+                            models=config.models, engine_pool=config.engine_pool)
     return router_deployment(config.router, engines, context, prefill, env=env)
 
 

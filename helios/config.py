@@ -485,6 +485,17 @@ class ObservabilityConfig(_Strict):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
 
 
+class EnginePoolConfig(_Strict):
+    """Engine hosts kept waiting on every node with vLLM imported (helios.engine.pool)."""
+
+    size_per_node: int = Field(
+        0, ge=0, le=16, description="Idle engine hosts kept on each node (0: no pool). Each holds about 1 GiB of "
+        "host memory while it waits; a new replica on the node takes one and skips every import.")
+    nice: int = Field(
+        10, ge=0, le=19, description="Nice value a host imports at, so refills never slow serving; a taken host "
+        "goes back to 0 where the process may (CAP_SYS_NICE), else keeps it.")
+
+
 class RouterContext(_Strict):
     """What the router needs besides its own settings: on-demand starts and the admin API read it."""
 
@@ -492,6 +503,7 @@ class RouterContext(_Strict):
     storage: StorageConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     models: list[ModelConfig] = Field(default_factory=list, description="The config's models.")
+    engine_pool: EnginePoolConfig = Field(default_factory=EnginePoolConfig)
 
 
 class HeliosArgs(_Strict):
@@ -507,6 +519,7 @@ class HeliosArgs(_Strict):
     )
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    engine_pool: EnginePoolConfig = Field(default_factory=EnginePoolConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> HeliosArgs:

@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
+import inspect
 import re
-import socket
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from helios.config import ModelConfig, StorageConfig
-from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.model_server import Role
 from helios.engine.placement import placement_for, warm_first
-from helios.errors import EngineUnavailable
-from helios.observability import tracing
-from helios.observability.logs import get_logger, log_event, request_context
-from helios.ray_env import lower_priority
+from helios.observability.logs import get_logger, log_event
 
 logger = get_logger("engine.deployment")
 # Named, not imported: the request router lives in the router layer and runs in the router's process.
 HELIOS_REQUEST_ROUTER = "helios.router.replica_router:HeliosRequestRouter"
 RAY_PREFIX_ROUTER = "ray.serve.llm.request_router:PrefixCacheAffinityRouter"
-Role = Literal["unified", "prefill", "decode"]
 
 
 class EngineDeployment:
-    """Serves one model; Serve restarts a replica whose engine fails its health check."""
+    """Serves one model; Serve restarts a replica whose engine fails its health check.
+
+    The engine runs in this replica (its vLLM processes forked from the replica's zygote), or,
+    when the app keeps an engine pool (`engine_pool`), in a pooled host this replica takes: a
+    process that has imported vLLM already, so the start skips every import (`helios.engine.pool`)."""
 
     async def __init__(  # type: ignore[misc] - Serve awaits an async constructor
         self,
@@ -43,267 +40,78 @@ class EngineDeployment:
     ) -> None:
         started = time.monotonic()
         config = ModelConfig.model_validate(model)
-        if config.deployment.engine_processes == "zygote":
-            from helios.engine import warm_start
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.server: Any = None
+        if pool_fits(config):
+            from helios.engine.pool import PooledServer
 
-            warm_start.start_zygote()  # imports vLLM in parallel with this replica's own imports
-        imports = time.monotonic()
-        from helios.engine.llm_engine import LLMEngine, import_vllm
-        from helios.storage.sources import prepare
+            self.server = await PooledServer.take(model, cache_root, storage, pinned, role, replica, started)
+        if self.server is None:
+            if config.deployment.engine_processes == "zygote":
+                from helios.engine import warm_start
 
-        import_vllm()
-        imports_s = time.monotonic() - imports
-        storage_cfg = StorageConfig.model_validate(storage) if storage else None
-        prepared = prepare(config, storage_cfg, Path(cache_root))
-        loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
-        kv_transfer, self.kv_metrics = _kv_connector(config, role)
-        if kv_transfer is not None:  # the engine core inherits it; vLLM logs engine args, so not there
-            from helios.engine.kv_connector import SECRET_ENV
-            from helios.ray_env import cluster_secret
+                warm_start.start_zygote()  # imports vLLM in parallel with this replica's own imports
+            imports = time.monotonic()
+            from helios.engine.llm_engine import import_vllm
+            from helios.engine.model_server import ModelServer
 
-            os.environ[SECRET_ENV] = cluster_secret("kv-blocks")
-        self.role = role
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.node = socket.gethostname()
-        self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
-        await self.engine.start_app()
-        # After the engine core and workers are spawned, so they keep the normal priority.
-        lower_priority(config.deployment.nice)
-        timings = {"imports_s": imports_s, **prepared.timings, **_load_report(report), **self.engine.timings}
-        if "load_s" in timings:
-            timings["engine_start_s"] = max(timings["engine_init_s"] - timings["load_s"], 0.0)
-        timings["total_s"] = time.monotonic() - started
-        self.engine.timings = {k: round(v, 3) for k, v in timings.items()}
-        _record_start(config.id, role, self.replica, self.engine.timings)
-        log_event(
-            logger, "engine_started", flush=True, model=config.id, path=str(prepared.path),
-            sources=prepared.local.sources if prepared.local else None, **self.engine.timings,
-        )
-        self._warm = _report_started(config, prepared, pinned)
-        self._store, self._usage_at = prepared.store, time.monotonic()
+            import_vllm()
+            self.server = await ModelServer.start(model, cache_root, storage, pinned, role, replica, started,
+                                                  imports_s=time.monotonic() - imports)
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         """One OpenAI request answered whole by vLLM's serving layer (status, headers, body bytes)."""
-        self._check_engine()
-        span = self._span(req)
-        try:
-            with request_context(req.request_id, tracing.trace_id(span)):
-                resp = await self.engine.call(req)
-        except BaseException as exc:
-            tracing.finish(span, exc)
-            raise
-        if span is not None:
-            tracing.finish(span, status=resp.status, **_usage(resp.body))
-        if resp.status >= 500:
-            self._check_engine()
-        resp.headers.append((REPLICA_HEADER, self.replica))
-        return resp
+        return await self.server.call(req)
 
     async def stream(self, req: EngineHTTPRequest) -> AsyncIterator[EngineHTTPResponse | bytes]:
         """The head with the first body bytes, then coalesced SSE bytes (called with `stream=True`);
         cancelling it aborts the request in vLLM."""
-        self._check_engine()
-        span = self._span(req)
-        error: BaseException | None = None
-        parts = self.engine.stream(req)
-        trace_id = tracing.trace_id(span)
+        parts = self.server.stream(req)
         try:
-            while True:
-                with request_context(req.request_id, trace_id):  # each step's log lines name the request
-                    try:
-                        part = await anext(parts)
-                    except StopAsyncIteration:
-                        break
-                if isinstance(part, EngineHTTPResponse):
-                    if part.status >= 500:
-                        self._check_engine()
-                    part.headers.append((REPLICA_HEADER, self.replica))
+            async for part in parts:
                 yield part
-        except BaseException as exc:
-            error = exc
-            raise
         finally:
-            await parts.aclose()  # a cancelled stream aborts its request in vLLM now, not at collection
-            tracing.finish(span, error)
+            await parts.aclose()
 
-    def _span(self, req: EngineHTTPRequest) -> Any:
-        """This replica's span of a traced request (None untraced); vLLM's and the KV connector's
-        spans go under it, as the request's trace headers now name it."""
-        span = tracing.start(f"helios.engine.{self.role}", req.headers, server=True, **{
-            "helios.model": self.engine.model_id, "helios.role": self.role, "helios.replica": self.replica,
-            "helios.node": self.node, "helios.request_id": req.request_id})
-        if span is not None:
-            req.headers = tracing.headers_for(span, req.headers)
-        return span
-
-    def _check_engine(self) -> None:
-        """A replica whose engine died answers no request: the router retries elsewhere, counts it against
-        this replica's breaker, and Serve's health check replaces the replica."""
-        if self.engine.engine.errored:
-            raise EngineUnavailable("the replica's engine has died", replica=self.replica)
-
-    def openapi(self) -> dict[str, Any]:
+    async def openapi(self) -> dict[str, Any]:
         """vLLM's OpenAPI schema of the routes this replica answers."""
-        return self.engine.app.openapi()
+        return await _maybe_await(self.server.openapi())
 
-    def info(self) -> dict[str, Any]:
-        info = self.engine.info()
-        info["role"] = self.role
-        info["pid"] = os.getpid()  # the replica's process (its engine core and workers are its children)
-        info["replica"] = self.replica
-        info["scheduler"] = self.record_routing_stats()  # vLLM's last step: running, waiting, KV-cache use
-        if self.kv_metrics is not None:
-            info["kv"] = self.kv_metrics.snapshot()
-        return info
+    async def info(self) -> dict[str, Any]:
+        return await _maybe_await(self.server.info())
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """What Helios's request router weighs replicas by: requests in the engine (scheduled or
         not yet) and the scheduler's last running / waiting counts and KV-cache use."""
-        return self.engine.stats.routing(self.engine.num_unfinished_requests())
+        return await _maybe_await(self.server.record_routing_stats())
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Helios's autoscaling policy scales on (helios.scaling.policy): the same numbers."""
-        return self.record_routing_stats()
+        return await self.record_routing_stats()
 
-    def num_unfinished_requests(self) -> int:
-        return self.engine.num_unfinished_requests()
+    async def num_unfinished_requests(self) -> int:
+        return await _maybe_await(self.server.num_unfinished_requests())
 
     async def check_health(self) -> None:
-        await self.engine.check_health()
-        await self._report_cache_usage()
-
-    async def _report_cache_usage(self, every_s: float = 15.0) -> None:
-        """Set the node's cache-fill gauges again now and then (from the health check): Ray's export
-        drops a gauge nobody has set for a while, and the tiers change under other processes too."""
-        if self._store is None or time.monotonic() - self._usage_at < every_s:
-            return
-        self._usage_at = time.monotonic()
-        try:
-            await asyncio.to_thread(self._store.report_usage)
-        except OSError as exc:  # a tier being cleaned up under us: the next round reports it
-            log_event(logger, "cache_usage_unreadable", error=str(exc)[:300])
+        await self.server.check_health()
 
     def __del__(self) -> None:
-        metrics = getattr(self, "kv_metrics", None)
-        if metrics is not None:
-            metrics.close()
-        warm = getattr(self, "_warm", None)
-        if warm is not None:
-            _report_stopped(*warm)
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.shutdown()
 
 
-def _kv_connector(config: ModelConfig, role: Role) -> tuple[dict[str, Any] | None, Any]:
-    """The engine's `kv_transfer_config` for its role, and the exporter of its connector counters.
-
-    A disaggregated model's prefill replicas produce KV, its decode replicas consume it; a
-    unified model with `kv_cache` set does both (reuse across requests). Each replica's
-    connector writes its counters under its own name (the Serve replica id)."""
-    if role == "unified" and config.kv_cache is None:
-        return None, None
-    from helios.config import KVStoreConfig
-    from helios.engine.kv_connector import kv_transfer_config
-    from helios.engine.kv_metrics import KVMetrics
-
-    store = KVStoreConfig.model_validate(config.kv_store(None if role == "unified" else role))
-    kv_role = {"unified": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}[role]
-    try:
-        instance = serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve (direct construction in tests)
-        import uuid
-
-        instance = uuid.uuid4().hex[:12]
-    instance = f"{role}-{instance}"
-    return kv_transfer_config(kv_role, store, instance=instance), KVMetrics(store, instance, config.id, role)
+def pool_fits(model: ModelConfig) -> bool:
+    """Whether a pooled host may run this model's engine: one process's engine (no Ray workers in a
+    placement group, which belongs to the replica), started the fast way (not `engine_processes: spawn`)."""
+    e = model.engine
+    return (model.deployment.engine_processes == "zygote"
+            and e.tensor_parallel_size * e.pipeline_parallel_size == 1)
 
 
-def _report_started(config: ModelConfig, prepared: Any, pinned: bool) -> tuple[Any, str, str, str] | None:
-    """Tell the registry this replica has the model loaded (and, for a config model, that it exists).
-
-    Best effort: serving never waits on, or fails with, the registry. Returns what
-    `_report_stopped` needs, or None when there is no registry.
-    """
-    import ray
-
-    from helios.registry.actor import get_registry
-
-    registry = get_registry()
-    if registry is None:
-        return None
-    manifest = prepared.manifest
-    version = manifest.version if manifest else "local"
-    source = f"store://{manifest.model_id}:{manifest.version}" if manifest else str(prepared.path)
-    node_id = ray.get_runtime_context().get_node_id()
-    replica_id = serve.get_replica_context().replica_id.unique_id
-    if pinned:
-        registry.register.remote(config.id, version, source, manifest=manifest.model_dump(mode="json") if manifest
-                                 else None, make_default=True, pinned=True)
-    if manifest is None:  # a directory only this node may have: the registry cannot profile it itself
-        from helios.registry.profile import profile_from_dir
-
-        registry.report_profile.remote(config.id, version, profile_from_dir(prepared.path).model_dump(mode="json"))
-    registry.set_replica.remote(config.id, replica_id, node_id, True, version)
-    if prepared.local is not None:
-        registry.record_cache.remote(node_id, prepared.local.tier, prepared.local.sources)
-    return registry, config.id, replica_id, node_id
-
-
-def _report_stopped(registry: Any, model_id: str, replica_id: str, node_id: str) -> None:
-    try:
-        registry.set_replica.remote(model_id, replica_id, node_id, False)
-    except Exception:  # noqa: BLE001, S110 - the cluster may be going away
-        pass
-
-
-def _usage(body: bytes) -> dict[str, int]:
-    """Token counts of a whole answer for its span (prompt, completion, cached); never text."""
-    try:
-        usage = json.loads(body).get("usage") or {}
-    except (ValueError, AttributeError):
-        return {}
-    details = usage.get("prompt_tokens_details") or {}
-    return {k: v for k, v in {"gen_ai.usage.prompt_tokens": usage.get("prompt_tokens"),
-                              "gen_ai.usage.completion_tokens": usage.get("completion_tokens"),
-                              "helios.cached_tokens": details.get("cached_tokens")}.items() if isinstance(v, int)}
-
-
-def _record_start(model: str, role: str, replica: str, timings: dict[str, float]) -> None:
-    """This start's phases as gauges (and a start counted): fetch, engine (vLLM's start and load), total."""
-    from helios.observability.metrics import ENGINE_START_SECONDS, ENGINE_STARTS
-
-    ENGINE_STARTS.inc(model=model, role=role)
-    phases = {"fetch": timings.get("fetch_s"), "load": timings.get("load_s"),
-              "engine": timings.get("engine_init_s"), "total": timings.get("total_s")}
-    for phase, seconds in phases.items():
-        if seconds is not None:
-            ENGINE_START_SECONDS.set(seconds, model=model, role=role, phase=phase, replica=replica)
-
-
-def _loader_options(config: ModelConfig, tier_root: Path) -> tuple[dict[str, Any], Path]:
-    """The Helios loader's settings; its report (load seconds, bytes) lands in a file we read back."""
-    import tempfile
-    import uuid
-
-    report = Path(tempfile.gettempdir()) / f"helios-load-{uuid.uuid4().hex}.json"
-    # Derived (fused-layout) blobs live beside the tier the model loads from: in RAM they are shared pages.
-    options = {
-        "share_weights": config.engine.share_weights,
-        "report_path": str(report),
-        "derived_dir": str(tier_root / "derived"),
-    }
-    return options, report
-
-
-def _load_report(report: Path | None) -> dict[str, float]:
-    import json
-
-    if report is None or not report.exists():
-        return {}
-    data = json.loads(report.read_text())
-    report.unlink(missing_ok=True)
-    return {"load_s": float(data["load_seconds"]), "load_bytes": float(data["bytes"])}
+async def _maybe_await(value: Any) -> Any:
+    """A local server answers at once, a pooled one with an awaitable."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def deployment_name(model_id: str, role: Role = "unified") -> str:

@@ -1,0 +1,343 @@
+"""A warm pool of engine hosts per node: processes that have imported vLLM before any model needs them.
+
+Most of a cold start on this kind of machine is Python importing torch and vLLM, once per
+process (the weights take seconds). `warm_start` removes the engine core's and worker's
+imports; the pool removes the replica's own. A host is a Ray actor that, on creation, imports
+vLLM and Helios's engine and starts its zygote, then waits. A new engine replica (a scale-up,
+an on-demand model, a scale from zero) takes an idle host on its node and has it start the
+model: the host maps the weights, allocates the KV cache, warms up and serves; the replica
+passes requests to it. A host serves one engine for its life: when the replica goes, so does
+the host, and the keeper starts a fresh one.
+
+- The keeper (`EnginePool`, one named actor, owned by the router that creates it) keeps
+  `size_per_node` idle hosts on every live node, refilling in the background. Hosts import
+  at a raised nice value, so refills never slow serving; a host that is taken gets its
+  priority back where the OS allows (it needs CAP_SYS_NICE; otherwise it says so).
+- Hosts are detached, so that a keeper's restart does not kill the engines they serve; each
+  watches what it belongs to instead: an idle host exits when the keeper is gone, a taken host
+  when its replica's process is. Its reaper kills its zygote and engine processes with it.
+- A replica that finds no host (no pool, none on its node, the keeper unreachable) starts its
+  engine itself: the pool is a fast path, never a wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import ray
+from ray.exceptions import RayActorError
+
+from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
+from helios.errors import EngineUnavailable, HeliosError
+from helios.observability.logs import get_logger, log_event
+
+logger = get_logger("engine.pool")
+POOL_NAME = "helios-engine-pool"
+POOL_NAMESPACE = "helios"
+REFILL_S = 2.0
+WATCH_S = 0.5
+# What a taken host adopts from the replica: the devices Ray gave the replica, and tracing settings.
+INHERITED_ENV = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ONEAPI_DEVICE_SELECTOR",
+                 "HELIOS_OTLP_ENDPOINT", "HELIOS_TRACE_SAMPLE_RATIO")
+
+
+class EngineHost:
+    """A process with vLLM imported and a zygote ready, waiting to serve one model (a Ray actor)."""
+
+    def __init__(self, keeper: str, nice: int) -> None:
+        from helios.engine import warm_start
+        from helios.engine.reaper import ensure_reaper
+
+        created = time.monotonic()
+        self.keeper, self.nice = keeper, nice
+        _renice(nice)  # before the zygote starts, so it imports at low priority too
+        ensure_reaper()  # the zygote and, later, the engine die with this process
+        warm_start.start_zygote()
+        from helios.engine.llm_engine import import_vllm
+        from helios.engine.model_server import ModelServer
+
+        import_vllm()
+        self._server_class = ModelServer
+        self.server: Any = None
+        self.taken = asyncio.Event()
+        self.imports_s = time.monotonic() - created
+        threading.Thread(target=self._watch_keeper, name="helios-host-keeper-watch", daemon=True).start()
+        log_event(logger, "engine_host_ready", imports_s=round(self.imports_s, 3), pid=os.getpid())
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "imports_s": self.imports_s, "node": ray.get_runtime_context().get_node_id()}
+
+    async def until_taken(self) -> bool:
+        """Returns when the host is taken (the keeper waits on it to see a dead idle host)."""
+        await self.taken.wait()
+        return True
+
+    async def start(self, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None, pinned: bool,
+                    role: str, replica: str, owner_pid: int, started_ago_s: float, env: dict[str, str]) -> None:
+        """Serve `model` for the replica whose process is `owner_pid` (same node)."""
+        if self.taken.is_set():
+            raise RuntimeError("this engine host is already serving a model")
+        self.taken.set()
+        self._watch(owner_pid)
+        _renice(0, children=True)  # the zygote the engine is forked from too
+        os.environ.update(env)
+        started = time.monotonic() - started_ago_s
+        self.server = await self._server_class.start(model, cache_root, storage, pinned, role, replica,  # type: ignore[arg-type]
+                                                     started)
+        self.server.engine.timings["host_imports_ahead_s"] = round(self.imports_s, 3)
+
+    async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
+        return await self.server.call(req)
+
+    async def stream(self, req: EngineHTTPRequest) -> AsyncIterator[EngineHTTPResponse | bytes]:
+        parts = self.server.stream(req)
+        try:
+            async for part in parts:
+                yield part
+        finally:
+            await parts.aclose()  # a cancelled stream aborts its request in vLLM
+
+    def openapi(self) -> dict[str, Any]:
+        return self.server.openapi()
+
+    def info(self) -> dict[str, Any]:
+        return self.server.info()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self.server.record_routing_stats()
+
+    def num_unfinished_requests(self) -> int:
+        return self.server.num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        await self.server.check_health()
+
+    def stop(self) -> None:
+        """The replica is going: stop the engine (telling the registry), then end this process."""
+        try:
+            if self.server is not None:
+                self.server.shutdown()
+        finally:
+            threading.Timer(0.2, os._exit, args=(0,)).start()
+
+    def _watch(self, owner_pid: int) -> None:
+        owner = psutil.Process(owner_pid)
+        born = owner.create_time()
+
+        def watch() -> None:
+            while True:
+                time.sleep(WATCH_S)
+                try:
+                    if owner.create_time() == born and owner.status() != psutil.STATUS_ZOMBIE:
+                        continue
+                except psutil.Error:
+                    pass
+                log_event(logger, "engine_host_owner_gone", flush=True, owner_pid=owner_pid)
+                os._exit(0)  # the reaper stops the engine's processes
+
+        threading.Thread(target=watch, name="helios-host-owner-watch", daemon=True).start()
+
+    def _watch_keeper(self) -> None:
+        while not self.taken.is_set():
+            time.sleep(5.0)
+            if self.taken.is_set():
+                return
+            try:
+                ray.get_actor(self.keeper, namespace=POOL_NAMESPACE)
+            except ValueError:
+                log_event(logger, "engine_host_keeper_gone", flush=True)
+                os._exit(0)
+            except Exception:  # noqa: BLE001, S112 - the GCS is busy: ask again later
+                continue
+
+
+def _renice(value: int, children: bool = False) -> None:
+    """Set this process's nice value (a child started later inherits it), and its children's:
+    raising it needs no privilege, lowering it needs CAP_SYS_NICE."""
+    me = psutil.Process()
+    for proc in [me, *(me.children(recursive=True) if children else [])]:
+        try:
+            proc.nice(value)
+        except (psutil.Error, PermissionError, OSError) as exc:
+            log_event(logger, "engine_host_priority_kept", pid=proc.pid, wanted=value, error=str(exc)[:200])
+
+
+@dataclass
+class _Idle:
+    host: Any
+    until_taken: Any  # errors when the host dies
+    ready: Any  # the host's `ready()`: done once it has imported
+    pid: int | None = None
+
+
+class EnginePool:
+    """The keeper: `size_per_node` idle hosts on every live node (a Ray actor)."""
+
+    def __init__(self, size_per_node: int, nice: int = 10) -> None:
+        self.size, self.nice = size_per_node, nice
+        self.idle: dict[str, list[_Idle]] = {}  # node -> idle hosts, oldest first
+        self.counts = {"started": 0, "taken": 0, "replaced": 0}
+        self._task: asyncio.Task | None = None
+
+    def _ensure_refilling(self) -> None:
+        """Start the refill loop on the actor's event loop (there is none yet in `__init__`)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._refill_forever())
+
+    async def _refill_forever(self) -> None:
+        while True:
+            try:
+                self._drop_dead()
+                self._refill()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log_event(logger, "engine_pool_refill_failed", error=repr(exc)[:300])
+            await asyncio.sleep(REFILL_S)
+
+    def _drop_dead(self) -> None:
+        for node, hosts in self.idle.items():
+            alive = []
+            for idle in hosts:
+                try:
+                    if idle.pid is None and ray.wait([idle.ready], timeout=0)[0]:
+                        idle.pid = ray.get(idle.ready)["pid"]
+                    if not ray.wait([idle.until_taken], timeout=0)[0]:
+                        alive.append(idle)
+                        continue
+                    ray.get(idle.until_taken)
+                except RayActorError:
+                    self.counts["replaced"] += 1
+                    log_event(logger, "engine_host_died", node=node, pid=idle.pid)
+            hosts[:] = alive
+
+    def _refill(self) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        live = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get("CPU", 0) > 0}
+        for node in list(self.idle):
+            if node not in live:
+                del self.idle[node]
+        for node in live:
+            hosts = self.idle.setdefault(node, [])
+            while len(hosts) < self.size:
+                host = ray.remote(EngineHost).options(
+                    num_cpus=0, lifetime="detached", max_restarts=0, max_concurrency=1000,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                ).remote(POOL_NAME, self.nice)
+                hosts.append(_Idle(host, host.until_taken.remote(), host.ready.remote()))
+                self.counts["started"] += 1
+
+    async def take(self, node_id: str) -> Any:
+        """An idle host on `node_id` (the oldest: furthest through its imports), or None."""
+        self._ensure_refilling()
+        self._drop_dead()
+        hosts = self.idle.get(node_id) or []
+        if not hosts:
+            return None
+        self.counts["taken"] += 1
+        return hosts.pop(0).host
+
+    async def status(self) -> dict[str, Any]:
+        """Per node: idle hosts, those of them done importing, and their pids; counts since start."""
+        self._ensure_refilling()
+        self._drop_dead()
+        nodes = {n: {"idle": len(h), "ready": sum(i.pid is not None for i in h), "pids": [i.pid for i in h]}
+                 for n, h in self.idle.items()}
+        return {"size_per_node": self.size, "nodes": nodes, **self.counts}
+
+
+def get_or_create_pool(size_per_node: int, nice: int) -> Any:
+    """The pool's keeper, created by (and owned by) the calling process when none runs; it starts
+    filling at once."""
+    keeper = ray.remote(EnginePool).options(name=POOL_NAME, namespace=POOL_NAMESPACE, get_if_exists=True,
+                                            num_cpus=0, max_concurrency=8).remote(size_per_node, nice)
+    keeper.status.remote()
+    return keeper
+
+
+class PooledServer:
+    """A replica's engine in a pooled host: the `ModelServer` calls, one Ray call away."""
+
+    def __init__(self, host: Any, replica: str) -> None:
+        self.host, self.replica = host, replica
+
+    @classmethod
+    async def take(cls, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None, pinned: bool,
+                   role: str, replica: str, started: float) -> PooledServer | None:
+        """Start the model in an idle host on this node; None when there is none (start in-process)."""
+        try:
+            keeper = ray.get_actor(POOL_NAME, namespace=POOL_NAMESPACE)
+            host = await keeper.take.remote(ray.get_runtime_context().get_node_id())
+        except ValueError:  # the app keeps no pool
+            return None
+        except Exception as exc:  # noqa: BLE001 - the keeper is not answering: a plain start
+            log_event(logger, "engine_pool_unavailable", error=repr(exc)[:300])
+            return None
+        if host is None:
+            log_event(logger, "engine_pool_empty", replica=replica)
+            return None
+        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        try:
+            await host.start.remote(model, cache_root, storage, pinned, role, replica, os.getpid(),
+                                    time.monotonic() - started, env)
+        except BaseException:
+            ray.kill(host)
+            raise
+        log_event(logger, "engine_host_taken", replica=replica)
+        return cls(host, replica)
+
+    async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
+        return await self._unwrapped(self.host.call.remote(req))
+
+    async def stream(self, req: EngineHTTPRequest) -> AsyncIterator[EngineHTTPResponse | bytes]:
+        parts = self.host.stream.options(num_returns="streaming").remote(req)
+        finished = False
+        try:
+            async for ref in parts:
+                yield await self._unwrapped(ref)
+            finished = True
+        finally:
+            if not finished:
+                ray.cancel(parts)  # the host's stream is cancelled, which aborts the request in vLLM
+
+    async def _unwrapped(self, ref: Any) -> Any:
+        from helios.api.error_handlers import unwrap
+
+        try:
+            return await ref
+        except RayActorError:
+            raise EngineUnavailable("the replica's engine host has died", replica=self.replica) from None
+        except Exception as exc:  # Ray wraps errors: the HeliosError inside keeps its status
+            inner = unwrap(exc)
+            if isinstance(inner, HeliosError):
+                raise inner from None
+            raise
+
+    def openapi(self) -> Any:
+        return self.host.openapi.remote()
+
+    async def info(self) -> dict[str, Any]:
+        info = await self._unwrapped(self.host.info.remote())
+        info["host_pid"], info["pid"] = info["pid"], os.getpid()  # the engine's processes are the host's
+        return info
+
+    def record_routing_stats(self) -> Any:
+        return self.host.record_routing_stats.remote()
+
+    def num_unfinished_requests(self) -> Any:
+        return self.host.num_unfinished_requests.remote()
+
+    async def check_health(self) -> None:
+        await self._unwrapped(self.host.check_health.remote())
+
+    def shutdown(self) -> None:
+        try:
+            self.host.stop.remote()
+        except Exception:  # noqa: BLE001, S110 - the cluster may be going away; the host watches its owner
+            pass

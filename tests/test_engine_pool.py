@@ -1,0 +1,168 @@
+"""The warm pool of engine hosts: on-demand models and scale-ups take a host that imported vLLM ahead.
+
+One Serve app for the module, through the storage tiers, with `engine_pool.size_per_node: 1`:
+the config serves the tiny demo model; a copy of it pushed to the store is started on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import MODEL_ID, TINY_ENGINE, local_storage, run_app, tiny_args
+
+pytestmark = pytest.mark.integration
+
+ADMIN = "helios-pool-test-token"
+PUSHED = "helios-pooled"
+APP = "helios-pool-test"
+PROMPTS = ["Hello, my name is", "The capital of France is"]
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> str:
+    from ray import serve
+
+    from helios.config import StorageConfig
+    from helios.storage.store import ModelStore
+
+    root = tmp_path_factory.mktemp("engine-pool")
+    storage = local_storage(root / "tiers")
+    ModelStore.from_config(StorageConfig.model_validate(storage), cache_root).push(tiny_model_dir, PUSHED, "v1")
+    args = {
+        **tiny_args(cache_root, admin_token=ADMIN),
+        "storage": storage,
+        "registry": {"state_dir": str(root / "registry"), "max_dynamic_models": 1, "start_timeout_s": 240,
+                     "prefetch_interval_s": 0, "defaults": {"engine": TINY_ENGINE}},
+        "engine_pool": {"size_per_node": 1},
+    }
+    args["models"][0]["deployment"] = {"max_replicas": 2}
+    url = run_app(args, APP, serve_port)
+    yield url
+    for name in list(serve.status().applications):
+        if name.startswith("helios-model-"):
+            serve.delete(name)
+    serve.delete(APP)
+
+
+def _pool() -> Any:
+    import ray
+
+    from helios.engine.pool import POOL_NAME, POOL_NAMESPACE
+
+    return ray.get_actor(POOL_NAME, namespace=POOL_NAMESPACE)
+
+
+def _wait_ready_host(timeout_s: float = 240) -> dict[str, Any]:
+    """The pool's status once this node has an idle host that has finished importing."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = ray.get(_pool().status.remote())
+        node = status["nodes"].get(ray.get_runtime_context().get_node_id(), {})
+        if node.get("ready"):
+            return status
+        assert time.monotonic() < deadline, f"no ready engine host: {status}"
+        time.sleep(1)
+
+
+def _tokens(base_url: str, model: str) -> list[list[int]]:
+    out = []
+    for prompt in PROMPTS:
+        body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+        r = requests.post(f"{base_url}/v1/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        out.append(r.json()["choices"][0]["token_ids"])
+    return out
+
+
+def _pooled(info: dict[str, Any]) -> bool:
+    """A replica started in a pooled host: the host imported ahead, the start itself imported nothing."""
+    return "host_pid" in info and "host_imports_ahead_s" in info["timings"] and "imports_s" not in info["timings"]
+
+
+def test_an_on_demand_model_takes_a_pooled_host_and_answers_as_a_fresh_engine(base_url: str) -> None:
+    from ray import serve
+
+    from helios.router.on_demand import app_name
+
+    before = _wait_ready_host()
+    assert _tokens(base_url, PUSHED) == _tokens(base_url, MODEL_ID)  # same weights, same greedy tokens
+    info = serve.get_app_handle(app_name(PUSHED)).info.remote().result(timeout_s=60)
+    assert _pooled(info), info
+    assert info["timings"]["engine_process_start_s"] >= 0 and info["timings"]["load_s"] > 0
+    host = psutil.Process(info["host_pid"])
+    assert host.pid in [p for n in before["nodes"].values() for p in n["pids"]]
+    assert any(p.name() == "VLLM::EngineCore" for p in host.children(recursive=True))
+
+
+def test_the_pool_refills_after_a_host_is_taken() -> None:
+    status = _wait_ready_host()
+    assert status["taken"] >= 1 and status["started"] >= status["taken"] + 1
+
+
+def test_a_scale_up_takes_a_pooled_host(base_url: str) -> None:
+    from ray import serve
+
+    from helios.engine.deployment import deployment_name
+
+    _wait_ready_host()
+    r = requests.post(f"{base_url}/admin/scale", json={"model": MODEL_ID, "min_replicas": 2, "max_replicas": 2},
+                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name=APP)
+    deadline = time.monotonic() + 300
+    infos: dict[str, dict[str, Any]] = {}
+    while not any(_pooled(i) for i in infos.values()):
+        assert time.monotonic() < deadline, f"no pooled replica after the scale-up: {infos}"
+        for _ in range(8):
+            try:
+                info = handle.info.remote().result(timeout_s=30)
+            except Exception:  # noqa: BLE001, S112 - a replica still starting
+                continue
+            infos[info["replica"]] = info
+        time.sleep(1)
+    pooled = next(i for i in infos.values() if _pooled(i))
+    assert pooled["scheduler"]["unfinished"] == 0
+    assert _tokens(base_url, MODEL_ID) == _tokens(base_url, PUSHED)
+
+
+def test_a_killed_idle_host_is_replaced_and_leaves_no_process() -> None:
+    import ray
+
+    status = _wait_ready_host()
+    node = status["nodes"][ray.get_runtime_context().get_node_id()]
+    host = psutil.Process(next(p for p in node["pids"] if p))
+    family = [host, *host.children(recursive=True)]
+    assert any("multiprocessing.forkserver" in " ".join(p.cmdline()) for p in family[1:])  # its zygote
+    os.kill(host.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    deadline = time.monotonic() + 240
+    while (status := ray.get(_pool().status.remote()))["replaced"] < 1:
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert host.pid not in _wait_ready_host()["nodes"][ray.get_runtime_context().get_node_id()]["pids"]
+
+
+def test_a_killed_replica_takes_its_pooled_host_and_engine_with_it(base_url: str) -> None:
+    from ray import serve
+
+    from helios.router.on_demand import app_name
+
+    info = serve.get_app_handle(app_name(PUSHED)).info.remote().result(timeout_s=60)
+    assert _pooled(info)
+    host = psutil.Process(info["host_pid"])
+    family = [host, *host.children(recursive=True)]
+    assert any(p.name() == "VLLM::EngineCore" for p in family)
+    os.kill(info["pid"], signal.SIGKILL)  # the replica
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
