@@ -16,6 +16,11 @@ a local S3 server (s3rver, Node.js, on loopback) standing in for the remote tier
   downloading the same model from s3rver, and `engine_start`: a fresh Python process
   running `vllm.LLM(...)` on a local directory with the weights already in the page cache,
   from process spawn to its first generated token.
+* first_token_s.helios_pool_ram / helios_pool_s3: Helios with a warm pool (`engine_pool`), the
+  bench model started on demand into a pooled engine host that imported vLLM ahead, its blobs in
+  the RAM tier or only in S3: from the request to its first streamed token; `start_split_s`
+  sets the phases of a fresh start (helios_ram) beside a pooled one (imports, weights, KV
+  allocation with warm-up, engine process start).
 * share_weights: private memory (USS of the engine's process tree) of a second engine on
   the same RAM-tier snapshot with Helios's `share_weights` loader option on and off, and
   greedy decode tokens/s of each.
@@ -50,7 +55,7 @@ RAM_TIER = Path("/dev/shm") / "helios-bench-cold-start"
 MODEL_NAME = "bench"  # the id clients send
 STORE_ID, STORE_VERSION = "bench-model", "v1"
 ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
-PARTS = ("local", "s3", "rayserve", "helios", "engine", "share")
+PARTS = ("local", "s3", "rayserve", "helios", "pool", "engine", "share")
 _CACHE_METHOD: str | None = None
 
 
@@ -382,11 +387,11 @@ def remove_orphaned_shm(before: set[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-async def first_token(base: str, proc: subprocess.Popen, timeout_s: float = 900) -> float:
+async def first_token(base: str, proc: subprocess.Popen, timeout_s: float = 900, model: str = MODEL_NAME) -> float:
     """Wall-clock time the first streamed token arrives; retries while the app is not up yet."""
     import aiohttp
 
-    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 1, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0, "stream": True}
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
         while time.monotonic() < deadline:
@@ -540,6 +545,88 @@ def measure_helios(storage: dict, cache_root: Path, port: int, server_files: lis
     finally:
         ctl.close()
     return {tier: summarize(rs, HELIOS_SPLIT) for tier, rs in runs.items()}
+
+
+def pool_args(storage: dict, cache_root: Path, state_dir: Path) -> dict:
+    """Helios serving the tiny demo model from its config, with one pooled engine host per node and
+    the bench model startable on demand (it is in the store), with the same engine settings."""
+    engine = {k: ENGINE[k] for k in ("dtype", "max_model_len", "max_num_seqs", "enforce_eager", "kv_cache_space_gib")}
+    return {
+        "models": [{"id": "tiny", "source": "demo://tiny", "engine": {**engine, "max_num_seqs": 4}}],
+        "storage": storage,
+        "cache_root": str(cache_root),
+        "registry": {"state_dir": str(state_dir), "max_dynamic_models": 1, "start_timeout_s": 600,
+                     "prefetch_interval_s": 0, "defaults": {"engine": engine}},
+        "engine_pool": {"size_per_node": 1},
+    }
+
+
+START_SPLIT = ("imports_s", "fetch_s", "engine_process_start_s", "load_s", "kv_alloc_warmup_s", "engine_init_s",
+               "total_s", "first_token_s")
+
+
+def start_split(timings: dict) -> dict:
+    """A start's phases from the replica's timings: imports, fetch, engine process start, weights,
+    KV allocation with warm-up, and what is left of the engine's construction (vLLM's own set-up)."""
+    out = {k: float(timings[k]) for k in START_SPLIT if k in timings}
+    out.setdefault("imports_s", 0.0)  # a pooled start imports nothing
+    known = sum(out.get(k, 0.0) for k in ("engine_process_start_s", "load_s", "kv_alloc_warmup_s"))
+    if "engine_init_s" in out:
+        out["engine_other_s"] = max(out["engine_init_s"] - known, 0.0)
+    return out
+
+
+def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[Path], repeats: int) -> dict:
+    """First token of the bench model started on demand into a pooled host (`engine_pool`), its blobs
+    in the RAM tier or only in S3: from the request to its first streamed token, the router and a
+    ready host already up (what a scale-up or a request for a model not running waits)."""
+    from helios.config import StorageConfig
+    from helios.router.on_demand import app_name
+    from helios.storage.store import ModelStore
+
+    store = ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
+    ctl = Controller(port, controller_env({"HELIOS_BENCH_CLUSTER": "helios", "HELIOS_CACHE_ROOT": str(cache_root)}),
+                     WORK / "helios_pool.log")
+    runs: dict[str, list[dict]] = {"ram": [], "s3": []}
+    try:
+        ctl.expect("ready", timeout=180)
+        for rep in range(repeats):
+            for tier, tier_runs in runs.items():
+                manifest = store.resolve(STORE_ID, STORE_VERSION)
+                if tier == "s3":
+                    store.evict(STORE_ID, STORE_VERSION)
+                elif "ram" not in store.holders(manifest):
+                    store.ensure_local(STORE_ID, STORE_VERSION, tier="ram")
+                holders = store.holders(manifest)
+                warm(server_files)
+                state = WORK / f"pool_registry_{tier}_{rep}"
+                shutil.rmtree(state, ignore_errors=True)
+                ctl.send(cmd="deploy", system="helios", args=pool_args(storage, cache_root, state))
+                ctl.expect("running")
+                deadline = time.monotonic() + 600
+                while True:  # a pooled host on the node has finished importing
+                    ctl.send(cmd="pool")
+                    nodes = ctl.expect("pool")["status"]["nodes"]
+                    if any(n["ready"] for n in nodes.values()):
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no ready engine host: {nodes}")
+                    time.sleep(1)
+                time.sleep(5)  # the tiny model's replica and the host settle
+                log(f"Helios pooled from {tier} ({rep + 1}/{repeats}; model held by {holders}): requesting")
+                t0 = time.time()
+                first = asyncio.run(first_token(f"http://127.0.0.1:{port}", ctl.proc, model=STORE_ID))
+                ctl.send(cmd="app_info", app=app_name(STORE_ID))
+                info = ctl.expect("info")["info"]
+                r = {"first_token_s": first - t0, "held_by_before": holders, "pooled": "host_pid" in info,
+                     **start_split(info.get("timings", {}))}
+                tier_runs.append(r)
+                log(f"Helios pooled from {tier}: first token after {r['first_token_s']:.1f}s (pooled host: "
+                    f"{r['pooled']}); " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_s")))
+                ctl.delete()
+    finally:
+        ctl.close()
+    return {tier: summarize(rs, [*START_SPLIT, "engine_other_s"]) for tier, rs in runs.items()}
 
 
 # --------------------------------------------------------------------------- plain vLLM engines
@@ -715,7 +802,8 @@ def plot(report: dict, path: Path) -> None:
     ft = report.get("first_token_s") or {}
     split = report.get("first_token_split") or {}
     order = [("engine_start", "vLLM engine\n(warm cache)"), ("rayserve_llm_s3", "Ray Serve LLM\nfrom S3"),
-             ("helios_s3", "Helios\nfrom S3"), ("helios_nvme", "Helios\nfrom NVMe"), ("helios_ram", "Helios\nfrom RAM")]
+             ("helios_s3", "Helios\nfrom S3"), ("helios_nvme", "Helios\nfrom NVMe"), ("helios_ram", "Helios\nfrom RAM"),
+             ("helios_pool_s3", "Helios pooled\nfrom S3"), ("helios_pool_ram", "Helios pooled\nfrom RAM")]
     # Which split key of each system is fetch, load and engine start.
     parts = [("fetch / download", "#55a868", ("fetch_s", "download_s")),
              ("weight load", "#c44e52", ("load_s", "load_weights_s")),
@@ -839,6 +927,20 @@ def main() -> None:
                 first[f"helios_{tier}"] = r["first_token_s"]
                 split[f"helios_{tier}"] = r["split"]
             report["helios_runs"] = h
+        if "pool" not in skip:
+            pooled = measure_pool(full, cache_root, args.port + 2, server_files, ft_repeats)
+            for tier, r in pooled.items():
+                first[f"helios_pool_{tier}"] = r["first_token_s"]
+                split[f"helios_pool_{tier}"] = r["split"]
+            report["helios_pool_runs"] = pooled
+            fresh = report.get("helios_runs", {}).get("ram", {}).get("runs", [])
+            report["start_split_s"] = {
+                "fresh": {k: median([start_split(r)[k] for r in fresh if k in start_split(r)])
+                          for k in ("imports_s", "load_s", "kv_alloc_warmup_s", "engine_process_start_s")
+                          if any(k in start_split(r) for r in fresh)},
+                "pooled": {k: v for k, v in pooled["ram"]["split"].items()
+                           if k in ("imports_s", "load_s", "kv_alloc_warmup_s", "engine_process_start_s")},
+            }
         if "engine" not in skip:
             e = measure_engine_start(model_dir, ft_repeats)
             first["engine_start"] = e["first_token_s"]
@@ -863,11 +965,12 @@ def main() -> None:
     shutil.rmtree(RAM_TIER, ignore_errors=True)  # 1.4 GB (and a derived copy) of /dev/shm
     ratios = {}
     if "engine_start" in first:
-        for k in ("helios_ram", "helios_nvme", "helios_s3", "rayserve_llm_s3"):
+        for k in ("helios_ram", "helios_nvme", "helios_s3", "rayserve_llm_s3", "helios_pool_ram"):
             if k in first:
                 ratios[f"{k}_over_engine_start"] = first[k] / first["engine_start"]
-    if "helios_s3" in first and "rayserve_llm_s3" in first:
-        ratios["helios_s3_over_rayserve_llm_s3"] = first["helios_s3"] / first["rayserve_llm_s3"]
+    for k in ("helios_s3", "helios_pool_s3"):
+        if k in first and "rayserve_llm_s3" in first:
+            ratios[f"{k}_over_rayserve_llm_s3"] = first[k] / first["rayserve_llm_s3"]
     report["ratios"] = ratios
     targets = {}
     if "helios_over_raw_read" in report:
@@ -878,6 +981,10 @@ def main() -> None:
         targets["ram_first_token_le_1.2x_engine_start"] = ratios["helios_ram_over_engine_start"] <= 1.2
     if "helios_s3_over_rayserve_llm_s3" in ratios:
         targets["s3_first_token_ahead_of_rayserve_llm"] = ratios["helios_s3_over_rayserve_llm_s3"] < 1
+    if "helios_pool_ram_over_engine_start" in ratios:
+        targets["pool_ram_first_token_le_0.25x_engine_start"] = ratios["helios_pool_ram_over_engine_start"] <= 0.25
+    if "helios_pool_s3_over_rayserve_llm_s3" in ratios:
+        targets["pool_s3_first_token_le_0.2x_rayserve_llm_s3"] = ratios["helios_pool_s3_over_rayserve_llm_s3"] <= 0.2
     report["targets_met"] = targets
     report["seconds"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

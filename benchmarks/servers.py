@@ -176,8 +176,16 @@ def cold_start_controller(port: int) -> None:
                 elif cmd["cmd"] == "info":
                     handle = serve.get_deployment_handle(cmd["deployment"], app_name="bench")
                     say("info", info=handle.info.remote().result(timeout_s=60))
+                elif cmd["cmd"] == "app_info":  # an application's ingress (a model started on demand)
+                    say("info", info=serve.get_app_handle(cmd["app"]).info.remote().result(timeout_s=60))
+                elif cmd["cmd"] == "pool":
+                    from helios.engine.pool import POOL_NAME, POOL_NAMESPACE
+
+                    status = ray.get(ray.get_actor(POOL_NAME, namespace=POOL_NAMESPACE).status.remote(), timeout=30)
+                    say("pool", status=status)
                 elif cmd["cmd"] == "delete":
-                    serve.delete("bench")
+                    for name in list(serve.status().applications):  # models started on demand too
+                        serve.delete(name)
                     say("deleted")
                 elif cmd["cmd"] == "exit":
                     break

@@ -179,10 +179,13 @@ class LLMEngine:
         self.created = int(time.time())
         self.start_seconds = time.monotonic() - started
         self.timings: dict[str, float] = {"engine_init_s": self.start_seconds}
-        if report is not None and (starts := warm_start.process_starts(report)):
-            # From asking vLLM for its engine to the engine core running its code: no imports when forked.
-            self.timings["engine_process_start_s"] = max(starts[0] - constructing, 0.0)
+        if report is not None:
+            reported = warm_start.read_report(report)
             Path(report).unlink(missing_ok=True)
+            if "start" in reported:  # from asking vLLM for its engine to its engine core running: no imports
+                self.timings["engine_process_start_s"] = max(reported["start"] - constructing, 0.0)
+            if "kv_init" in reported:  # vLLM's profiling, KV-cache allocation and warm-up
+                self.timings["kv_alloc_warmup_s"] = reported["kv_init"]
         self.app: Any = None  # vLLM's OpenAI app, built by start_app
         self.tasks: list[str] = []  # what the engine serves (generate, embed, ...), from start_app
 

@@ -74,6 +74,7 @@ class ModelServer:
         )
         self._warm = _report_started(config, prepared, pinned, replica)
         self._store, self._usage_at = prepared.store, time.monotonic()
+        self._began = started
         return self
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
@@ -91,6 +92,7 @@ class ModelServer:
         if resp.status >= 500:
             self._check_engine()
         resp.headers.append((REPLICA_HEADER, self.replica))
+        self._first_answer()
         return resp
 
     async def stream(self, req: EngineHTTPRequest) -> AsyncIterator[EngineHTTPResponse | bytes]:
@@ -112,6 +114,7 @@ class ModelServer:
                     if part.status >= 500:
                         self._check_engine()
                     part.headers.append((REPLICA_HEADER, self.replica))
+                    self._first_answer()
                 yield part
         except BaseException as exc:
             error = exc
@@ -119,6 +122,12 @@ class ModelServer:
         finally:
             await parts.aclose()  # a cancelled stream aborts its request in vLLM now, not at collection
             tracing.finish(span, error)
+
+    def _first_answer(self) -> None:
+        """The start's last phase: seconds from the replica's start to its first answer (the first
+        token of a stream), which for a start on demand or from zero is what its first client waited."""
+        if "first_token_s" not in self.engine.timings:
+            self.engine.timings["first_token_s"] = round(time.monotonic() - self._began, 3)
 
     def _span(self, req: EngineHTTPRequest) -> Any:
         """This replica's span of a traced request (None untraced); vLLM's and the KV connector's

@@ -44,7 +44,7 @@ PRELOAD = (
     "helios.storage.loader",
     "helios.engine.kv_connector",
 )
-REPORT_ENV = "HELIOS_PROCESS_START"  # a child writes when its target began here (seconds since the epoch)
+REPORT_ENV = "HELIOS_PROCESS_START"  # the engine core reports its start here (`read_report`)
 
 _started: float | None = None
 _lock = threading.Lock()
@@ -65,8 +65,30 @@ class _WithEnvironment:
         # The engine core is not a Ray actor and has run no tensor op: its worker can be forked.
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
         if report := os.environ.get(REPORT_ENV):
-            _append(report, f"{time.time():.6f}\n")
+            _append(report, f"start {time.time():.6f}\n")
+            _time_kv_init(report)
         return self.target(*args, **kwargs)
+
+
+def _time_kv_init(report: str) -> None:
+    """Time the engine core's KV-cache set-up (profiling, allocation and warm-up: vLLM's
+    `_initialize_kv_caches`) into the report. Patched in this forked engine core only."""
+    try:
+        from vllm.v1.engine.core import EngineCore
+    except ImportError:
+        return
+    original = getattr(EngineCore, "_initialize_kv_caches", None)
+    if original is None:
+        return
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        began = time.monotonic()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _append(report, f"kv_init {time.monotonic() - began:.6f}\n")
+
+    EngineCore._initialize_kv_caches = timed  # type: ignore[method-assign]
 
 
 def _keep_process_titles() -> None:
@@ -153,10 +175,16 @@ def use_for_engine() -> None:
     _installed = True
 
 
-def process_starts(path: str) -> list[float]:
-    """When each warm-started process's target began (epoch seconds), from the report file."""
+def read_report(path: str) -> dict[str, float]:
+    """What the engine core reported: `start` (epoch seconds its code began) and `kv_init`
+    (seconds of KV-cache profiling, allocation and warm-up); the first of each."""
+    out: dict[str, float] = {}
     try:
         with open(path) as f:
-            return [float(line) for line in f if line.strip()]
-    except OSError:
-        return []
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key and value.strip():
+                    out.setdefault(key, float(value))
+    except (OSError, ValueError):
+        pass
+    return out
