@@ -624,6 +624,9 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                 log(f"Helios pooled from {tier}: first token after {r['first_token_s']:.1f}s (pooled host: "
                     f"{r['pooled']}); " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_s")))
                 ctl.delete()
+                # The deleted app's on-demand manager exits up to ~20 s later; an app redeployed under the same
+                # name meanwhile gets the exiting one, and its on-demand requests never start (see README).
+                time.sleep(30)
     finally:
         ctl.close()
     return {tier: summarize(rs, [*START_SPLIT, "engine_other_s"]) for tier, rs in runs.items()}
