@@ -164,3 +164,9 @@ def _rebuild_rate_limited(message: str, retry_after_s: int, code: str) -> RateLi
 
 def _rebuild_engine_unavailable(message: str, replica: str | None) -> EngineUnavailable:
     return EngineUnavailable(message, replica=replica)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The Helios error inside a Ray task error, if there is one."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, HeliosError) else exc

@@ -10,16 +10,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from helios.errors import HeliosError, InvalidRequest, MethodNotAllowed, RouteNotFound
+from helios.errors import HeliosError, InvalidRequest, MethodNotAllowed, RouteNotFound, unwrap
 from helios.observability.logs import get_logger, log_event
 
 logger = get_logger("api")
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The Helios error inside a Ray task error, if there is one."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, HeliosError) else exc
 
 
 def request_id_of(request: Request) -> str | None:

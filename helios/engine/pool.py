@@ -307,7 +307,7 @@ class PooledServer:
                 ray.cancel(parts)  # the host's stream is cancelled, which aborts the request in vLLM
 
     async def _unwrapped(self, ref: Any) -> Any:
-        from helios.api.error_handlers import unwrap
+        from helios.errors import unwrap
 
         try:
             return await ref

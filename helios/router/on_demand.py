@@ -249,7 +249,7 @@ class OnDemandClient:
         return self._actor
 
     async def _call(self, ref: Any) -> Any:
-        from helios.api.error_handlers import unwrap
+        from helios.errors import unwrap
 
         try:
             return await ref
