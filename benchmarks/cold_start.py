@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import s3rver
@@ -505,34 +506,47 @@ def helios_split(info: dict) -> dict:
     return found
 
 
-HELIOS_SPLIT = ("fetch_s", "load_s", "engine_start_s", "engine_init_s", "total_s")
-
-
-def measure_helios(storage: dict, cache_root: Path, port: int, server_files: list[Path], repeats: int) -> dict:
+def helios_controller(storage: dict, cache_root: Path, port: int, log_name: str) -> tuple[Any, Controller]:
+    """The model store Helios serves from, and a controller for a Helios cluster using it."""
     from helios.config import StorageConfig
-    from helios.engine.deployment import deployment_name
     from helios.storage.store import ModelStore
 
     store = ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
     ctl = Controller(port, controller_env({"HELIOS_BENCH_CLUSTER": "helios", "HELIOS_CACHE_ROOT": str(cache_root)}),
-                     WORK / "helios.log")
+                     WORK / log_name)
+    return store, ctl
+
+
+def place_model(store: Any, storage: dict, tier: str) -> list[str]:
+    """Leave the bench model where a start from `tier` finds it: only in S3 ("s3"), on NVMe with cold
+    pages and not in RAM ("nvme"), or in the RAM tier ("ram"). Returns the tiers holding it."""
+    manifest = store.resolve(STORE_ID, STORE_VERSION)
+    if tier == "s3":
+        store.evict(STORE_ID, STORE_VERSION)
+    elif tier == "nvme":
+        if "nvme" not in store.holders(manifest):
+            store.ensure_local(STORE_ID, STORE_VERSION, tier="nvme")
+        store.evict(STORE_ID, STORE_VERSION, tier="ram")
+        # Cold model bytes, warm software: the NVMe tier's blobs leave the page cache.
+        evict_from_page_cache(tree_files(Path(storage["tiers"][1]["path"])))
+    elif "ram" not in store.holders(manifest):
+        store.ensure_local(STORE_ID, STORE_VERSION, tier="ram")
+    return store.holders(manifest)
+
+
+HELIOS_SPLIT = ("fetch_s", "load_s", "engine_start_s", "engine_init_s", "total_s")
+
+
+def measure_helios(storage: dict, cache_root: Path, port: int, server_files: list[Path], repeats: int) -> dict:
+    from helios.engine.deployment import deployment_name
+
+    store, ctl = helios_controller(storage, cache_root, port, "helios.log")
     runs: dict[str, list[dict]] = {"s3": [], "nvme": [], "ram": []}
     try:
         ctl.expect("ready", timeout=180)
         for rep in range(repeats):
             for tier, tier_runs in runs.items():
-                manifest = store.resolve(STORE_ID, STORE_VERSION)
-                if tier == "s3":
-                    store.evict(STORE_ID, STORE_VERSION)
-                elif tier == "nvme":
-                    if "nvme" not in store.holders(manifest):
-                        store.ensure_local(STORE_ID, STORE_VERSION, tier="nvme")
-                    store.evict(STORE_ID, STORE_VERSION, tier="ram")
-                    # Cold model bytes, warm software: the NVMe tier's blobs leave the page cache.
-                    evict_from_page_cache(tree_files(Path(storage["tiers"][1]["path"])))
-                elif "ram" not in store.holders(manifest):
-                    store.ensure_local(STORE_ID, STORE_VERSION, tier="ram")
-                holders = store.holders(manifest)
+                holders = place_model(store, storage, tier)
                 warm(server_files)
                 log(f"Helios from {tier} ({rep + 1}/{repeats}; model held by {holders}): deploying")
                 r = ctl.deploy("helios", helios_args(storage, cache_root), deployment_name(MODEL_NAME))
@@ -580,24 +594,15 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
     """First token of the bench model started on demand into a pooled host (`engine_pool`), its blobs
     in the RAM tier or only in S3: from the request to its first streamed token, the router and a
     ready host already up (what a scale-up or a request for a model not running waits)."""
-    from helios.config import StorageConfig
     from helios.router.on_demand import app_name
-    from helios.storage.store import ModelStore
 
-    store = ModelStore.from_config(StorageConfig.model_validate(storage), cache_root)
-    ctl = Controller(port, controller_env({"HELIOS_BENCH_CLUSTER": "helios", "HELIOS_CACHE_ROOT": str(cache_root)}),
-                     WORK / "helios_pool.log")
+    store, ctl = helios_controller(storage, cache_root, port, "helios_pool.log")
     runs: dict[str, list[dict]] = {"ram": [], "s3": []}
     try:
         ctl.expect("ready", timeout=180)
         for rep in range(repeats):
             for tier, tier_runs in runs.items():
-                manifest = store.resolve(STORE_ID, STORE_VERSION)
-                if tier == "s3":
-                    store.evict(STORE_ID, STORE_VERSION)
-                elif "ram" not in store.holders(manifest):
-                    store.ensure_local(STORE_ID, STORE_VERSION, tier="ram")
-                holders = store.holders(manifest)
+                holders = place_model(store, storage, tier)
                 warm(server_files)
                 state = WORK / f"pool_registry_{tier}_{rep}"
                 shutil.rmtree(state, ignore_errors=True)

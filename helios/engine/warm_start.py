@@ -46,7 +46,7 @@ PRELOAD = (
 )
 REPORT_ENV = "HELIOS_PROCESS_START"  # the engine core reports its start here (`read_report`)
 
-_started: float | None = None
+_started = False
 _lock = threading.Lock()
 _installed = False
 
@@ -131,9 +131,9 @@ def start_zygote() -> None:
     """Start this process's zygote in the background (idempotent): it imports while the caller does."""
     global _started
     with _lock:
-        if _started is not None:
+        if _started:
             return
-        _started = time.monotonic()
+        _started = True
         multiprocessing.set_forkserver_preload(list(PRELOAD))
     threading.Thread(target=_ensure_running, name="helios-zygote", daemon=True).start()
 
@@ -143,10 +143,6 @@ def _ensure_running() -> None:
         multiprocessing.forkserver.ensure_running()
     except Exception as exc:  # noqa: BLE001 - vLLM then starts its processes its own way
         log_event(logger, "zygote_failed", error=repr(exc)[:300])
-
-
-def zygote_pid() -> int | None:
-    return multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
 
 
 def use_for_engine() -> None:
