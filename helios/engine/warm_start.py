@@ -36,6 +36,7 @@ logger = get_logger("engine.warm_start")
 
 # What an engine core and its worker import before they can start; the zygote imports them once.
 PRELOAD = (
+    "helios.engine.process_titles",  # first, while the environment is as the zygote's exec left it
     "torch",
     "vllm.v1.engine.core",
     "vllm.v1.executor.multiproc_executor",
@@ -59,7 +60,6 @@ class _WithEnvironment:
         self.environment = environment
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        _keep_process_titles()
         os.environ.clear()
         os.environ.update(self.environment)
         # The engine core is not a Ray actor and has run no tensor op: its worker can be forked.
@@ -89,18 +89,6 @@ def _time_kv_init(report: str) -> None:
             _append(report, f"kv_init {time.monotonic() - began:.6f}\n")
 
     EngineCore._initialize_kv_caches = timed  # type: ignore[method-assign]
-
-
-def _keep_process_titles() -> None:
-    """Set up `setproctitle` before the environment is replaced: it finds the process's argv by
-    walking from `environ`, which fails once the variables have moved, and vLLM's processes would
-    then keep the zygote's title instead of `VLLM::EngineCore` / `VLLM::Worker`."""
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(setproctitle.getproctitle())
-    except ImportError:
-        pass
 
 
 def _append(path: str, text: str) -> None:
