@@ -378,6 +378,9 @@ class StorageConfig(_Strict):
 
     tiers: list[TierConfig] = Field(..., min_length=1, description="Cache tiers; at most one of each kind.")
     transfer: TransferConfig = Field(default_factory=TransferConfig)
+    node_cache: bool = Field(
+        True, description="Under Ray, every process on a node keeps the local tiers' budgets and eviction in one "
+        "node cache actor, so each tier has one policy that sees every access (off: each process keeps its own).")
 
     @model_validator(mode="after")
     def _one_of_each(self) -> StorageConfig:

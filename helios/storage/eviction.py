@@ -74,6 +74,14 @@ class EvictionPolicy(ABC):
     def observe_bandwidth(self, source: str, nbytes: int, seconds: float) -> None:
         """A fetch from tier kind `source` into this tier moved `nbytes` in `seconds`."""
 
+    def state(self) -> dict:
+        """What the policy learned, as JSON-ready data, so a restarted keeper does not start from zero."""
+        return {}
+
+    def restore(self, state: Mapping) -> bool:
+        """Take back `state()` output; False (nothing changed) when it does not fit."""
+        return False
+
 
 class LRUPolicy(EvictionPolicy):
     """Least recently used first."""
@@ -107,6 +115,18 @@ class LRUPolicy(EvictionPolicy):
 
     def known(self) -> dict[str, int]:
         return dict(self._size)
+
+    def state(self) -> dict:
+        return {"blobs": {d: [self._size[d], self._last[d]] for d in self._size}}
+
+    def restore(self, state: Mapping) -> bool:
+        try:
+            blobs = {str(d): (int(v[0]), float(v[1])) for d, v in dict(state["blobs"]).items()}
+        except (KeyError, TypeError, ValueError, IndexError):
+            return False
+        for digest, (size, last) in blobs.items():
+            self.on_insert(digest, size, last)
+        return True
 
 
 class CostAwarePolicy(EvictionPolicy):
@@ -271,6 +291,32 @@ class CostAwarePolicy(EvictionPolicy):
 
     def known(self) -> dict[str, int]:
         return dict(self._size)
+
+    def state(self) -> dict:
+        """Counts, bases, the inflation value, the ghost list and learned bandwidths (hints are
+        not kept: the registry sends them again every round)."""
+        return {
+            "inflation": self.inflation,
+            "blobs": {d: [self._size[d], self._freq[d], self._base[d]] for d in self._size},
+            "ghost": [[d, f] for d, f in self._ghost.items()],
+            "bandwidths": dict(self.bandwidths),
+        }
+
+    def restore(self, state: Mapping) -> bool:
+        try:
+            inflation = float(state["inflation"])
+            blobs = {str(d): (int(v[0]), float(v[1]), float(v[2])) for d, v in dict(state["blobs"]).items()}
+            ghost = [(str(d), float(f)) for d, f in state.get("ghost", [])]
+            bandwidths = {str(k): float(v) for k, v in dict(state.get("bandwidths", {})).items() if float(v) > 0}
+        except (KeyError, TypeError, ValueError, IndexError):
+            return False
+        self.inflation = inflation
+        for digest, (size, freq, base) in blobs.items():
+            self._size[digest], self._freq[digest], self._base[digest] = size, freq, base
+        for digest, uses in ghost:
+            self._remember(digest, uses)
+        self.bandwidths.update(bandwidths)
+        return True
 
 
 _MIN_OBSERVED = 64 << 20

@@ -79,7 +79,10 @@ class ModelStore:
             raise StorageError("the store needs at least one local tier")
 
     @classmethod
-    def from_config(cls, cfg: StorageConfig, cache_root: Path) -> ModelStore:
+    def from_config(cls, cfg: StorageConfig, cache_root: Path, shared: bool | None = None) -> ModelStore:
+        """The tiers of `cfg` on this node. `shared`: keep their budgets in the node cache actor
+        (default: when `storage.node_cache` is on and this process is part of a Ray cluster);
+        the actor itself builds its store with False."""
         tiers: list[Tier] = []
         for t in cfg.tiers:
             if isinstance(t, RemoteTierConfig):
@@ -94,7 +97,22 @@ class ModelStore:
             slower = store.tiers[store.tiers.index(t) + 1 :]
             refetch_from = slower[0].kind if slower else t.kind
             t.policy = POLICIES[eviction[t.kind]].for_tier(refetch_from, bandwidths, partial(store.refetch_source, t))
+        if shared is None:
+            shared = cfg.node_cache and _in_ray()
+        if shared:
+            from helios.storage.node_cache import NodeCacheAccounts
+
+            accounts = NodeCacheAccounts(cfg, cache_root)
+            for t in store.local:
+                t.shared = accounts
         return store
+
+    def flush_accounts(self) -> None:
+        """Send the hits and inserts batched for the node cache now (no-op without one)."""
+        for t in self.local:
+            if t.shared is not None:
+                t.shared.flush()
+                return  # one accounts object serves every tier
 
     def tier(self, kind: str) -> Tier:
         for t in self.tiers:
@@ -214,6 +232,7 @@ class ModelStore:
                 local.fill.start()
             else:
                 self._fill(manifest, target, fill_tiers)
+        self.flush_accounts()
         self.report_usage()
         log_event(
             logger, "model_local", model=manifest.model_id, version=manifest.version, tier=target.kind,
@@ -257,7 +276,7 @@ class ModelStore:
                 src.touch(digest)
             _count_moved(model, src, target, result)
             if result.fetched and not result.waited_for_other:
-                target.policy.observe_bandwidth(src.kind, result.fetched, result.seconds)
+                target.observe_bandwidth(src.kind, result.fetched, result.seconds)
             return src, result
         raise BlobNotFound(f"blob {digest[:12]} is in no tier ({self._where()})")
 
@@ -268,7 +287,7 @@ class ModelStore:
             try:
                 for f in manifest.files:
                     if t.stat(f.sha256) is None and src.stat(f.sha256) is not None:
-                        if not t.policy.admit(f.sha256, f.size, t.sync_policy() + f.size - t.capacity):
+                        if not t.admit(f.sha256, f.size):
                             continue  # the tier's policy would rather keep what it has
                         _count_moved(manifest.model_id, src, t,
                                      fetch_blob(src, t, f.sha256, f.size, self.transfer, None, protected))
@@ -276,6 +295,7 @@ class ModelStore:
                     t.put_manifest(manifest)
             except StorageError as exc:  # a full lower tier must not fail the load that already succeeded
                 log_event(logger, "tier_fill_failed", model=manifest.model_id, tier=t.kind, error=str(exc))
+        self.flush_accounts()
 
     # --- cache management ---
     def holders(self, manifest: Manifest) -> list[str]:
@@ -310,8 +330,17 @@ class ModelStore:
             CACHE_EVICTED_BYTES.inc(tier_freed, tier=t.kind, reason="admin")
             for m in drop:
                 t.delete_manifest(m.model_id, m.version)
+        self.flush_accounts()
         log_event(logger, "cache_evicted", model=model_id, version=version, tier=tier, bytes=freed)
         return freed
+
+
+def _in_ray() -> bool:
+    """Whether this process is connected to a Ray cluster (without importing Ray when it is not)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 def _count_moved(model: str, src: Tier, dst: Tier, result: TransferResult) -> None:

@@ -6,8 +6,13 @@ with `ls` and copied with any tool. Writes are atomic: a blob is written under a
 temporary name and renamed only once its digest is checked.
 
 A local tier's root may also hold `hints.json`, the registry's keep-alive and idle hints
-(`write_hints`): eviction policies live in each process, so the registry leaves its
-predictions where every process's tier reads them when it syncs its policy.
+(`write_hints`), and `cache_state.json`, its policy's use counts: both are what the node
+cache actor (`node_cache.py`) rebuilds its view from after a restart.
+
+Who keeps a tier's budget: its own policy in this process (a tool outside Ray, a test), or,
+under Ray, the node's one cache actor (`TierAccounts`), so that one policy per tier per node
+sees every process's hits. Bytes never go through the accounts: processes read, write and
+rename files themselves and only report what they did and ask for room.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -33,6 +39,8 @@ from helios.storage.manifest import MANIFEST_NAME, Manifest, model_key
 
 LOCAL_KINDS = ("ram", "nvme", "ssd")
 HINTS_NAME = "hints.json"
+STATE_NAME = "cache_state.json"
+RESERVATION_S = 900.0  # room granted for a blob that never arrived is given back after this
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,39 @@ class Tier(ABC):
         return self.kind
 
 
+class TierAccounts(ABC):
+    """A local tier's budget and eviction kept outside this process: the node cache actor.
+
+    Hits, inserts and removals are reported (batched, not waited on); room and admission are
+    asked for and answered with the evictions already done. A call that cannot reach the
+    keeper returns None and the tier falls back to its own policy for that call, so a node
+    whose actor is restarting still serves."""
+
+    @abstractmethod
+    def hit(self, kind: str, digest: str, now: float) -> None: ...
+
+    @abstractmethod
+    def inserted(self, kind: str, digest: str, size: int, now: float) -> None: ...
+
+    @abstractmethod
+    def removed(self, kind: str, digest: str) -> None: ...
+
+    @abstractmethod
+    def observe_bandwidth(self, kind: str, source: str, nbytes: int, seconds: float) -> None: ...
+
+    @abstractmethod
+    def make_room(self, kind: str, size: int, protected: Collection[str], digest: str | None) -> list[str] | None:
+        """Evict until `size` more bytes fit (reserving them for `digest`): the victims, or None
+        when the keeper cannot be reached. Raises TierFull as the tier would."""
+
+    @abstractmethod
+    def admit(self, kind: str, digest: str, size: int) -> bool | None:
+        """Whether an optional copy should come in (None: the keeper cannot be reached)."""
+
+    def flush(self) -> None:
+        """Send what is batched now (a store calls it when an operation ends)."""
+
+
 def _check_digest(h: Any, digest: str, where: str) -> None:
     if h.hexdigest() != digest:
         raise CorruptBlob(f"bytes written for blob {digest[:12]} in {where} hash to {h.hexdigest()[:12]}")
@@ -100,7 +141,10 @@ class LocalTier(Tier):
         self.root = Path(root).expanduser()
         self.capacity = capacity
         self.policy = policy or LRUPolicy()
+        self.shared: TierAccounts | None = None  # the node cache actor's accounts, when under Ray
         self._hints_seen: tuple[int, int] | None = None  # (inode, mtime) of the hints file last applied
+        self._reserved: dict[str, tuple[int, float]] = {}  # digest -> (bytes, until): room granted, not yet written
+        self._lock = threading.RLock()  # the policy is shared by the threads of a process (fills, the actor's calls)
         for sub in ("blobs", "partial", "locks", "manifests", "snapshots"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -136,11 +180,21 @@ class LocalTier(Tier):
         return open(self.blob_path(digest), "rb")
 
     def touch(self, digest: str) -> None:
-        """Record a hit: the mtime is the access time other processes' policies see."""
+        """Record a hit: the mtime is the access time a policy rebuilt from the directory sees."""
         now = time.time()
         with contextlib.suppress(FileNotFoundError):
             os.utime(self.blob_path(digest), (now, now))
-        self.policy.on_hit(digest, now)
+        self.record_hit(digest, now)
+
+    def record_hit(self, digest: str, now: float) -> None:
+        """A process used this blob (here, or anywhere on the node when this is the node cache)."""
+        if self.shared is not None:
+            self.shared.hit(self.kind, digest, now)
+            return
+        with self._lock:
+            if digest not in self.policy.known() and self.stat(digest) is not None:
+                self.sync_policy()  # another process brought it: learn it before counting the hit
+            self.policy.on_hit(digest, now)
 
     def write(self, digest: str, chunks: Iterable[bytes], protected: Collection[str] = ()) -> None:
         tmp = self.root / "partial" / f"{digest}.{uuid.uuid4().hex}.tmp"
@@ -158,14 +212,38 @@ class LocalTier(Tier):
     def commit(self, digest: str, verified: Path, protected: Collection[str] = ()) -> None:
         """Move a verified file in under its digest, making room for it first."""
         size = verified.stat().st_size
-        self.make_room(size, set(protected) | {digest})
+        self.make_room(size, set(protected) | {digest}, digest)
         os.replace(verified, self.blob_path(digest))
-        self.policy.on_insert(digest, size, time.time())
+        self.record_insert(digest, size, time.time())
+
+    def record_insert(self, digest: str, size: int, now: float) -> None:
+        """A blob arrived under its digest (written here, or by another process the actor hears from)."""
+        if self.shared is not None:
+            self.shared.inserted(self.kind, digest, size, now)
+            return
+        with self._lock:
+            self._reserved.pop(digest, None)
+            if digest not in self.policy.known():  # a directory sync may have learned it first: keep its count
+                self.policy.on_insert(digest, size, now)
 
     def delete(self, digest: str) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
         self.partial_path(digest).unlink(missing_ok=True)
-        self.policy.on_remove(digest)
+        self.record_remove(digest)
+
+    def record_remove(self, digest: str) -> None:
+        if self.shared is not None:
+            self.shared.removed(self.kind, digest)
+            return
+        with self._lock:
+            self._reserved.pop(digest, None)
+            self.policy.on_remove(digest)
+
+    def plan(self, need: int) -> list[str]:
+        """What the policy would evict first to free `need` bytes now (nothing is evicted)."""
+        with self._lock:
+            self.sync_policy()
+            return self.policy.plan(need)
 
     def blobs(self) -> list[BlobInfo]:
         out = []
@@ -179,17 +257,57 @@ class LocalTier(Tier):
         return sum(b.size for b in self.blobs())
 
     def sync_policy(self) -> int:
-        """Align the policy with the directory, which other processes also change; returns bytes in use."""
-        self.apply_hints()
-        on_disk = {b.digest: b for b in self.blobs()}
-        known = self.policy.known()
-        for digest in known.keys() - on_disk.keys():
-            self.policy.on_remove(digest)
-        # Oldest first: a policy knows no counts for blobs other processes fetched, so among equal
-        # priorities it goes by the order it learned them in, which should be their access times.
-        for b in sorted((on_disk[d] for d in on_disk.keys() - known.keys()), key=lambda b: b.last_access):
-            self.policy.on_insert(b.digest, b.size, b.last_access)
-        return sum(b.size for b in on_disk.values())
+        """Align the policy with the directory, which other processes also change; returns bytes in
+        use, counting room granted for blobs still being written."""
+        with self._lock:
+            self.apply_hints()
+            on_disk = {b.digest: b for b in self.blobs()}
+            known = self.policy.known()
+            for digest in known.keys() - on_disk.keys():
+                self.policy.on_remove(digest)
+            # Oldest first: a policy knows no counts for blobs other processes fetched, so among equal
+            # priorities it goes by the order it learned them in, which should be their access times.
+            for b in sorted((on_disk[d] for d in on_disk.keys() - known.keys()), key=lambda b: b.last_access):
+                self.policy.on_insert(b.digest, b.size, b.last_access)
+            now = time.monotonic()
+            self._reserved = {d: r for d, r in self._reserved.items() if r[1] > now and d not in on_disk}
+            return sum(b.size for b in on_disk.values()) + sum(size for size, _ in self._reserved.values())
+
+    def admit(self, digest: str, size: int) -> bool:
+        """Whether an optional copy (filling this tier behind a load) should come in, by the policy."""
+        if self.shared is not None:
+            answer = self.shared.admit(self.kind, digest, size)
+            if answer is not None:
+                return answer
+        with self._lock:
+            return self.policy.admit(digest, size, self.sync_policy() + size - self.capacity)
+
+    def observe_bandwidth(self, source: str, nbytes: int, seconds: float) -> None:
+        """A fetch from tier kind `source` into this tier moved `nbytes` in `seconds`."""
+        if self.shared is not None:
+            self.shared.observe_bandwidth(self.kind, source, nbytes, seconds)
+            return
+        with self._lock:
+            self.policy.observe_bandwidth(source, nbytes, seconds)
+
+    def save_state(self) -> None:
+        """Write the policy's counts next to the blobs (`cache_state.json`), for a restarted keeper."""
+        with self._lock:
+            body = {"written": time.time(), "policy": type(self.policy).__name__, "state": self.policy.state()}
+        atomic_write_bytes(self.root / STATE_NAME, json.dumps(body).encode())
+
+    def load_state(self) -> bool:
+        """Take back counts `save_state` wrote (same policy only), then align with the directory."""
+        try:
+            body = json.loads((self.root / STATE_NAME).read_bytes())
+        except (OSError, ValueError):
+            body = None
+        restored = False
+        with self._lock:
+            if isinstance(body, dict) and body.get("policy") == type(self.policy).__name__:
+                restored = self.policy.restore(body.get("state") or {})
+            self.sync_policy()
+        return restored
 
     def apply_hints(self) -> None:
         """Hand the registry's hints (`hints.json`) to the policy, once per new file; deadlines
@@ -209,28 +327,37 @@ class LocalTier(Tier):
         for until, digests in _by_deadline(keep).items():  # after idle: keep-alive wins a conflict
             self.policy.set_keepalive(digests, until)
 
-    def make_room(self, size: int, protected: Collection[str] = ()) -> list[str]:
-        """Evict by policy until `size` more bytes fit; TierFull when they cannot."""
+    def make_room(self, size: int, protected: Collection[str] = (), digest: str | None = None) -> list[str]:
+        """Evict by policy until `size` more bytes fit; TierFull when they cannot. With `digest`,
+        the room is held for that blob until it arrives, so two writers cannot both take it."""
         if size > self.capacity:
             raise TierFull(f"tier {self.describe()}: a {size} B blob exceeds its capacity of {self.capacity} B")
-        used = self.sync_policy()
-        need = used + size - self.capacity
-        if need <= 0:
-            return []
-        victims = self.policy.plan(need, protected)
-        freed = 0
-        for digest in victims:
-            info = self.stat(digest)
-            self.delete(digest)
-            freed += info.size if info else 0
-        CACHE_EVICTIONS.inc(len(victims), tier=self.kind, reason="capacity")
-        CACHE_EVICTED_BYTES.inc(freed, tier=self.kind, reason="capacity")
-        if freed < need:
-            raise TierFull(
-                f"tier {self.describe()}: needs {need} B more room but only {freed} B are evictable "
-                f"(capacity {self.capacity} B, in use {used - freed} B)"
-            )
-        return victims
+        if self.shared is not None:
+            victims = self.shared.make_room(self.kind, size, protected, digest)
+            if victims is not None:
+                return victims
+        with self._lock:
+            if digest is not None:
+                self._reserved.pop(digest, None)  # asked again for the same blob: one reservation
+            used = self.sync_policy()
+            need = used + size - self.capacity
+            victims = self.policy.plan(need, protected) if need > 0 else []
+            freed = 0
+            for victim in victims:
+                info = self.stat(victim)
+                self.delete(victim)
+                freed += info.size if info else 0
+            if victims:
+                CACHE_EVICTIONS.inc(len(victims), tier=self.kind, reason="capacity")
+                CACHE_EVICTED_BYTES.inc(freed, tier=self.kind, reason="capacity")
+            if freed < need:
+                raise TierFull(
+                    f"tier {self.describe()}: needs {need} B more room but only {freed} B are evictable "
+                    f"(capacity {self.capacity} B, in use {used - freed} B)"
+                )
+            if digest is not None and self.stat(digest) is None:
+                self._reserved[digest] = (size, time.monotonic() + RESERVATION_S)
+            return victims
 
     @contextlib.contextmanager
     def disk_errors(self) -> Iterator[None]:

@@ -1,0 +1,293 @@
+"""One cache per node: the actor that keeps every local tier's budget, policy and counters.
+
+Without it each process (every replica, each node task, the CLI) rebuilt a policy from the
+tier's directory, so use counts started at zero everywhere and `cost` ran close to LRU. Now
+every process on a node reports to one keeper per node and storage config:
+
+- processes still move every byte themselves (ranged reads, writes, atomic renames, mmap);
+- they report hits, inserts, removals and observed bandwidths in batches, not waited on;
+- they ask for room before writing a blob (and whether an optional fill copy may come in),
+  and the keeper answers after doing the evictions its one policy per tier chose, holding
+  the room for that blob until it arrives, so two writers cannot both take it;
+- the keeper writes its policies' counts next to the blobs (`cache_state.json`) and a
+  restarted keeper (Ray restarts it) rebuilds from them and from the directories.
+
+`NodeCache` is the plain class (tested without Ray); `NodeCacheService` is the thin actor,
+found per node by name (`node_cache_handle`); `NodeCacheAccounts` is what a process's
+`LocalTier`s talk to (`TierAccounts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from helios.config import StorageConfig
+from helios.errors import HeliosError, StorageError
+from helios.observability.logs import get_logger, log_event
+from helios.storage.tiers import LocalTier, TierAccounts
+
+logger = get_logger("storage.node_cache")
+
+NAMESPACE = "helios"
+NAME_PREFIX = "helios-node-cache"
+BATCH = 256  # events a process sends in one report at most
+CALL_TIMEOUT_S = 60.0
+SAVE_EVERY_S = 1.0
+
+Event = Sequence[Any]
+"""("hit", kind, digest, now) | ("insert", kind, digest, size, now) | ("remove", kind, digest)
+| ("bandwidth", kind, source, nbytes, seconds)"""
+
+
+class NodeCache:
+    """Every local tier of one storage config on this node, one policy each, for all its processes."""
+
+    def __init__(self, storage: dict[str, Any], cache_root: str, save_every_s: float = SAVE_EVERY_S) -> None:
+        from helios.storage.store import ModelStore
+
+        self.store = ModelStore.from_config(StorageConfig.model_validate(storage), Path(cache_root), shared=False)
+        self.tiers: dict[str, LocalTier] = {t.kind: t for t in self.store.local}
+        self.counters: dict[str, Counter[str]] = {kind: Counter() for kind in self.tiers}
+        self.clients: set[str] = set()
+        self.started = time.time()
+        self.restored = {kind: t.load_state() for kind, t in self.tiers.items()}
+        self._dirty: set[str] = set()
+        self._saved_at: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._saver = threading.Thread(target=self._save_loop, args=(save_every_s,), name="helios-cache-save",
+                                       daemon=True)
+        self._saver.start()
+        log_event(logger, "node_cache_started", tiers=sorted(self.tiers), restored=self.restored,
+                  blobs={k: len(t.policy.known()) for k, t in self.tiers.items()})
+
+    # -- what processes send ------------------------------------------------------------
+
+    def report(self, client: str, events: Sequence[Event]) -> None:
+        """Hits, inserts, removals and bandwidths one process saw, in its order."""
+        with self._lock:
+            self.clients.add(client)
+            for event in events:
+                self._apply(event)
+
+    def make_room(
+        self, client: str, events: Sequence[Event], kind: str, size: int, protected: Collection[str],
+        digest: str | None,
+    ) -> list[str]:
+        """Apply `events`, then evict until `size` more bytes fit in `kind`: the victims (already gone)."""
+        tier = self._tier(kind)
+        self.report(client, events)
+        victims = tier.make_room(size, set(protected), digest)  # the tier's own lock orders concurrent callers
+        with self._lock:
+            self.counters[kind]["room_asked"] += 1
+            self.counters[kind]["evictions"] += len(victims)
+            if victims:
+                self._dirty.add(kind)
+        return victims
+
+    def admit(self, client: str, events: Sequence[Event], kind: str, digest: str, size: int) -> bool:
+        tier = self._tier(kind)
+        self.report(client, events)
+        answer = tier.admit(digest, size)
+        with self._lock:
+            self.counters[kind]["admitted" if answer else "refused"] += 1
+            self._dirty.add(kind)  # a refusal remembers the blob's count
+        return answer
+
+    def _apply(self, event: Event) -> None:
+        op, kind = event[0], event[1]
+        tier = self.tiers.get(kind)
+        if tier is None:
+            return
+        if op == "hit":
+            tier.record_hit(event[2], float(event[3]))
+        elif op == "insert":
+            tier.record_insert(event[2], int(event[3]), float(event[4]))
+        elif op == "remove":
+            tier.record_remove(event[2])
+        elif op == "bandwidth":
+            tier.observe_bandwidth(event[2], int(event[3]), float(event[4]))
+        else:
+            return
+        self.counters[kind][op + "s"] += 1
+        self._dirty.add(kind)
+
+    def _tier(self, kind: str) -> LocalTier:
+        tier = self.tiers.get(kind)
+        if tier is None:
+            raise StorageError(f"no {kind} tier in this node cache (have: {', '.join(self.tiers)})")
+        return tier
+
+    # -- what an operator or a test reads -----------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per tier: bytes used (and reserved for blobs being written), capacity, policy, blobs
+        known, counters; the processes heard from; when the counts were last saved."""
+        tiers = {}
+        for kind, t in self.tiers.items():
+            used = t.sync_policy()
+            with self._lock:
+                counters = dict(self.counters[kind])
+            tiers[kind] = {"path": str(t.root), "used": used, "capacity": t.capacity,
+                           "policy": type(t.policy).__name__, "blobs": len(t.policy.known()), "counters": counters}
+        with self._lock:
+            clients = sorted(self.clients)
+        return {"node": socket.gethostname(), "pid": os.getpid(), "started": self.started, "tiers": tiers,
+                "clients": clients, "restored": self.restored, "saved_at": self._saved_at}
+
+    def victims_for(self, kind: str, need: int) -> list[str]:
+        """What the tier's policy would evict first to free `need` bytes now (nothing is evicted)."""
+        return self._tier(kind).plan(need)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write every tier's counts that changed since the last save."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for kind in dirty:
+            try:
+                self.tiers[kind].save_state()
+            except OSError as exc:  # a full or read-only disk: counts are lost on restart, bytes are not
+                log_event(logger, "node_cache_save_failed", tier=kind, error=str(exc))
+        self._saved_at = time.time()
+
+    def _save_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.save()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.save()
+
+
+class NodeCacheService:
+    """The Ray actor around `NodeCache`: one per node and storage config, restarted by Ray."""
+
+    def __init__(self, storage: dict[str, Any], cache_root: str) -> None:
+        self.cache = NodeCache(storage, cache_root)
+
+    def report(self, client: str, events: list[Event]) -> None:
+        self.cache.report(client, events)
+
+    def make_room(self, client: str, events: list[Event], kind: str, size: int, protected: list[str],
+                  digest: str | None) -> list[str]:
+        return self.cache.make_room(client, events, kind, size, protected, digest)
+
+    def admit(self, client: str, events: list[Event], kind: str, digest: str, size: int) -> bool:
+        return self.cache.admit(client, events, kind, digest, size)
+
+    def stats(self) -> dict[str, Any]:
+        return self.cache.stats()
+
+    def victims_for(self, kind: str, need: int) -> list[str]:
+        return self.cache.victims_for(kind, need)
+
+    def save(self) -> None:
+        self.cache.save()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def actor_name(storage: dict[str, Any], cache_root: str, node_id: str) -> str:
+    """One keeper per node and set of local tiers (two apps with the same tiers share it)."""
+    local = [t for t in storage.get("tiers", []) if t.get("kind") != "remote"]
+    key = json.dumps({"tiers": local, "cache_root": str(Path(cache_root).expanduser())}, sort_keys=True, default=str)
+    return f"{NAME_PREFIX}-{node_id[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def node_cache_handle(storage: dict[str, Any], cache_root: str, node_id: str | None = None) -> Any:
+    """The node cache actor of `node_id` (default: this process's node), started if there is none."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return ray.remote(NodeCacheService).options(
+        name=actor_name(storage, cache_root, node_id), namespace=NAMESPACE, get_if_exists=True,
+        lifetime="detached", num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=16,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(storage, str(cache_root))
+
+
+class NodeCacheAccounts(TierAccounts):
+    """A process's side of the node cache: batches reports, asks for room and admission."""
+
+    def __init__(self, cfg: StorageConfig, cache_root: Path) -> None:
+        self._args = (cfg.model_dump(mode="json"), str(cache_root))
+        self.client = f"{socket.gethostname()}:{os.getpid()}"
+        self._handle: Any = None
+        self._events: list[Event] = []
+        self._lock = threading.Lock()
+
+    def _actor(self) -> Any:
+        if self._handle is None:
+            self._handle = node_cache_handle(*self._args)
+        return self._handle
+
+    def hit(self, kind: str, digest: str, now: float) -> None:
+        self._add(("hit", kind, digest, now))
+
+    def inserted(self, kind: str, digest: str, size: int, now: float) -> None:
+        self._add(("insert", kind, digest, size, now))
+
+    def removed(self, kind: str, digest: str) -> None:
+        self._add(("remove", kind, digest))
+
+    def observe_bandwidth(self, kind: str, source: str, nbytes: int, seconds: float) -> None:
+        self._add(("bandwidth", kind, source, nbytes, seconds))
+
+    def _add(self, event: Event) -> None:
+        with self._lock:
+            self._events.append(event)
+            full = len(self._events) >= BATCH
+        if full:
+            self.flush()
+
+    def _take(self) -> list[Event]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def flush(self) -> None:
+        events = self._take()
+        if not events:
+            return
+        try:
+            self._actor().report.remote(self.client, events)  # ordered before this process's next call
+        except Exception as exc:  # noqa: BLE001 - no cluster any more: the counts are lost, the bytes are not
+            log_event(logger, "node_cache_unreachable", call="report", error=f"{type(exc).__name__}: {exc}")
+            self._handle = None
+
+    def make_room(self, kind: str, size: int, protected: Collection[str], digest: str | None) -> list[str] | None:
+        return self._call("make_room", kind, size, sorted(protected), digest)
+
+    def admit(self, kind: str, digest: str, size: int) -> bool | None:
+        return self._call("admit", kind, digest, size)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        events = self._take()
+        try:
+            ref = getattr(self._actor(), method).remote(self.client, events, *args)
+            return ray.get(ref, timeout=CALL_TIMEOUT_S)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, HeliosError):
+                raise cause from None  # the keeper's answer (a full tier), as the tier itself would say it
+            log_event(logger, "node_cache_failed", call=method, error=str(exc)[:300])
+        except Exception as exc:  # noqa: BLE001 - restarting, timed out, or no cluster: this call decides alone
+            log_event(logger, "node_cache_unreachable", call=method, error=f"{type(exc).__name__}: {exc}"[:300])
+            self._handle = None
+        return None
