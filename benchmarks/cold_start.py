@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import queue
 import shutil
 import statistics
@@ -49,13 +48,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import s3rver
 import servers
+from common import bench_dtype, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "cold_start"
 RAM_TIER = Path("/dev/shm") / "helios-bench-cold-start"
 MODEL_NAME = "bench"  # the id clients send
 STORE_ID, STORE_VERSION = "bench-model", "v1"
-ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
+ENGINE = {"dtype": bench_dtype(), "max_model_len": 512, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
 PARTS = ("local", "s3", "rayserve", "helios", "pool", "engine", "share")
 _CACHE_METHOD: str | None = None
 
@@ -879,8 +879,7 @@ def main() -> None:
     for d in (cache_root, nvme_root.parent, RAM_TIER):
         shutil.rmtree(d, ignore_errors=True)
     report: dict = {"benchmark": "cold_start", "quick": args.quick,
-                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                "python": platform.python_version()},
+                    "machine": machine(),
                     "workload": {"model": "demo://bench", "model_bytes": sum(f.stat().st_size for f in model_files),
                                  "engine": ENGINE, "s3_repeats": repeats,
                                  "local_repeats": local_repeats, "first_token_repeats": ft_repeats}}

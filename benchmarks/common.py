@@ -29,9 +29,18 @@ def cpu_flags() -> list[str]:
     return sorted(wanted & set(line.split()))
 
 
+def bench_dtype(flags: list[str] | None = None) -> str:
+    """bfloat16 where the CPU has native bf16 (AVX-512 bf16 or AMX); float32 otherwise, since vLLM
+    then emulates bf16 matmuls about 30x slower (a long recompute outlasts its 5-minute step timeout)."""
+    flags = cpu_flags() if flags is None else flags
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
 def machine() -> dict:
+    """The machine's facts every result records: CPU count and flags, and the dtype they choose."""
+    flags = cpu_flags()
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_flags": cpu_flags()}
+            "cpu_flags": flags, "bench_dtype": bench_dtype(flags)}
 
 
 async def wait_ready(base: str, proc, timeout_s: float = 600) -> float:

@@ -32,7 +32,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
-from common import cpu_flags, machine, wait_ready
+from common import bench_dtype, cpu_flags, machine, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTERS = ("helios", "serve_default", "ray_prefix")
@@ -41,11 +41,6 @@ MAX_TOKENS = 4
 
 def log(msg: str) -> None:
     print(f"[routing {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def bench_dtype(flags: list[str]) -> str:
-    """bfloat16 where the CPU has native bf16 (else vLLM emulates it, about 30x slower), float32 otherwise."""
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
 def system_prompt(i: int, chars: int) -> str:

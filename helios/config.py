@@ -350,6 +350,10 @@ class RemoteTierConfig(_TierBandwidth):
         "also come from the usual AWS_* environment variables.",
     )
 
+    reader: Literal["auto", "obstore", "fsspec"] = Field(
+        "auto", description="How blob ranges are read from an s3:// remote: obstore (Rust, releases the GIL, "
+        "so the transfer window runs in parallel), fsspec (s3fs), or auto (obstore when installed).")
+
     @field_validator("url")
     @classmethod
     def _has_scheme(cls, value: str) -> str:

@@ -24,14 +24,13 @@ import heapq
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from helios.errors import HeliosError
 from helios.observability.logs import get_logger, log_event
 from helios.registry.catalog import VersionRecord
 from helios.registry.usage import UsageBook
 from helios.storage.manifest import Manifest
+from helios.storage.node_ops import apply_on_node, fastest_kind, held_locally, ram_tier
 from helios.storage.prefetch import (
     Idle,
     KeepAlive,
@@ -42,7 +41,6 @@ from helios.storage.prefetch import (
     Prewarm,
 )
 from helios.storage.store import ModelStore
-from helios.storage.tiers import LOCAL_KINDS, LocalTier, write_hints
 
 logger = get_logger("registry.prefetch")
 
@@ -152,7 +150,7 @@ class Prefetcher:
         left out before it is looked up again."""
         self.store = store
         self.interval_s = interval_s
-        self.ram = _ram_tier(store)
+        self.ram = ram_tier(store)
         capacity = self.ram.capacity if self.ram else 0
         self.planner = planner or PrefetchPlanner(capacity, bandwidths, interval_s=interval_s or 30.0)
         self.retry_s = retry_s
@@ -335,10 +333,10 @@ class Prefetcher:
     def _fastest(self, model_id: str, manifest: Manifest, warm: WarmTiers) -> str:
         """The fastest tier holding the whole version: local tiers here (stats, no network), or a faster
         one a node reported; "remote" when none does (the store's durable copy)."""
-        kinds = set(_held_locally(self.store, manifest)) if self.store else set()
+        kinds = set(held_locally(self.store, manifest)) if self.store else set()
         for models in warm.values():
             kinds |= {k for k, size in models.get(model_id, {}).items() if size >= manifest.total_bytes}
-        return _fastest_kind(kinds)
+        return fastest_kind(kinds)
 
     def _log_changes(self, plan: PrefetchPlan) -> None:
         now_state = {i.model_id: "idle" for i in plan.idle} | {k.model_id: "keep_alive" for k in plan.keep_alive}
@@ -374,116 +372,59 @@ def _hinted(item: KeepAlive | Idle) -> dict[str, Any]:
     return {"model": item.model_id, "until": item.until, "probability": round(item.probability, 3)}
 
 
-def _ram_tier(store: ModelStore | None) -> LocalTier | None:
-    return next((t for t in store.local if t.kind == "ram"), None) if store else None
-
-
 def _digests(target: Target) -> list[str]:
     return [f.sha256 for f in target.manifest.files]
 
 
-def _held_locally(store: ModelStore, manifest: Manifest) -> list[str]:
-    """Kinds of the store's local tiers that hold every blob of the version (stats, no network)."""
-    return [t.kind for t in store.local if t.has_all(manifest)]
-
-
-def _fastest_kind(kinds: Iterable[str]) -> str:
-    """The fastest local kind among `kinds`; "remote" when there is none (the store's durable copy)."""
-    kinds = set(kinds)
-    return next((k for k in LOCAL_KINDS if k in kinds), "remote")
-
-
-def apply_to_store(
-    store: ModelStore, hints: Mapping[str, Mapping[str, float]], manifests: Iterable[Mapping[str, Any]],
-    prewarm_from: Iterable[str] = ("nvme", "ssd"), report: Iterable[Mapping[str, Any]] = (),
-) -> dict[str, Any]:
-    """One node's share of a round: publish the hints in its RAM tier, bring each manifest's version
-    into RAM if a local tier in `prewarm_from` holds it (never from the remote), and say, for each
-    manifest in `report`, the fastest of this node's tiers holding all of it ("remote": none here),
-    which the next round plans this node on."""
-    ram = _ram_tier(store)
-    if ram is None:
-        return {"error": "no ram tier on this node"}
-    path = write_hints(ram.root, hints.get("keep_alive", {}), hints.get("idle", {}))
-    allowed = set(prewarm_from)
-    done = []
-    for data in manifests:
-        manifest = Manifest.model_validate(data)
-        item: dict[str, Any] = {"model": manifest.model_id, "version": manifest.version}
-        held = _held_locally(store, manifest)
-        if "ram" in held:
-            done.append({**item, "skipped": "already in ram"})
-            continue
-        if not allowed & set(held):
-            done.append({**item, "skipped": f"not on {'/'.join(sorted(allowed))} here"})
-            continue
-        try:
-            local = store.localize(manifest, "ram")
-        except HeliosError as exc:  # a full RAM tier: the round goes on with the next model
-            done.append({**item, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        done.append({**item, "bytes": manifest.total_bytes, "fetched_bytes": local.fetched_bytes,
-                     "sources": local.sources, "seconds": round(local.timings["fetch_s"], 3)})
-    tiers = {}
-    for data in report:
-        try:
-            manifest = Manifest.model_validate(data)
-            tiers[manifest.model_id] = _fastest_kind(_held_locally(store, manifest))
-        except (ValueError, OSError):  # a manifest or tier this node cannot read: no report for it
-            continue
-    return {"hints": str(path), "prewarmed": done, "tiers": tiers}
-
-
-def apply_on_node(
-    storage: dict[str, Any], cache_root: str, hints: dict[str, dict[str, float]], manifests: list[dict[str, Any]],
-    prewarm_from: list[str], report: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The Ray task body: this node's store from the shared storage config, then `apply_to_store`."""
-    from helios.config import StorageConfig
-
-    store = ModelStore.from_config(StorageConfig.model_validate(storage), Path(cache_root))
-    return apply_to_store(store, hints, manifests, prewarm_from, report or ())
-
-
 class NodeDispatcher:
-    """Runs each round on every alive node as a Ray task pinned there, at most one prewarm in flight
-    per node: a node still busy with a long prewarm gets only the round's hints (a task of its own),
-    and the prewarm's result is reported when it lands."""
+    """Runs each round on every alive node, at most one prewarm in flight per node: a call on the
+    node's cache actor (`storage.node_cache`, the default), so the round's hints and prewarms reach
+    the one policy every process there uses, or else a Ray task pinned there. A node still busy
+    with a long prewarm gets only the round's hints (a call of its own), and the prewarm's result
+    is reported when it lands."""
 
     def __init__(self, storage: dict[str, Any], cache_root: str, prewarm_from: Iterable[str]) -> None:
         self.storage = storage
         self.cache_root = cache_root
         self.prewarm_from = list(prewarm_from)
+        self.node_cache = bool(storage.get("node_cache", True))
         self._inflight: dict[str, tuple[Any, float]] = {}  # node id -> (object ref, started)
         self._task: Any = None  # the Ray remote function, made once
-        self._hint_refs: list[Any] = []  # hints-only tasks sent to busy nodes, not waited on
+        self._hint_refs: list[Any] = []  # hints-only calls sent to busy nodes, not waited on
+
+    def _submit(self, node: str, name: str, *args: Any) -> Any:
+        """One node's share of a round, on its cache actor or as a pinned task: an object ref."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self.node_cache:
+            from helios.storage.node_cache import node_cache_handle
+
+            return node_cache_handle(self.storage, self.cache_root, node).prefetch_round.remote(*args)
+        if self._task is None:
+            self._task = ray.remote(num_cpus=0, max_retries=0)(apply_on_node)
+        strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+        return self._task.options(scheduling_strategy=strategy, name=name).remote(self.storage, self.cache_root, *args)
 
     def run(self, decision: Decision, wait_s: float) -> dict[str, dict[str, Any]]:
         """node id -> what it did (or {"error"} / {"busy_since"}), waiting at most `wait_s` for this round."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from helios.storage.node_ops import alive_nodes
 
         results = self.collect(0)
         nodes = alive_nodes()
-        if self._task is None:
-            self._task = ray.remote(num_cpus=0, max_retries=0)(apply_on_node)
         report = decision.report()
-        if self._hint_refs:  # forget the hints-only tasks that are done
+        if self._hint_refs:  # forget the hints-only calls that are done
             _, self._hint_refs = ray.wait(self._hint_refs, num_returns=len(self._hint_refs), timeout=0)
         for node in nodes:
-            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
             hints = decision.hints(node)
             if node in self._inflight:  # still prewarming: this round's hints go out on their own
                 results[node] = {"busy_since": self._inflight[node][1]}
-                self._hint_refs.append(self._task.options(scheduling_strategy=strategy, name="helios-hints").remote(
-                    self.storage, self.cache_root, hints, [], self.prewarm_from
-                ))
+                self._hint_refs.append(self._submit(node, "helios-hints", hints, [], self.prewarm_from))
                 continue
-            ref = self._task.options(scheduling_strategy=strategy, name="helios-prefetch").remote(
-                self.storage, self.cache_root, hints, decision.prewarms_for(node, nodes), self.prewarm_from, report
-            )
+            ref = self._submit(node, "helios-prefetch", hints, decision.prewarms_for(node, nodes), self.prewarm_from,
+                               report)
             self._inflight[node] = (ref, time.time())
         results.update(self.collect(wait_s))
         return results

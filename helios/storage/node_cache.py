@@ -10,7 +10,8 @@ every process on a node reports to one keeper per node and storage config:
   and the keeper answers after doing the evictions its one policy per tier chose, holding
   the room for that blob until it arrives, so two writers cannot both take it;
 - the keeper writes its policies' counts next to the blobs (`cache_state.json`) and a
-  restarted keeper (Ray restarts it) rebuilds from them and from the directories.
+  restarted keeper (Ray restarts it) rebuilds from them and from the directories;
+- the registry's prefetch rounds (keep-alive and idle hints, prewarms) are calls on it.
 
 `NodeCache` is the plain class (tested without Ray); `NodeCacheService` is the thin actor,
 found per node by name (`node_cache_handle`); `NodeCacheAccounts` is what a process's
@@ -194,6 +195,13 @@ class NodeCacheService:
 
     def save(self) -> None:
         self.cache.save()
+
+    def prefetch_round(self, hints: dict[str, dict[str, float]], manifests: list[dict[str, Any]],
+                       prewarm_from: list[str], report: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """This node's share of a registry prefetch round, on the node's own tiers and policies."""
+        from helios.storage.node_ops import apply_to_store
+
+        return apply_to_store(self.cache.store, hints, manifests, prewarm_from, report or ())
 
     def pid(self) -> int:
         return os.getpid()

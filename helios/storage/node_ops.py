@@ -10,12 +10,15 @@ must not wait behind engine replicas for a logical CPU.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from helios.config import StorageConfig
 from helios.errors import HeliosError, InvalidRequest
+from helios.storage.manifest import Manifest
 from helios.storage.store import ModelStore
+from helios.storage.tiers import LOCAL_KINDS, LocalTier, write_hints
 
 
 def alive_nodes() -> list[str]:
@@ -55,6 +58,73 @@ def status(storage: dict[str, Any], cache_root: str) -> dict[str, Any]:
             "model_bytes": {m.model_id: m.total_bytes for m in held},
         }
     return {"tiers": tiers}
+
+
+def ram_tier(store: ModelStore | None) -> LocalTier | None:
+    return next((t for t in store.local if t.kind == "ram"), None) if store else None
+
+
+def held_locally(store: ModelStore, manifest: Manifest) -> list[str]:
+    """Kinds of the store's local tiers that hold every blob of the version (stats, no network)."""
+    return [t.kind for t in store.local if t.has_all(manifest)]
+
+
+def fastest_kind(kinds: Iterable[str]) -> str:
+    """The fastest local kind among `kinds`; "remote" when there is none (the store's durable copy)."""
+    kinds = set(kinds)
+    return next((k for k in LOCAL_KINDS if k in kinds), "remote")
+
+
+def apply_to_store(
+    store: ModelStore, hints: Mapping[str, Mapping[str, float]], manifests: Iterable[Mapping[str, Any]],
+    prewarm_from: Iterable[str] = ("nvme", "ssd"), report: Iterable[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """One node's share of a round: publish the hints in its RAM tier, bring each manifest's version
+    into RAM if a local tier in `prewarm_from` holds it (never from the remote), and say, for each
+    manifest in `report`, the fastest of this node's tiers holding all of it ("remote": none here),
+    which the next round plans this node on."""
+    ram = ram_tier(store)
+    if ram is None:
+        return {"error": "no ram tier on this node"}
+    path = write_hints(ram.root, hints.get("keep_alive", {}), hints.get("idle", {}))
+    allowed = set(prewarm_from)
+    done = []
+    for data in manifests:
+        manifest = Manifest.model_validate(data)
+        item: dict[str, Any] = {"model": manifest.model_id, "version": manifest.version}
+        held = held_locally(store, manifest)
+        if "ram" in held:
+            done.append({**item, "skipped": "already in ram"})
+            continue
+        if not allowed & set(held):
+            done.append({**item, "skipped": f"not on {'/'.join(sorted(allowed))} here"})
+            continue
+        try:
+            local = store.localize(manifest, "ram")
+        except HeliosError as exc:  # a full RAM tier: the round goes on with the next model
+            done.append({**item, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        done.append({**item, "bytes": manifest.total_bytes, "fetched_bytes": local.fetched_bytes,
+                     "sources": local.sources, "seconds": round(local.timings["fetch_s"], 3)})
+    tiers = {}
+    for data in report:
+        try:
+            manifest = Manifest.model_validate(data)
+            tiers[manifest.model_id] = fastest_kind(held_locally(store, manifest))
+        except (ValueError, OSError):  # a manifest or tier this node cannot read: no report for it
+            continue
+    return {"hints": str(path), "prewarmed": done, "tiers": tiers}
+
+
+def apply_on_node(
+    storage: dict[str, Any], cache_root: str, hints: dict[str, dict[str, float]], manifests: list[dict[str, Any]],
+    prewarm_from: list[str], report: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The Ray task body: this node's store from the shared storage config, then `apply_to_store`."""
+    from helios.config import StorageConfig
+
+    store = ModelStore.from_config(StorageConfig.model_validate(storage), Path(cache_root))
+    return apply_to_store(store, hints, manifests, prewarm_from, report or ())
 
 
 OPS = {"preload": preload, "evict": evict, "status": status}

@@ -26,8 +26,10 @@ Pure logic, no Ray and no files; the registry owns one planner and acts on its p
 `ModelState.tier` is the fastest tier holding all of the model ("ram", "nvme", "ssd",
 "remote"; a model being fetched into RAM counts as "ram"). Keep-alive and idle are hints
 to the `cost` eviction policy (kept-alive blobs are evicted last, never refused; idle ones
-first); `lru` ignores them. Policies live in each process, so the hints travel as a file in
-the RAM tier's root (`hints.json`) that every tier hands to its policy when it syncs.
+first); `lru` ignores them. Each round runs on every node's cache actor (`node_cache.py`),
+which holds the one policy per tier that all processes there use; it also leaves the hints in
+the RAM tier's root (`hints.json`), where a restarted actor, or a process keeping its own policy
+(`storage.node_cache: false`), picks them up when it syncs.
 Prewarms come only from local tiers by default (`prewarm_from`): a speculative fetch from
 the remote holds up the demand misses that share its link, which the benchmark showed
 costs more than it saves.

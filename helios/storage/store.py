@@ -86,7 +86,7 @@ class ModelStore:
         tiers: list[Tier] = []
         for t in cfg.tiers:
             if isinstance(t, RemoteTierConfig):
-                tiers.append(RemoteTier(t.url, t.storage_options))
+                tiers.append(RemoteTier(t.url, t.storage_options, t.reader))
             else:
                 root = Path(t.path).expanduser() if t.path else default_local_path(t.kind, cache_root)
                 tiers.append(LocalTier(t.kind, root, int(t.capacity)))

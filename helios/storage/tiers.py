@@ -467,10 +467,18 @@ class RemoteTier(Tier):
 
     kind = "remote"
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, reader: str = "auto") -> None:
+        """`reader`: how blob ranges are read from an s3:// remote: "obstore" (GIL-free, see
+        s3_reads.py), "fsspec" (s3fs), or "auto" (obstore when installed)."""
         import fsspec
 
         self.url = url
+        self._ranges = None
+        if url.startswith("s3://") and reader != "fsspec":
+            from helios.storage import s3_reads
+
+            if reader == "obstore" or s3_reads.available():
+                self._ranges, self._range_prefix = s3_reads.obstore_reader(url, storage_options or {})
         if url.startswith("file://"):
             url = "file://" + str(Path(url.removeprefix("file://")).expanduser())
         options = dict(storage_options or {})
@@ -503,6 +511,8 @@ class RemoteTier(Tier):
         return BlobInfo(digest, int(info["size"]))
 
     def read_range(self, digest: str, start: int, end: int) -> bytes:
+        if self._ranges is not None:
+            return self._ranges(f"{self._range_prefix}blobs/{digest}", start, end)
         with self.errors():
             return self.fs.cat_file(self._blob(digest), start=start, end=end)
 

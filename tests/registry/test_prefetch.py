@@ -12,10 +12,10 @@ import pytest
 from helios.config import StorageConfig
 from helios.registry.catalog import VersionRecord
 from helios.registry.core import RegistryCore, store_source
-from helios.registry.prefetch import apply_to_store
 from helios.registry.usage import UsageBook, UsageLog
 from helios.storage.eviction import CostAwarePolicy
 from helios.storage.manifest import Manifest
+from helios.storage.node_ops import apply_to_store
 from helios.storage.store import ModelStore
 from helios.storage.tiers import HINTS_NAME, LocalTier, read_hints, write_hints
 from tests.registry.conftest import HOUR, periodic, ram_store_config

@@ -13,14 +13,31 @@ from helios.storage.manifest import FileEntry, Manifest
 from helios.storage.tiers import LocalTier, RemoteTier, Tier
 
 
-@pytest.fixture(params=["local", "file", "s3"])
+@pytest.fixture(params=["local", "file", "s3", "s3-fsspec"])
 def tier(request: pytest.FixtureRequest, tmp_path: Path) -> Tier:
+    """Every kind of tier; S3 with blob ranges read by obstore (the default) and by s3fs."""
     if request.param == "local":
         return LocalTier("nvme", tmp_path / "nvme", capacity=1 << 30)
     if request.param == "file":
         return RemoteTier(f"file://{tmp_path / 'remote'}")
     s3 = request.getfixturevalue("s3")
-    return RemoteTier(s3.url(), s3.options)
+    reader = "fsspec" if request.param == "s3-fsspec" else "obstore"
+    return RemoteTier(s3.url(), s3.options, reader)
+
+
+def test_s3_ranges_are_read_by_obstore_and_a_missing_blob_is_not_found(s3) -> None:
+    from helios.errors import RemoteUnavailable
+
+    tier = RemoteTier(s3.url(), s3.options)
+    assert tier._ranges is not None  # auto: obstore is installed
+    data, digest = _blob(1 << 20)
+    tier.write(digest, [data])
+    assert bytes(tier.read_range(digest, 1000, 5000)) == data[1000:5000]
+    with pytest.raises(FileNotFoundError):
+        tier.read_range("0" * 64, 0, 10)
+    dead = RemoteTier(s3.url(), {**s3.options, "endpoint_url": "http://127.0.0.1:9"}, "obstore")
+    with pytest.raises(RemoteUnavailable):
+        dead.read_range(digest, 0, 10)
 
 
 def _blob(n: int = 3 << 20) -> tuple[bytes, str]:
