@@ -172,7 +172,7 @@ def fastsafetensors_load(files: list[Path], dst) -> int:
 
     total = 0
     with fastsafe_open(filenames=[str(f) for f in files], nogds=True, device="cpu", debug_log=False) as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - not a dict: fastsafetensors has no __iter__
             flat = f.get_tensor(key).reshape(-1).view(torch.uint8)
             dst[: flat.numel()].copy_(flat)
             total += flat.numel()

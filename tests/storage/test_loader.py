@@ -445,3 +445,27 @@ def test_second_replica_shares_the_weights(shm_bench: Path, tmp_path: Path) -> N
     assert on["memory_mib"]["weights_private"] < weights_mib / 3
     # ... and in all it holds at least two thirds of the weights' size less private memory.
     assert result["private_saved_mib"] > 2 * weights_mib / 3
+
+
+@pytest.mark.parametrize("advice", ["populate", "fallback"])
+def test_read_ahead_brings_every_byte_with_or_without_populate_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, advice: str
+) -> None:
+    """The read-ahead faults blocks in with MADV_POPULATE_READ, or reads them through a buffer where
+    the kernel refuses the advice; either way the loader yields the file's exact tensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from helios.storage import loader
+
+    if advice == "fallback":
+        monkeypatch.setattr(loader, "_MADV_POPULATE_READ", 0x7FFF)  # no such advice: EINVAL
+    monkeypatch.setattr(loader.ReadAhead, "_BLOCK", 64 << 10)
+    files = []
+    for i in range(2):
+        path = tmp_path / f"w{i}.safetensors"
+        save_file({f"f{i}.t{j}": torch.randn(97, 131) for j in range(6)}, str(path))
+        files.append(path)
+    got = {f"{n}": t.clone() for n, t in loader.iter_mapped_weights(files, readahead_mib=1)}
+    want = {n: t for f in files for n, t in load_file(str(f)).items()}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
