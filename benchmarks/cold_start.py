@@ -56,7 +56,7 @@ RAM_TIER = Path("/dev/shm") / "helios-bench-cold-start"
 MODEL_NAME = "bench"  # the id clients send
 STORE_ID, STORE_VERSION = "bench-model", "v1"
 ENGINE = {"dtype": bench_dtype(), "max_model_len": 512, "max_num_seqs": 64, "enforce_eager": True, "kv_cache_space_gib": 1}
-PARTS = ("local", "s3", "rayserve", "helios", "pool", "engine", "share")
+PARTS = ("local", "s3", "rayserve", "runai", "helios", "pool", "engine", "share")
 _CACHE_METHOD: str | None = None
 
 
@@ -262,6 +262,51 @@ def measure_local(files: list[Path], repeats: int) -> dict:
 # --------------------------------------------------------------------------- S3 transfer
 
 
+def obstore_ranged_gbps(server, key: str, size: int, chunk: int, concurrency: int) -> float:
+    """GB/s reading one object as `chunk`-byte ranged GETs through obstore, `concurrency` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(server.bucket, config={"endpoint": server.endpoint_url, "access_key_id": server.key,
+                                           "secret_access_key": server.secret, "region": "us-east-1"},
+                    client_options={"allow_http": True})
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        got = sum(pool.map(lambda off: len(obstore.get_range(store, key, start=off, end=min(off + chunk, size))),
+                           range(0, size, chunk)))
+    assert got == size, f"read {got} of {size} bytes"
+    return size / (time.perf_counter() - started) / 1e9
+
+
+def runai_streamer_s3(server, plain_prefix: str, weights: list[Path]) -> int:
+    """Run:ai Model Streamer reading the weights from the S3 server (path-style, the server's
+    credentials), each tensor copied into a preallocated buffer as vLLM would copy it."""
+    import torch
+    from runai_model_streamer import SafetensorsStreamer
+
+    env = {**server.env, "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        dst = torch.empty(512 << 20, dtype=torch.uint8)
+        total = 0
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_files([f"s3://{plain_prefix}/{f.name}" for f in weights])
+            for _, t in streamer.get_tensors():
+                flat = t.reshape(-1).view(torch.uint8)
+                dst[: flat.numel()].copy_(flat)
+                total += flat.numel()
+        return total
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def measure_s3(server, plain_prefix: str, files: list[Path], store_cfg, cache_root: Path, repeats: int,
                server_files: list[Path]) -> dict:
     import s3fs
@@ -278,7 +323,8 @@ def measure_s3(server, plain_prefix: str, files: list[Path], store_cfg, cache_ro
         procs += procs[0].children(recursive=True)
         return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
-    cpu: dict[str, dict[str, list[float]]] = {m: {"client": [], "server": []} for m in ("s3fs", "helios")}
+    cpu: dict[str, dict[str, list[float]]] = {m: {"client": [], "server": []}
+                                              for m in ("s3fs", "helios", "runai_streamer")}
 
     def timed(method: str, fn) -> float:
         c0, s0, t = cpu_s(os.getpid()), cpu_s(server.pid), time.perf_counter()
@@ -288,15 +334,27 @@ def measure_s3(server, plain_prefix: str, files: list[Path], store_cfg, cache_ro
         cpu[method]["server"].append(cpu_s(server.pid) - s0)
         return dt
 
-    rates: dict[str, list[float]] = {"s3fs": [], "helios": [], "ranged_get_in_memory": []}
+    rates: dict[str, list[float]] = {"s3fs": [], "helios": [], "runai_streamer": [], "ranged_get_in_memory": [],
+                                     "ranged_get_in_memory_s3fs": [], "ranged_get_in_memory_obstore": []}
     biggest = max(files, key=lambda f: f.stat().st_size)
+    weights = [f for f in files if f.name.endswith(".safetensors")]
     for r in range(repeats):
-        # What the server and an async client manage with no disk write and no hashing: the ceiling.
+        # What the server and each client manage with no disk write and no hashing: the ceiling.
         warm(server_files)
         cfg = store_cfg.transfer
-        rates["ranged_get_in_memory"] += s3rver.ranged_get_gbps(
-            server, f"{plain_prefix.split('/', 1)[1]}/{biggest.name}", biggest.stat().st_size,
-            cfg.chunk_mib << 20, cfg.concurrency)
+        key = f"{plain_prefix.split('/', 1)[1]}/{biggest.name}"
+        bare = {"s3fs": s3rver.ranged_get_gbps(server, key, biggest.stat().st_size, cfg.chunk_mib << 20,
+                                               cfg.concurrency)[0],
+                "obstore": obstore_ranged_gbps(server, key, biggest.stat().st_size, cfg.chunk_mib << 20,
+                                               cfg.concurrency)}
+        for client, rate in bare.items():
+            rates[f"ranged_get_in_memory_{client}"].append(rate)
+        rates["ranged_get_in_memory"].append(max(bare.values()))
+
+        # Run:ai Model Streamer streaming the weights straight from the bucket into memory (vLLM's
+        # load_format="runai_streamer" reader), every tensor copied into a preallocated buffer.
+        rates["runai_streamer"].append(sum(f.stat().st_size for f in weights) / timed(
+            "runai_streamer", lambda: runai_streamer_s3(server, plain_prefix, weights)) / 1e9)
 
         # s3fs: one `get` per file, as a user of fsspec would fetch a model directory.
         shutil.rmtree(dl, ignore_errors=True)
@@ -318,19 +376,25 @@ def measure_s3(server, plain_prefix: str, files: list[Path], store_cfg, cache_ro
         local = got[0]
         rates["helios"].append(local.manifest.total_bytes / seconds / 1e9)
         log(f"S3 round {r + 1}/{repeats}: s3fs {rates['s3fs'][-1]:.3f} GB/s, helios {rates['helios'][-1]:.3f} GB/s, "
-            f"in-memory ranged GETs {rates['ranged_get_in_memory'][-1]:.3f} GB/s "
+            f"runai_streamer {rates['runai_streamer'][-1]:.3f} GB/s, in-memory ranged GETs s3fs "
+            f"{bare['s3fs']:.3f} / obstore {bare['obstore']:.3f} GB/s "
             f"(helios fetch_s {local.timings.get('fetch_s', float('nan')):.2f})")
     nvme_only.evict(STORE_ID, STORE_VERSION)
     gbps = {k: median(v) for k, v in rates.items()}
+    best_bare = max(gbps["ranged_get_in_memory"], gbps["runai_streamer"])
     return {"s3_gbps": gbps, "s3_gbps_rounds": rates, "helios_over_s3fs": gbps["helios"] / gbps["s3fs"],
+            "helios_over_best_bare_s3": gbps["helios"] / best_bare,
+            "helios_over_runai_streamer_s3": gbps["helios"] / gbps["runai_streamer"],
             "s3_bytes": total,
         "s3_cpu_s": {m: {k: median(v) for k, v in d.items()} for m, d in cpu.items()},
             "s3_method": {"s3fs": "s3fs.S3FileSystem.get(remote_file, local_file) for each file in turn",
                           "helios": "ModelStore.ensure_local into an empty NVMe-only tier set (ranged reads, "
                           "sliding window, sha256 verified), transfer settings as configured",
-                          "ranged_get_in_memory": "the largest shard as concurrent ranged GETs (s3fs async, same "
-                          "chunk size and concurrency as Helios) into memory: no write, no hash; the ceiling "
-                          "of this server and client on this machine"}}
+                          "ranged_get_in_memory": "the best of ranged_get_in_memory_<client>: the largest shard "
+                          "as concurrent ranged GETs (same chunk size and concurrency as Helios) into memory, no "
+                          "write, no hash; s3fs async and obstore threads; the ceiling of this server here",
+                          "runai_streamer": "runai_model_streamer.SafetensorsStreamer over the s3:// weights "
+                          "(path-style, its default concurrency) into memory, each tensor copied into a buffer"}}
 
 
 # --------------------------------------------------------------------------- serve runs
@@ -787,6 +851,36 @@ def measure_engine_start(model_dir: Path, repeats: int) -> dict:
     return summarize(runs, ("import_s", "construct_s", "generate_s"))
 
 
+def measure_runai_s3(server, plain_url: str, server_files: list[Path], repeats: int) -> dict:
+    """vLLM with `load_format="runai_streamer"` on the model's s3:// prefix (config and tokenizer pulled
+    by vLLM, weights streamed by Run:ai Model Streamer), spawn to first token: the S3 anchor."""
+    env = {**server.env, "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    runs = []
+    try:
+        os.environ.update(env)  # the child inherits them
+        for r in range(repeats):
+            warm(server_files)
+            eng = Engine({"model": plain_url, "engine": ENGINE, "extra": {"load_format": "runai_streamer"}},
+                         WORK / "runai_streamer_s3.log")
+            try:
+                ev = eng.expect("first_token")
+                runs.append({"first_token_s": ev["t_first"] - eng.spawned, "import_s": ev["t_import"] - eng.spawned,
+                             "construct_s": ev["t_built"] - ev["t_import"], "generate_s": ev["t_first"] - ev["t_built"]})
+                eng.expect("idle")
+            finally:
+                eng.close()
+            log(f"runai_streamer_s3 ({r + 1}/{repeats}; vLLM load_format=runai_streamer from s3rver): first token "
+                f"after {runs[-1]['first_token_s']:.1f}s")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return summarize(runs, ("import_s", "construct_s", "generate_s"))
+
+
 def measure_share(snapshot: Path, derived: Path, decode_tokens: int, decode_rounds: int) -> dict:
     """A second engine on the same RAM-tier snapshot, with `share_weights` on and off."""
     import psutil
@@ -993,6 +1087,11 @@ def main() -> None:
             first["rayserve_llm_s3"] = r["first_token_s"]
             split["rayserve_llm_s3"] = r["split"]
             report["rayserve_llm_s3"] = r
+        if "runai" not in skip:
+            ra = measure_runai_s3(server, f"s3://{plain}", server_files, ft_repeats)
+            first["runai_streamer_s3"] = ra["first_token_s"]
+            split["runai_streamer_s3"] = ra["split"]
+            report["runai_streamer_s3"] = ra
         if "helios" not in skip:
             h = measure_helios(full, cache_root, args.port + 1, server_files, ft_repeats)
             for tier, r in h.items():
@@ -1043,12 +1142,19 @@ def main() -> None:
     for k in ("helios_s3", "helios_pool_s3"):
         if k in first and "rayserve_llm_s3" in first:
             ratios[f"{k}_over_rayserve_llm_s3"] = first[k] / first["rayserve_llm_s3"]
+    if "helios_s3" in first and "runai_streamer_s3" in first:
+        ratios["helios_s3_over_runai_streamer_s3"] = first["helios_s3"] / first["runai_streamer_s3"]
     report["ratios"] = ratios
     targets = {}
     if "helios_over_raw_read" in report:
         targets["loader_ge_0.8x_raw_read"] = report["helios_over_raw_read"] >= 0.8
         targets["loader_ge_0.8x_odirect_parallel"] = report["helios_over_odirect_parallel"] >= 0.8
         targets["loader_ge_best_of_runai_fastsafetensors"] = report["helios_over_best_anchor"] >= 1
+    if "helios_s3_over_runai_streamer_s3" in ratios:
+        targets["s3_first_token_ahead_of_runai_streamer"] = ratios["helios_s3_over_runai_streamer_s3"] < 1
+    if "helios_over_best_bare_s3" in report:
+        targets["s3_ge_0.8x_best_bare_ranged_get"] = report["helios_over_best_bare_s3"] >= 0.8
+        targets["s3_ahead_of_runai_streamer_fetch"] = report["helios_over_runai_streamer_s3"] > 1
     if "helios_over_s3fs" in report:
         targets["s3_ge_3x_s3fs"] = report["helios_over_s3fs"] >= 3
     if "helios_ram_over_engine_start" in ratios:
