@@ -93,49 +93,53 @@ def _copy_ranges(
     part = dst.partial_path(digest)
     h = hashlib.sha256()
     hasher = None
-    with dst.disk_errors(), open(part, "a+b") as f:
-        start = min(os.fstat(f.fileno()).st_size, size)
-        start -= start % chunk if start < size else 0
-        f.truncate(start)
-        _rehash_prefix(f.fileno(), start, h)
-        hasher = HashThread(h)
-        if progress and start:
-            progress(start)
-        f.seek(start)
-        offsets = iter(range(start, size, chunk))
-        window: deque[tuple[int, Future[bytes]]] = deque()
-        with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="helios-fetch") as pool:
+    try:
+        with dst.disk_errors(), open(part, "a+b") as f:
+            start = min(os.fstat(f.fileno()).st_size, size)
+            start -= start % chunk if start < size else 0
+            f.truncate(start)
+            _rehash_prefix(f.fileno(), start, h)
+            hasher = HashThread(h)
+            if progress and start:
+                progress(start)
+            f.seek(start)
+            offsets = iter(range(start, size, chunk))
+            window: deque[tuple[int, Future[bytes]]] = deque()
+            with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="helios-fetch") as pool:
 
-            def submit_next() -> None:
-                off = next(offsets, None)
-                if off is not None:
-                    end = min(off + chunk, size)
-                    window.append((off, pool.submit(src.read_range, digest, off, end)))
+                def submit_next() -> None:
+                    off = next(offsets, None)
+                    if off is not None:
+                        end = min(off + chunk, size)
+                        window.append((off, pool.submit(src.read_range, digest, off, end)))
 
-            for _ in range(cfg.concurrency):
-                submit_next()
-            try:
-                while window:
-                    off, fut = window.popleft()
-                    data = fut.result()
-                    expected = min(chunk, size - off)
-                    if len(data) != expected:
-                        raise StorageError(
-                            f"blob {digest[:12]} from {src.describe()}: short read at {off} "
-                            f"({len(data)} of {expected} B); the source changed or is truncated"
-                        )
+                for _ in range(cfg.concurrency):
                     submit_next()
-                    f.write(data)
-                    hasher.update(data)  # in order, on its own thread: the write and the next read go on
-                    if progress:
-                        progress(len(data))
-            except BaseException:
-                for _, pending in window:
-                    pending.cancel()
-                hasher.close()
-                raise
-        f.flush()
-    if hasher.hexdigest() != digest:
+                try:
+                    while window:
+                        off, fut = window.popleft()
+                        data = fut.result()
+                        expected = min(chunk, size - off)
+                        if len(data) != expected:
+                            raise StorageError(
+                                f"blob {digest[:12]} from {src.describe()}: short read at {off} "
+                                f"({len(data)} of {expected} B); the source changed or is truncated"
+                            )
+                        submit_next()
+                        f.write(data)
+                        hasher.update(data)  # in order, on its own thread: the write and the next read go on
+                        if progress:
+                            progress(len(data))
+                except BaseException:
+                    for _, pending in window:
+                        pending.cancel()
+                    raise
+            f.flush()
+        digest_hex = hasher.hexdigest()
+    finally:
+        if hasher is not None:
+            hasher.close()  # a failed transfer leaves no hashing thread behind (no-op after hexdigest)
+    if digest_hex != digest:
         part.unlink(missing_ok=True)
         raise CorruptBlob(f"blob {digest[:12]} from {src.describe()} does not match its digest")
     return start
@@ -166,8 +170,9 @@ class HashThread:
         self._queue.put(data)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def hexdigest(self) -> str:
         """The digest of everything fed (waits for the thread to finish)."""
