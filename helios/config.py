@@ -176,6 +176,17 @@ def default_kv_root() -> Path:
     return Path("/dev/shm") / f"helios-kv-{getpass.getuser()}"
 
 
+class NodeKVTiers(BaseModel):
+    """Where KV blocks go when they share the node cache's tiers (filled in by the engine replica)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: str = Field(..., description="The node cache's local socket (abstract name) that takes reports.")
+    tiers: dict[str, Path] = Field(..., min_length=1, description="Tier kind -> tier root, fastest first.")
+    capacity: dict[str, int] = Field(default_factory=dict, description="Tier kind -> bytes, used only while the "
+                                     "node cache cannot be reached.")
+
+
 class KVStoreConfig(BaseModel):
     """Where the node's KV blocks live and how many bytes each tier may hold (`helios.engine.kv_store`)."""
 
@@ -185,6 +196,22 @@ class KVStoreConfig(BaseModel):
     ram_bytes: ByteSize = Field(ByteSize(4 << 30), ge=0, description="Most bytes of blocks in the RAM tier, e.g. `4GiB`.")
     nvme_path: Path | None = Field(None, description="NVMe tier directory; unset: blocks evicted from RAM are dropped.")
     nvme_bytes: ByteSize = Field(ByteSize(64 << 30), ge=0, description="Most bytes of blocks in the NVMe tier.")
+    placement: Literal["auto", "node_cache", "own"] = Field(
+        "auto",
+        description="`node_cache`: blocks live in the model cache's local tiers, under the node cache actor's one "
+        "budget and policy per tier (root, ram_bytes, nvme_path and nvme_bytes are then not used). `own`: this "
+        "store's own directories and budgets. `auto`: node_cache when the storage has its node cache on under Ray "
+        "and neither `root` nor `nvme_path` is set.",
+    )
+    node_tiers: NodeKVTiers | None = Field(
+        None, description="Set by the replica, not by hand: the node cache tiers and socket this store reports to."
+    )
+
+    def wants_node_cache(self) -> bool:
+        """Whether this store should join the node cache (when there is one)."""
+        if self.placement == "auto":
+            return not ({"root", "nvme_path"} & self.model_fields_set)
+        return self.placement == "node_cache"
 
     @classmethod
     def parse(cls, data: dict[str, Any], where: str = "kv store") -> KVStoreConfig:
@@ -377,6 +404,16 @@ class TransferConfig(_Strict):
     )
 
 
+class KVBlocksConfig(_Strict):
+    """How the node cache weighs KV blocks against model blobs in the tiers they share."""
+
+    recompute_bytes_per_s: ByteSize = Field(
+        ByteSize(10**9), gt=0, description="KV bytes an engine recomputes per second (prefill speed x KV bytes per "
+        "token): what losing a block from the last local tier costs, as cold-start seconds are for blobs.")
+    weight: float = Field(1.0, gt=0, description="Multiplies a KV block's cost against a model blob's (above 1: "
+                          "keep KV longer).")
+
+
 class StorageConfig(_Strict):
     """The model cache: tiers from fastest to slowest, and transfer settings."""
 
@@ -385,6 +422,7 @@ class StorageConfig(_Strict):
     node_cache: bool = Field(
         True, description="Under Ray, every process on a node keeps the local tiers' budgets and eviction in one "
         "node cache actor, so each tier has one policy that sees every access (off: each process keeps its own).")
+    kv_blocks: KVBlocksConfig = Field(default_factory=KVBlocksConfig)
 
     @model_validator(mode="after")
     def _one_of_each(self) -> StorageConfig:

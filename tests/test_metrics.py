@@ -39,7 +39,8 @@ def app(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFact
     args["models"][0]["id"] = MODEL_ID
     args["registry"] = {"state_dir": str(tiers / "registry")}  # later modules' registries must not list it
     # With a KV store the unified engine runs Helios's KV connector (kv_both): its counters are exported too.
-    args["models"][0]["kv_cache"] = {"root": str(tiers / "kv"), "ram_bytes": "64MiB"}
+    # No directories of its own: its blocks live in the node cache's tiers (placement auto).
+    args["models"][0]["kv_cache"] = {}
     url = run_app(args, APP, serve_port)
     yield {"url": url, "port": serve_port, "tiers": tiers}
     serve.delete(APP)
@@ -148,6 +149,31 @@ def test_cache_counters_match_the_tiers_the_weights_came_through(prometheus: str
     eventually(prometheus, f'sum(ray_helios_cache_read_bytes_total{{{ours},tier="remote"}})', size)
     eventually(prometheus, f'sum(ray_helios_cache_written_bytes_total{{{ours},tier="ram"}})', size)
     eventually(prometheus, f'sum(ray_helios_cache_written_bytes_total{{{ours},tier="nvme"}})', size)
+
+
+def test_the_engines_kv_blocks_live_in_the_node_caches_ram_tier(app: dict, cache_root: Path, traffic: dict) -> None:
+    """`kv_cache: {}` puts the connector's blocks in the model cache's RAM tier, and vLLM's engine
+    processes report them to the node's keeper, which counts them against the tier's budget."""
+    import ray
+
+    from helios.config import StorageConfig
+    from helios.storage.node_cache import node_cache_handle
+
+    blocks = [p for p in (app["tiers"] / "ram" / "kv" / "blocks").rglob("*") if p.is_file()]
+    assert len(blocks) >= 3  # the long prompt's full blocks, at least
+    storage = StorageConfig.model_validate(local_storage(app["tiers"])).model_dump(mode="json")
+    keeper = node_cache_handle(storage, str(cache_root))
+    deadline = time.monotonic() + 60
+    while True:
+        stats = ray.get(keeper.stats.remote(), timeout=60)
+        if any(".worker" in c for c in stats["clients"]):
+            break
+        assert time.monotonic() < deadline, f"no report from vLLM's worker process: {stats['clients']}"
+        time.sleep(0.5)
+    ram = stats["tiers"]["ram"]
+    assert ram["kv_blocks"] == len(blocks)
+    assert ram["kv_bytes"] == sum(p.stat().st_size for p in blocks)
+    assert ram["used"] >= ram["kv_bytes"] + sum(p.stat().st_size for p in (app["tiers"] / "ram" / "blobs").iterdir())
 
 
 def test_vllms_kv_cache_gauge_is_exported_per_replica(prometheus: str, app: dict, traffic: dict) -> None:

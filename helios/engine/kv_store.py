@@ -13,6 +13,13 @@ on the node (prefill and decode replicas) can share one root without a lock on t
 path. The RAM tier is a directory in /dev/shm; over its byte budget the least recently
 used blocks move to the NVMe directory, and over the NVMe budget they are deleted.
 
+When the node has a node cache (`KVStoreConfig.node_tiers`, filled in by the engine
+replica), the two tiers are the model cache's own RAM and NVMe tiers (`<tier root>/kv/`):
+the store writes and reads there as before, but reports every insert, hit and removal to the
+node cache (over its local socket: vLLM's engine processes are not Ray workers), whose one
+policy per tier weighs KV blocks against model blobs and evicts, spilling KV from RAM to
+NVMe. While the node cache cannot be reached, the store keeps the tiers' budgets itself.
+
 Counters (hits per tier, misses, bytes, spills, evictions, plus whatever the connector
 adds) are kept per process and written to `<root>/stats/<name>.json`, so any process on
 the node (a Serve replica exporting metrics, a test) can read them with `read_stats`.
@@ -25,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -35,6 +43,8 @@ from typing import Any
 
 from helios.config import KVStoreConfig
 from helios.config import default_kv_root as default_root
+from helios.storage.report_socket import ReportClient
+from helios.storage.tiers import KV_DIR, KV_PREFIX
 
 MAGIC = b"HELIOSKV"
 VERSION = 1
@@ -86,10 +96,20 @@ class KVStore:
 
     def __init__(self, config: KVStoreConfig, stats_name: str | None = None) -> None:
         self.config = config
-        self.dirs: dict[str, Path] = {"ram": Path(config.root).expanduser()}
-        if config.nvme_path is not None:
-            self.dirs["nvme"] = Path(config.nvme_path).expanduser()
-        self.budget = {"ram": int(config.ram_bytes), "nvme": int(config.nvme_bytes)}
+        self.reports: ReportClient | None = None
+        self.kinds: dict[str, str] = {}  # this store's tier -> the node cache tier kind it lives in
+        if config.node_tiers is not None:
+            shared = config.node_tiers
+            kinds = list(shared.tiers)[: len(TIERS)]
+            self.kinds = dict(zip(TIERS, kinds))
+            self.dirs = {t: Path(shared.tiers[k]).expanduser() / KV_DIR for t, k in self.kinds.items()}
+            self.budget = {t: int(shared.capacity.get(k, 0)) for t, k in self.kinds.items()}
+            self.reports = ReportClient(shared.socket, f"{socket.gethostname()}:{os.getpid()}:{stats_name or 'kv'}")
+        else:
+            self.dirs = {"ram": Path(config.root).expanduser()}
+            if config.nvme_path is not None:
+                self.dirs["nvme"] = Path(config.nvme_path).expanduser()
+            self.budget = {"ram": int(config.ram_bytes), "nvme": int(config.nvme_bytes)}
         for d in self.dirs.values():
             (d / "blocks").mkdir(parents=True, exist_ok=True)
             (d / "tmp").mkdir(parents=True, exist_ok=True)
@@ -122,12 +142,32 @@ class KVStore:
         return len(keys)
 
     def touch(self, keys: Iterable[str]) -> None:
-        """Mark blocks as just used, so eviction keeps them (LRU by mtime)."""
+        """Mark blocks as just used, so this store's own eviction keeps them (LRU by mtime). The node
+        cache is not told: the worker's read of the block is the hit it counts, once per use."""
         for key in keys:
             for tier in self.dirs:
                 with contextlib.suppress(FileNotFoundError):
                     os.utime(self.path(tier, key))
                     break
+
+    # --- the node cache
+    def _report(self, op: str, tier: str, key: str, size: int | None = None) -> None:
+        if self.reports is None:
+            return
+        kind, name = self.kinds[tier], KV_PREFIX + key
+        if op == "insert":
+            self.reports.add(("insert", kind, name, size, time.time()))
+            if not self.reports.connected:
+                self.reports.flush()  # learn now whether the keeper is there, before relying on it for room
+        elif op == "hit":
+            self.reports.add(("hit", kind, name, time.time()))
+        else:
+            self.reports.add(("remove", kind, name))
+
+    @property
+    def keeps_own_budget(self) -> bool:
+        """True without a node cache, or while it cannot be reached."""
+        return self.reports is None or not self.reports.reachable
 
     # --- counters
     def count(self, **deltas: float) -> None:
@@ -136,7 +176,10 @@ class KVStore:
                 self.counters[k] = self.counters.get(k, 0) + v
 
     def flush_stats(self) -> None:
-        """Write this handle's counters where `read_stats` finds them (atomically)."""
+        """Write this handle's counters where `read_stats` finds them (atomically), and send the
+        node cache what this handle did since the last flush."""
+        if self.reports is not None:
+            self.reports.flush()
         with self._lock:
             data = json.dumps({"name": self.stats_name, "pid": os.getpid(), "updated": time.time(), "counters": self.counters})
         path = self.dirs["ram"] / "stats" / f"{self.stats_name}.json"
@@ -153,6 +196,7 @@ class KVStore:
             return 0
         self._write("ram", key, [_header(key, payload), *buffers])
         self.count(put_blocks=1, put_bytes=payload)
+        self._report("insert", "ram", key, payload + HEADER_SIZE)
         self._account("ram", payload + HEADER_SIZE)
         return payload
 
@@ -163,6 +207,7 @@ class KVStore:
             return 0
         self._write("ram", key, [data])
         self.count(put_blocks=1, put_bytes=payload)
+        self._report("insert", "ram", key, len(data))
         self._account("ram", len(data))
         return payload
 
@@ -206,6 +251,7 @@ class KVStore:
             finally:
                 os.close(fd)
             self.count(**{f"hits_{tier}": 1, "get_bytes": payload})
+            self._report("hit", tier, key)
             return tier
         self.count(misses=1)
         return None
@@ -224,6 +270,8 @@ class KVStore:
 
     # --- budgets
     def _account(self, tier: str, nbytes: int) -> None:
+        if not self.keeps_own_budget:
+            return  # the node cache evicts from the reports
         with self._lock:
             self._used[tier] += nbytes
             over = self._used[tier] > self.budget[tier] or time.monotonic() - self._scanned_at > 5.0
@@ -308,6 +356,7 @@ class KVStore:
             for tier in self.dirs:
                 with contextlib.suppress(FileNotFoundError):
                     self.path(tier, key).unlink()
+                    self._report("remove", tier, key)
                     n += 1
         return n
 
@@ -319,6 +368,14 @@ class KVStore:
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < cutoff:
                         os.unlink(entry.path)
+
+
+def ram_dir(config: KVStoreConfig) -> Path:
+    """The directory of a store's first tier, where its stats files are (the node cache's RAM
+    tier's `kv/` when the store lives there)."""
+    if config.node_tiers is not None:
+        return Path(next(iter(config.node_tiers.tiers.values()))).expanduser() / KV_DIR
+    return Path(config.root).expanduser()
 
 
 def read_stats(root: str | os.PathLike | None = None, prefix: str = "") -> dict[str, float]:

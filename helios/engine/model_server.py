@@ -50,7 +50,7 @@ class ModelServer:
         storage_cfg = StorageConfig.model_validate(storage) if storage else None
         prepared = prepare(config, storage_cfg, Path(cache_root))
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
-        kv_transfer, self.kv_metrics = _kv_connector(config, role, replica)
+        kv_transfer, self.kv_metrics = _kv_connector(config, role, replica, storage_cfg, cache_root)
         if kv_transfer is not None:  # the engine core inherits it; vLLM logs engine args, so not there
             from helios.engine.kv_connector import SECRET_ENV
             from helios.ray_env import cluster_secret
@@ -202,7 +202,9 @@ class ModelServer:
         self.shutdown()
 
 
-def _kv_connector(config: ModelConfig, role: Role, replica: str) -> tuple[dict[str, Any] | None, Any]:
+def _kv_connector(
+    config: ModelConfig, role: Role, replica: str, storage: StorageConfig | None = None, cache_root: str = ""
+) -> tuple[dict[str, Any] | None, Any]:
     """The engine's `kv_transfer_config` for its role, and the exporter of its connector counters.
 
     A disaggregated model's prefill replicas produce KV, its decode replicas consume it; a
@@ -215,9 +217,30 @@ def _kv_connector(config: ModelConfig, role: Role, replica: str) -> tuple[dict[s
     from helios.engine.kv_metrics import KVMetrics
 
     store = KVStoreConfig.model_validate(config.kv_store(None if role == "unified" else role))
+    store = _in_node_cache(store, storage, cache_root)
     kv_role = {"unified": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}[role]
     instance = f"{role}-{replica}"
     return kv_transfer_config(kv_role, store, instance=instance), KVMetrics(store, instance, config.id, role)
+
+
+def _in_node_cache(store: Any, storage: StorageConfig | None, cache_root: str) -> Any:
+    """The KV store placed in the node cache's tiers when it asks for that and there is one
+    (`KVStoreConfig.placement`); its own directories otherwise, as before the node cache."""
+    if not store.wants_node_cache() or storage is None or not storage.node_cache:
+        return store
+    import ray
+
+    from helios.storage.node_cache import node_cache_handle
+
+    try:
+        endpoint = ray.get(node_cache_handle(storage.model_dump(mode="json"), cache_root).kv_endpoint.remote(),
+                           timeout=60)
+    except Exception as exc:
+        if store.placement == "node_cache":
+            raise
+        logger.warning("KV blocks keep their own store: the node cache is not reachable (%s)", exc)
+        return store
+    return type(store).model_validate({**store.model_dump(mode="json", exclude_unset=True), "node_tiers": endpoint})
 
 
 def _report_started(config: ModelConfig, prepared: Any, pinned: bool, replica_id: str) -> tuple[Any, str, str, str] | None:

@@ -48,6 +48,14 @@ class EvictionPolicy(ABC):
     def known(self) -> dict[str, int]:
         """digest -> size of every blob the policy tracks."""
 
+    def tracks(self, digest: str) -> bool:
+        """Whether the policy tracks `digest` (override: `known()` copies every entry)."""
+        return digest in self.known()
+
+    def total(self) -> int:
+        """Bytes of everything tracked."""
+        return sum(self.known().values())
+
     # -- optional hints: no-ops unless a policy uses them ------------------------------
 
     @classmethod
@@ -116,6 +124,13 @@ class LRUPolicy(EvictionPolicy):
     def known(self) -> dict[str, int]:
         return dict(self._size)
 
+    def tracks(self, digest: str) -> bool:
+        return digest in self._size
+
+    def total(self) -> int:
+        """Bytes of everything tracked."""
+        return sum(self._size.values())
+
     def state(self) -> dict:
         return {"blobs": {d: [self._size[d], self._last[d]] for d in self._size}}
 
@@ -169,6 +184,7 @@ class CostAwarePolicy(EvictionPolicy):
         self.latency_s = latency_s
         self.clock = clock
         self.inflation = 0.0
+        self.kv_weight = 1.0  # a KV block's cost against a model blob's (storage.kv_blocks.weight)
         self._size: dict[str, int] = {}
         self._freq: dict[str, float] = {}
         self._base: dict[str, float] = {}
@@ -234,8 +250,14 @@ class CostAwarePolicy(EvictionPolicy):
     # -- planning -----------------------------------------------------------------------
 
     def cost_s(self, digest: str) -> float:
-        """Seconds of cold start a miss on this blob would cost now."""
+        """Seconds of cold start a miss on this blob would cost now. A KV block (`kv:<key>`) costs
+        the seconds to read it back from where it would be spilled, or to recompute it (source
+        `recompute`), times `kv_weight`, with no fixed fetch latency: it is read or recomputed
+        as part of a prefill, not fetched on its own."""
         source = (self.locate(digest) if self.locate else None) or self.refetch_from
+        if digest.startswith("kv:"):
+            bandwidth = self.bandwidths.get(source) or self.bandwidths.get("recompute") or DEFAULT_BANDWIDTH["nvme"]
+            return self.kv_weight * self._size[digest] / bandwidth
         return self.latency_s + self._size[digest] / self.bandwidths[source]
 
     def priority(self, digest: str) -> float:
@@ -291,6 +313,13 @@ class CostAwarePolicy(EvictionPolicy):
 
     def known(self) -> dict[str, int]:
         return dict(self._size)
+
+    def tracks(self, digest: str) -> bool:
+        return digest in self._size
+
+    def total(self) -> int:
+        """Bytes of everything tracked."""
+        return sum(self._size.values())
 
     def state(self) -> dict:
         """Counts, bases, the inflation value, the ghost list and learned bandwidths (hints are

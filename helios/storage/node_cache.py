@@ -11,7 +11,11 @@ every process on a node reports to one keeper per node and storage config:
   the room for that blob until it arrives, so two writers cannot both take it;
 - the keeper writes its policies' counts next to the blobs (`cache_state.json`) and a
   restarted keeper (Ray restarts it) rebuilds from them and from the directories;
-- the registry's prefetch rounds (keep-alive and idle hints, prewarms) are calls on it.
+- the registry's prefetch rounds (keep-alive and idle hints, prewarms) are calls on it;
+- KV blocks share the tiers (`kv:<key>` in each tier's policy): vLLM's engine processes, which
+  are not Ray workers, report their block inserts and hits over a local socket
+  (`report_socket.py`, `kv_endpoint`), and the keeper evicts whatever its policy ranks lowest,
+  KV or blob, when their reports take a tier over its budget; KV leaving RAM spills to NVMe.
 
 `NodeCache` is the plain class (tested without Ray); `NodeCacheService` is the thin actor,
 found per node by name (`node_cache_handle`); `NodeCacheAccounts` is what a process's
@@ -68,6 +72,7 @@ class NodeCache:
         self._saver = threading.Thread(target=self._save_loop, args=(save_every_s,), name="helios-cache-save",
                                        daemon=True)
         self._saver.start()
+        self._socket: Any = None
         log_event(logger, "node_cache_started", tiers=sorted(self.tiers), restored=self.restored,
                   blobs={k: len(t.policy.known()) for k, t in self.tiers.items()})
 
@@ -122,6 +127,56 @@ class NodeCache:
         self.counters[kind][op + "s"] += 1
         self._dirty.add(kind)
 
+    # -- KV blocks, reported over the local socket ------------------------------------------
+
+    def serve_socket(self) -> str | None:
+        """Listen for reports from processes outside Ray (vLLM's engine processes); the socket's name,
+        or None when another keeper of the same directories holds it."""
+        from helios.storage.report_socket import ReportServer, socket_name
+
+        if self._socket is None:
+            name = socket_name(t.root for t in self.tiers.values())
+            try:
+                self._socket = ReportServer(name, self.report_and_enforce)
+            except OSError as exc:
+                log_event(logger, "node_cache_socket_taken", socket=name, error=str(exc))
+                return None
+        return self._socket.name
+
+    def kv_endpoint(self) -> dict[str, Any]:
+        """Where a KV store on this node puts its blocks and reports them (`config.NodeKVTiers`)."""
+        name = self.serve_socket()
+        if name is None:
+            raise StorageError("the node cache's report socket is held by another keeper of the same tiers")
+        return {"socket": name, "tiers": {k: str(t.root) for k, t in self.tiers.items()},
+                "capacity": {k: t.capacity for k, t in self.tiers.items()}}
+
+    def report_and_enforce(self, client: str, events: Sequence[Event]) -> None:
+        """Apply a report, then bring every tier it added to back under its budget: a writer that
+        reports after writing (KV blocks) does not ask for room first, so the keeper evicts after."""
+        self.report(client, events)
+        for kind in {e[1] for e in events if e and e[0] == "insert"}:
+            self.enforce(kind)
+
+    def enforce(self, kind: str) -> list[str]:
+        """Evict by the tier's policy while it holds more than its capacity; the victims."""
+        tier = self.tiers.get(kind)
+        if tier is None:
+            return []
+        if tier.tracked_bytes() <= tier.capacity:
+            return []
+        try:
+            victims = tier.make_room(0)
+        except StorageError as exc:  # everything left is reserved for blobs being written: next report
+            log_event(logger, "node_cache_over_budget", tier=kind, error=str(exc))
+            return []
+        with self._lock:
+            self.counters[kind]["enforced"] += 1
+            self.counters[kind]["evictions"] += len(victims)
+            if victims:
+                self._dirty.add(kind)
+        return victims
+
     def _tier(self, kind: str) -> LocalTier:
         tier = self.tiers.get(kind)
         if tier is None:
@@ -138,12 +193,15 @@ class NodeCache:
             used = t.sync_policy()
             with self._lock:
                 counters = dict(self.counters[kind])
+            kv = t.kv_blocks()
             tiers[kind] = {"path": str(t.root), "used": used, "capacity": t.capacity,
-                           "policy": type(t.policy).__name__, "blobs": len(t.policy.known()), "counters": counters}
+                           "policy": type(t.policy).__name__, "blobs": len(t.policy.known()) - len(kv),
+                           "kv_blocks": len(kv), "kv_bytes": sum(b.size for b in kv), "counters": counters}
         with self._lock:
             clients = sorted(self.clients)
         return {"node": socket.gethostname(), "pid": os.getpid(), "started": self.started, "tiers": tiers,
-                "clients": clients, "restored": self.restored, "saved_at": self._saved_at}
+                "clients": clients, "restored": self.restored, "saved_at": self._saved_at,
+                "socket": self._socket.name if self._socket is not None else None}
 
     def victims_for(self, kind: str, need: int) -> list[str]:
         """What the tier's policy would evict first to free `need` bytes now (nothing is evicted)."""
@@ -168,6 +226,9 @@ class NodeCache:
 
     def close(self) -> None:
         self._stop.set()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
         self.save()
 
 
@@ -176,6 +237,10 @@ class NodeCacheService:
 
     def __init__(self, storage: dict[str, Any], cache_root: str) -> None:
         self.cache = NodeCache(storage, cache_root)
+        self.cache.serve_socket()  # at once, so engine processes reconnect to a restarted keeper
+
+    def kv_endpoint(self) -> dict[str, Any]:
+        return self.cache.kv_endpoint()
 
     def report(self, client: str, events: list[Event]) -> None:
         self.cache.report(client, events)

@@ -32,7 +32,7 @@ from helios.observability.metrics import (
 )
 from helios.storage.eviction import POLICIES
 from helios.storage.manifest import Manifest, build_manifest
-from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier
+from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier, is_kv
 from helios.storage.transfer import Progress, TransferResult, fetch_blob
 
 logger = get_logger("storage.store")
@@ -93,10 +93,14 @@ class ModelStore:
         store = cls(tiers, cfg.transfer)
         eviction = {t.kind: t.eviction for t in cfg.tiers if not isinstance(t, RemoteTierConfig)}
         bandwidths = {t.kind: float(t.bytes_per_s()) for t in cfg.tiers}
-        for t in store.local:  # each policy learns where its evicted blobs would come back from
+        bandwidths["recompute"] = float(cfg.kv_blocks.recompute_bytes_per_s)
+        for i, t in enumerate(store.local):  # each policy learns where its evicted blobs would come back from
             slower = store.tiers[store.tiers.index(t) + 1 :]
             refetch_from = slower[0].kind if slower else t.kind
             t.policy = POLICIES[eviction[t.kind]].for_tier(refetch_from, bandwidths, partial(store.refetch_source, t))
+            if hasattr(t.policy, "kv_weight"):
+                t.policy.kv_weight = cfg.kv_blocks.weight
+            t.kv_spill = store.local[i + 1] if i + 1 < len(store.local) else None
         if shared is None:
             shared = cfg.node_cache and _in_ray()
         if shared:
@@ -122,7 +126,10 @@ class ModelStore:
 
     def refetch_source(self, tier: LocalTier, digest: str) -> str | None:
         """The kind of tier a blob evicted from `tier` would come back from: the first slower local
-        tier holding it, else the remote (None without one). Local stats only, no network."""
+        tier holding it, else the remote (None without one). Local stats only, no network.
+        A KV block is spilled to the next local tier, or, from the last one, recomputed."""
+        if is_kv(digest):
+            return tier.kv_spill.kind if tier.kv_spill is not None else "recompute"
         for t in self.tiers[self.tiers.index(tier) + 1 :]:
             if not isinstance(t, LocalTier):
                 return t.kind

@@ -5,6 +5,11 @@ Every tier holds blobs by sha256 and manifests by model and version, in the same
 with `ls` and copied with any tool. Writes are atomic: a blob is written under a
 temporary name and renamed only once its digest is checked.
 
+KV blocks (helios/engine/kv_store.py) may share a local tier with the blobs: they live under
+`kv/blocks/<xx>/<key>` and the tier's policy tracks them as `kv:<key>`, so one byte budget and
+one policy decide between a cold model and stale KV. A KV block evicted from a tier that has a
+slower local tier behind it (`kv_spill`) moves there instead of going.
+
 A local tier's root may also hold `hints.json`, the registry's keep-alive and idle hints
 (`write_hints`), and `cache_state.json`, its policy's use counts: both are what the node
 cache actor (`node_cache.py`) rebuilds its view from after a restart.
@@ -41,6 +46,13 @@ LOCAL_KINDS = ("ram", "nvme", "ssd")
 HINTS_NAME = "hints.json"
 STATE_NAME = "cache_state.json"
 RESERVATION_S = 900.0  # room granted for a blob that never arrived is given back after this
+KV_PREFIX = "kv:"
+KV_DIR = "kv"
+
+
+def is_kv(digest: str) -> bool:
+    """Whether a tracked name is a KV block (`kv:<key>`) rather than a model blob's sha256."""
+    return digest.startswith(KV_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class LocalTier(Tier):
         self.capacity = capacity
         self.policy = policy or LRUPolicy()
         self.shared: TierAccounts | None = None  # the node cache actor's accounts, when under Ray
+        self.kv_spill: LocalTier | None = None  # where KV blocks evicted from here go (the next local tier)
         self._hints_seen: tuple[int, int] | None = None  # (inode, mtime) of the hints file last applied
         self._reserved: dict[str, tuple[int, float]] = {}  # digest -> (bytes, until): room granted, not yet written
         self._lock = threading.RLock()  # the policy is shared by the threads of a process (fills, the actor's calls)
@@ -153,6 +166,9 @@ class LocalTier(Tier):
 
     # --- blobs ---
     def blob_path(self, digest: str) -> Path:
+        if is_kv(digest):
+            key = digest[len(KV_PREFIX) :]
+            return self.root / KV_DIR / "blocks" / key[:2] / key
         return self.root / "blobs" / digest
 
     def partial_path(self, digest: str) -> Path:
@@ -192,7 +208,7 @@ class LocalTier(Tier):
             self.shared.hit(self.kind, digest, now)
             return
         with self._lock:
-            if digest not in self.policy.known() and self.stat(digest) is not None:
+            if not self.policy.tracks(digest) and self.stat(digest) is not None:
                 self.sync_policy()  # another process brought it: learn it before counting the hit
             self.policy.on_hit(digest, now)
 
@@ -223,7 +239,7 @@ class LocalTier(Tier):
             return
         with self._lock:
             self._reserved.pop(digest, None)
-            if digest not in self.policy.known():  # a directory sync may have learned it first: keep its count
+            if not self.policy.tracks(digest):  # a directory sync may have learned it first: keep its count
                 self.policy.on_insert(digest, size, now)
 
     def delete(self, digest: str) -> None:
@@ -253,15 +269,33 @@ class LocalTier(Tier):
                 out.append(BlobInfo(entry.name, st.st_size, st.st_mtime))
         return out
 
+    def kv_blocks(self) -> list[BlobInfo]:
+        """The KV blocks stored in this tier (`kv:<key>`), which `blobs()` leaves out."""
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for sub in os.scandir(self.root / KV_DIR / "blocks"):
+                if not sub.is_dir():
+                    continue
+                for entry in os.scandir(sub.path):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = entry.stat()
+                        out.append(BlobInfo(KV_PREFIX + entry.name, st.st_size, st.st_mtime))
+        return out
+
     def used(self) -> int:
-        return sum(b.size for b in self.blobs())
+        return sum(b.size for b in self.blobs()) + sum(b.size for b in self.kv_blocks())
+
+    def tracked_bytes(self) -> int:
+        """Bytes the policy knows of (no directory scan: what reports and syncs told it)."""
+        with self._lock:
+            return self.policy.total()
 
     def sync_policy(self) -> int:
         """Align the policy with the directory, which other processes also change; returns bytes in
         use, counting room granted for blobs still being written."""
         with self._lock:
             self.apply_hints()
-            on_disk = {b.digest: b for b in self.blobs()}
+            on_disk = {b.digest: b for b in (*self.blobs(), *self.kv_blocks())}
             known = self.policy.known()
             for digest in known.keys() - on_disk.keys():
                 self.policy.on_remove(digest)
@@ -345,7 +379,10 @@ class LocalTier(Tier):
             freed = 0
             for victim in victims:
                 info = self.stat(victim)
-                self.delete(victim)
+                if is_kv(victim) and self.kv_spill is not None and info is not None:
+                    self._spill_kv(victim, info.size)
+                else:
+                    self.delete(victim)
                 freed += info.size if info else 0
             if victims:
                 CACHE_EVICTIONS.inc(len(victims), tier=self.kind, reason="capacity")
@@ -358,6 +395,27 @@ class LocalTier(Tier):
             if digest is not None and self.stat(digest) is None:
                 self._reserved[digest] = (size, time.monotonic() + RESERVATION_S)
             return victims
+
+    def _spill_kv(self, digest: str, size: int) -> None:
+        """Move an evicted KV block to the next local tier (copied and renamed in first, so a reader
+        always finds it in one of them); dropped when that tier has no room for it either."""
+        target = self.kv_spill
+        assert target is not None
+        try:
+            target.make_room(size, (), digest)
+            final = target.blob_path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.root / KV_DIR / "tmp" / f"{final.name}.spill.{uuid.uuid4().hex[:8]}"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(self.blob_path(digest), tmp)
+                os.rename(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            target.record_insert(digest, size, time.time())
+        except (TierFull, OSError):  # no room behind, or gone meanwhile: the block is recomputed if needed
+            pass
+        self.delete(digest)
 
     @contextlib.contextmanager
     def disk_errors(self) -> Iterator[None]:

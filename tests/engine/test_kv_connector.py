@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from typing import Any
 import psutil
 import pytest
 
+from helios.config import NodeKVTiers
 from helios.engine.kv_connector import SECRET_ENV, connector_stats, fetch_blocks, kv_transfer_config
-from helios.engine.kv_store import KVStore, KVStoreConfig
+from helios.engine.kv_store import HEADER_SIZE, KVStore, KVStoreConfig
+from helios.storage.node_cache import NodeCache
 
 pytestmark = pytest.mark.integration
 
@@ -98,18 +101,34 @@ class Engine:
 
 
 @pytest.fixture(scope="module")
-def stores() -> Iterator[dict[str, KVStoreConfig]]:
-    """Store A (RAM tier in /dev/shm, NVMe tier on disk) and a separate store B."""
+def dirs() -> Iterator[tuple[Path, Path]]:
     ram = Path(tempfile.mkdtemp(prefix="helios-kv-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     disk = Path(tempfile.mkdtemp(prefix="helios-kv-test-"))
-    try:
-        yield {
-            "A": KVStoreConfig(root=ram / "a", ram_bytes=256 << 20, nvme_path=disk / "a", nvme_bytes=1 << 30),
-            "B": KVStoreConfig(root=ram / "b", ram_bytes=256 << 20, nvme_path=disk / "b", nvme_bytes=1 << 30),
-        }
-    finally:
-        shutil.rmtree(ram, ignore_errors=True)
-        shutil.rmtree(disk, ignore_errors=True)
+    yield ram, disk
+    shutil.rmtree(ram, ignore_errors=True)
+    shutil.rmtree(disk, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def keeper(dirs: tuple[Path, Path]) -> Iterator[NodeCache]:
+    """Store B's node cache: the model cache's RAM and NVMe tiers, which B's blocks live in."""
+    ram, disk = dirs
+    storage = {"tiers": [{"kind": "ram", "path": str(ram / "b"), "capacity": "256MiB"},
+                         {"kind": "nvme", "path": str(disk / "b"), "capacity": "1GiB"}]}
+    cache = NodeCache(storage, str(disk / "cache"))
+    yield cache
+    cache.close()
+
+
+@pytest.fixture(scope="module")
+def stores(dirs: tuple[Path, Path], keeper: NodeCache) -> dict[str, KVStoreConfig]:
+    """Store A (its own RAM tier in /dev/shm, NVMe tier on disk) and store B, standing in for
+    another node, in that node's cache tiers (reported to its keeper from vLLM's processes)."""
+    ram, disk = dirs
+    return {
+        "A": KVStoreConfig(root=ram / "a", ram_bytes=256 << 20, nvme_path=disk / "a", nvme_bytes=1 << 30),
+        "B": KVStoreConfig(node_tiers=NodeKVTiers.model_validate(keeper.kv_endpoint())),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +279,32 @@ def test_a_producer_that_never_answers_costs_one_bounded_wait(engines: dict[str,
     assert decoded[0]["tokens"] == expected[0]
     after = connector_stats(stores["B"], "both")
     assert after.get("remote_fetch_waits_exceeded", 0) - before.get("remote_fetch_waits_exceeded", 0) == 1
+
+
+def test_the_node_cache_keeps_an_engines_kv_in_its_ram_budget(
+    engines: dict[str, Engine], stores: dict[str, KVStoreConfig], keeper: NodeCache
+) -> None:
+    """Store B lives in the node cache's tiers: the engine's processes report the blocks they save
+    and read, and the keeper, not the engine, spills what RAM cannot hold; the engine then reads
+    those blocks back from NVMe with the same tokens."""
+    ram, block = keeper.tiers["ram"], 2 * 4 * 2 * 64 * 4 * BLOCK + HEADER_SIZE  # tiny: K+V, 4 layers, 2 heads
+    ram.capacity = 3 * block
+    prompts = [prompt(12, 6 * BLOCK + 20)]
+    expected = reference(engines, prompts)
+    inserts = keeper.stats()["tiers"]["ram"]["counters"].get("inserts", 0)
+    first = engines["both"].generate(prompts, DECODE_TOKENS)
+    assert first[0]["tokens"] == expected[0]
+    deadline = time.monotonic() + 30
+    while ram.used() > ram.capacity or keeper.stats()["tiers"]["ram"]["counters"].get("inserts", 0) < inserts + 6:
+        assert time.monotonic() < deadline, keeper.stats()
+        time.sleep(0.1)
+    stats = keeper.stats()["tiers"]
+    assert stats["ram"]["kv_blocks"] <= 3 and stats["ram"]["used"] <= ram.capacity
+    assert stats["nvme"]["kv_blocks"] >= 3  # spilled by the keeper, on the engine's reports
+    before = connector_stats(stores["B"], "both")
+    again = engines["both"].generate(prompts, DECODE_TOKENS)
+    assert again[0]["tokens"] == expected[0]
+    assert again[0]["num_cached_tokens"] == 6 * BLOCK
+    after = connector_stats(stores["B"], "both")
+    assert after["hits_nvme"] - before.get("hits_nvme", 0) >= 3
+    assert after["hits_nvme"] + after.get("hits_ram", 0) - before.get("hits_nvme", 0) - before.get("hits_ram", 0) == 6
