@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from helios.config import KVStoreConfig, config_errors
-from helios.engine.kv_store import KVStore, block_keys, namespace, ram_dir, read_stats
+from helios.engine.kv_store import KVStore, block_keys, namespace, store_stats
 from helios.observability import tracing
 from helios.ray_env import node_address
 
@@ -143,7 +143,7 @@ def connector_stats(store: KVStoreConfig | None = None, instance: str = "") -> d
     remote_fetched_blocks, remote_fetch_errors; worker-side: load_blocks, load_bytes,
     load_seconds, load_errors, save_blocks, save_bytes, save_seconds; store: hits_ram,
     hits_nvme, misses, spilled_blocks, evicted_blocks, ... (all cumulative)."""
-    return read_stats(ram_dir(store or KVStoreConfig()), instance)
+    return store_stats(store or KVStoreConfig(), instance)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -1,8 +1,8 @@
 """The KV connector's counters as Prometheus metrics of the replica that runs the engine.
 
-The connector lives in vLLM's engine-core and worker processes and writes its counters
-to small stats files in the KV store (see kv_store.read_stats); the Serve replica reads
-its own engine's files every few seconds and adds the increase to Ray metrics counters,
+The connector lives in vLLM's engine-core and worker processes and sends its counters to
+the node cache (or writes small stats files in its own store; see kv_store.store_stats); the
+Serve replica reads its own engine's counters every few seconds and adds the increase to Ray metrics counters,
 which Ray's metrics agent exports for Prometheus (`helios_kv_*_total`, tagged by model
 and role). `snapshot()` gives the same numbers to `info()` for tests and the admin view.
 """

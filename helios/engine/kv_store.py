@@ -21,8 +21,9 @@ policy per tier weighs KV blocks against model blobs and evicts, spilling KV fro
 NVMe. While the node cache cannot be reached, the store keeps the tiers' budgets itself.
 
 Counters (hits per tier, misses, bytes, spills, evictions, plus whatever the connector
-adds) are kept per process and written to `<root>/stats/<name>.json`, so any process on
-the node (a Serve replica exporting metrics, a test) can read them with `read_stats`.
+adds) are kept per process and sent to the node cache with each flush, or, without one (or
+while it is away), written to `<root>/stats/<name>.json`; any process on the node (a Serve
+replica exporting metrics, a test) reads them with `store_stats`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 
 from helios.config import KVStoreConfig
 from helios.config import default_kv_root as default_root
+from helios.storage import report_socket
 from helios.storage.report_socket import ReportClient
 from helios.storage.tiers import KV_DIR, KV_PREFIX
 
@@ -176,10 +178,13 @@ class KVStore:
                 self.counters[k] = self.counters.get(k, 0) + v
 
     def flush_stats(self) -> None:
-        """Write this handle's counters where `read_stats` finds them (atomically), and send the
-        node cache what this handle did since the last flush."""
+        """Send the node cache what this handle did since the last flush and its counters; without
+        a node cache (or while it is away), write the counters where `read_stats` finds them."""
         if self.reports is not None:
-            self.reports.flush()
+            with self._lock:
+                self.reports.set_counters(self.stats_name, self.counters)
+            if self.reports.flush():
+                return
         with self._lock:
             data = json.dumps({"name": self.stats_name, "pid": os.getpid(), "updated": time.time(), "counters": self.counters})
         path = self.dirs["ram"] / "stats" / f"{self.stats_name}.json"
@@ -381,12 +386,40 @@ def ram_dir(config: KVStoreConfig) -> Path:
 def read_stats(root: str | os.PathLike | None = None, prefix: str = "") -> dict[str, float]:
     """Counters summed over every stats file under `root` whose name starts with `prefix`
     (one engine's instance name gives that engine's scheduler and workers)."""
+    return _sum(_file_stats(Path(root) if root else default_root(), prefix))
+
+
+def store_stats(config: KVStoreConfig, prefix: str = "") -> dict[str, float]:
+    """Counters of the store handles named `prefix...` of a store: from its node cache, which its
+    handles report to, and from the files of handles that could not reach it (each handle's
+    counters only grow, so the larger of its two copies is the newer)."""
+    per_name = _file_stats(ram_dir(config), prefix)
+    if config.node_tiers is not None:
+        try:
+            kept = report_socket.query(config.node_tiers.socket, {"query": "kv_stats", "prefix": prefix}) or {}
+        except OSError:
+            kept = {}
+        for name, values in kept.items():
+            mine = per_name.setdefault(name, {})
+            for k, v in values.items():
+                mine[k] = max(mine.get(k, 0), v)
+    return _sum(per_name)
+
+
+def _sum(per_name: dict[str, dict[str, float]]) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for path in _stats_files(Path(root) if root else default_root(), prefix):
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            for k, v in json.loads(path.read_text())["counters"].items():
-                totals[k] = totals.get(k, 0) + v
+    for values in per_name.values():
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0) + v
     return totals
+
+
+def _file_stats(root: Path, prefix: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for path in _stats_files(root, prefix):
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
+            out[path.name.removesuffix(".json")] = dict(json.loads(path.read_text())["counters"])
+    return out
 
 
 def _stats_files(root: Path, prefix: str) -> Iterator[Path]:

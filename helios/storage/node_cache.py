@@ -73,6 +73,7 @@ class NodeCache:
                                        daemon=True)
         self._saver.start()
         self._socket: Any = None
+        self.kv_counters: dict[str, dict[str, float]] = {}  # KV store handle -> its cumulative counters
         log_event(logger, "node_cache_started", tiers=sorted(self.tiers), restored=self.restored,
                   blobs={k: len(t.policy.known()) for k, t in self.tiers.items()})
 
@@ -137,7 +138,7 @@ class NodeCache:
         if self._socket is None:
             name = socket_name(t.root for t in self.tiers.values())
             try:
-                self._socket = ReportServer(name, self.report_and_enforce)
+                self._socket = ReportServer(name, self.report_and_enforce, self._query)
             except OSError as exc:
                 log_event(logger, "node_cache_socket_taken", socket=name, error=str(exc))
                 return None
@@ -151,12 +152,27 @@ class NodeCache:
         return {"socket": name, "tiers": {k: str(t.root) for k, t in self.tiers.items()},
                 "capacity": {k: t.capacity for k, t in self.tiers.items()}}
 
-    def report_and_enforce(self, client: str, events: Sequence[Event]) -> None:
+    def report_and_enforce(self, client: str, events: Sequence[Event], counters: dict[str, Any] | None = None) -> None:
         """Apply a report, then bring every tier it added to back under its budget: a writer that
         reports after writing (KV blocks) does not ask for room first, so the keeper evicts after."""
         self.report(client, events)
+        if counters is not None:
+            values = {str(k): float(v) for k, v in dict(counters.get("values") or {}).items()}
+            with self._lock:
+                self.kv_counters[str(counters.get("name"))] = values
         for kind in {e[1] for e in events if e and e[0] == "insert"}:
             self.enforce(kind)
+
+    def kv_stats(self, prefix: str = "") -> dict[str, dict[str, float]]:
+        """The KV counters of every store handle whose name starts with `prefix` (one engine's
+        instance name gives its scheduler and workers), by handle."""
+        with self._lock:
+            return {name: dict(v) for name, v in self.kv_counters.items() if name.startswith(prefix)}
+
+    def _query(self, msg: dict[str, Any]) -> Any:
+        if msg.get("query") == "kv_stats":
+            return self.kv_stats(str(msg.get("prefix", "")))
+        return None
 
     def enforce(self, kind: str) -> list[str]:
         """Evict by the tier's policy while it holds more than its capacity; the victims."""

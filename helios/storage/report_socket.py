@@ -2,9 +2,11 @@
 
 vLLM's engine-core and worker processes (where the KV connector writes and reads blocks)
 are started by the engine, not by Ray, so they cannot call the node cache actor. They
-report the same events a Ray process batches (`node_cache.Event`: inserts, hits, removals)
-over a Unix socket the actor listens on, one JSON object per line, never waiting for an
-answer: reporting costs a `send` per batch on the engine's hot path. The socket lives in
+report the same events a Ray process batches (`node_cache.Event`: inserts, hits, removals),
+and their KV counters (cumulative, per store handle), over a Unix socket the actor listens on,
+one JSON object per line, never waiting for an answer: reporting costs a `send` per batch on
+the engine's hot path, not a file rewritten every engine step. A reader (the replica's metrics
+exporter, a test) asks for the summed counters with a query line and gets one line back. The socket lives in
 Linux's abstract namespace (no file, no path-length limit, gone when its process is), named
 after the tier directories it keeps, so a restarted keeper takes the same name back and
 clients reconnect on their own.
@@ -45,12 +47,19 @@ def _address(name: str) -> str:
     return "\0" + name  # Linux abstract namespace
 
 
-class ReportServer:
-    """Accepts clients on the abstract socket `name` and hands each message to `handle(client, events)`."""
+Handler = Callable[[str, Sequence[Any], "dict[str, Any] | None"], None]
+"""handle(client, events, counters): counters is {"name": ..., "values": {...}} or None."""
 
-    def __init__(self, name: str, handle: Callable[[str, Sequence[Any]], None]) -> None:
+
+class ReportServer:
+    """Accepts clients on the abstract socket `name`: reports go to `handle`, queries to `query`,
+    whose answer is written back on the same connection."""
+
+    def __init__(self, name: str, handle: Handler,
+                 query: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.name = name
         self._handle = handle
+        self._query = query
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(_address(name))  # OSError (EADDRINUSE) when another keeper has it: the caller decides
         self._sock.listen(64)
@@ -77,12 +86,19 @@ class ReportServer:
                     return
                 try:
                     msg = json.loads(line)
-                    client, events = str(msg["client"]), list(msg["events"])
-                except (ValueError, KeyError, TypeError):
+                    if "query" in msg:
+                        answer = self._query(msg) if self._query is not None else None
+                        conn.sendall((json.dumps({"answer": answer}) + "\n").encode())
+                        continue
+                    client, events = str(msg["client"]), list(msg.get("events", []))
+                    counters = msg.get("counters")
+                except (ValueError, KeyError, TypeError, AttributeError):
                     self.dropped += 1  # not ours: skip it, keep the connection
                     continue
+                except OSError:
+                    return
                 try:
-                    self._handle(client, events)
+                    self._handle(client, events, counters if isinstance(counters, dict) else None)
                     self.messages += 1
                 except Exception as exc:  # noqa: BLE001 - one bad report must not stop the keeper hearing others
                     self.dropped += 1
@@ -105,6 +121,7 @@ class ReportClient:
         self._events: list[Any] = []
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        self._counters: dict[str, Any] | None = None  # the latest snapshot not yet sent
         self._pid = os.getpid()
         self.reachable = True  # until a send says otherwise
         self.sent = 0
@@ -120,22 +137,35 @@ class ReportClient:
         if full:
             self.flush()
 
+    def set_counters(self, name: str, values: dict[str, float]) -> None:
+        """The handle's cumulative counters, sent with the next flush (the newest snapshot wins)."""
+        with self._lock:
+            self._counters = {"name": name, "values": dict(values)}
+
     def flush(self) -> bool:
         """Send what is batched; False (and the events dropped: counts, not bytes) when the keeper is away."""
         with self._lock:
             events, self._events = self._events, []
-            if not events:
+            counters, self._counters = self._counters, None
+            if not events and counters is None:
                 return self.reachable
             if os.getpid() != self._pid:  # a forked child must not share its parent's connection
                 self._sock, self._pid = None, os.getpid()
             if self._sock is None and not self._connect():
+                if counters is not None:
+                    self._counters = self._counters or counters
                 return False
-            data = (json.dumps({"client": self.client, "events": events}) + "\n").encode()
+            msg: dict[str, Any] = {"client": self.client, "events": events}
+            if counters is not None:
+                msg["counters"] = counters
+            data = (json.dumps(msg) + "\n").encode()
             try:
                 assert self._sock is not None
                 self._sock.sendall(data)
             except OSError as exc:
                 self._lost(exc)
+                if counters is not None:  # a snapshot is cumulative: keep the newest for next time
+                    self._counters = self._counters or counters
                 return False
             self.sent += len(events)
             return True
@@ -173,3 +203,16 @@ class ReportClient:
                 with contextlib.suppress(OSError):
                     self._sock.close()
                 self._sock = None
+
+
+def query(name: str, request: dict[str, Any], timeout_s: float = 5.0) -> Any:
+    """Ask the keeper on `name` (e.g. `{"query": "kv_stats", "prefix": ...}`); OSError when it is away."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(_address(name))
+        sock.sendall((json.dumps(request) + "\n").encode())
+        with sock.makefile("rb") as lines:
+            line = lines.readline()
+    if not line:
+        raise OSError(f"node cache socket {name}: no answer")
+    return json.loads(line)["answer"]

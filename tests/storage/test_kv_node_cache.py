@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helios.config import KVStoreConfig, NodeKVTiers
-from helios.engine.kv_store import HEADER_SIZE, KVStore
+from helios.engine.kv_store import HEADER_SIZE, KVStore, store_stats
 from helios.storage import report_socket
 from helios.storage.node_cache import NodeCache
 from helios.storage.report_socket import ReportServer
@@ -178,19 +178,49 @@ def test_without_its_keeper_a_kv_store_keeps_the_budget_itself_and_reports_again
     assert on_disk(cache.tiers["ram"].root) <= 2 * MIB
     assert len(kv_in(cache, "nvme")) >= 4  # spilled by the store itself
 
+    store.count(lookups=5)
+    store.flush_stats()  # counters go to a file meanwhile
+    config = KVStoreConfig(node_tiers=NodeKVTiers.model_validate(endpoint))
+    assert store_stats(config, "engine")["lookups"] == 5
+
     back = keeper("cost", ram=2 * MIB)  # the restarted keeper takes the same socket name
     assert back.kv_endpoint()["socket"] == endpoint["socket"]
     time.sleep(0.3)
     put_blocks(store, 1)
     wait_for(lambda: back.stats()["tiers"]["ram"]["counters"].get("inserts", 0) == 1)
     assert store.reports.reachable and not store.keeps_own_budget
+    store.count(lookups=1)
+    store.flush_stats()
+    wait_for(lambda: back.kv_stats("engine").get("engine", {}).get("lookups") == 6)
+    assert store_stats(config, "engine")["lookups"] == 6  # the file's 5 is the keeper's 6 by now
+
+
+def test_kv_counters_go_to_the_keeper_not_to_files(keeper) -> None:
+    cache = keeper()
+    config = KVStoreConfig(node_tiers=NodeKVTiers.model_validate(cache.kv_endpoint()))
+    sched, worker = KVStore(config, stats_name="eng1.scheduler"), KVStore(config, stats_name="eng1.worker7")
+    other = KVStore(config, stats_name="eng2.scheduler")
+    sched.count(lookups=3)
+    worker.count(load_blocks=2)
+    other.count(lookups=10)
+    blocks = put_blocks(worker, 2)  # flushes
+    for store in (sched, other):
+        store.flush_stats()
+    wait_for(lambda: len(cache.kv_stats()) == 3)
+    assert not list((sched.dirs["ram"] / "stats").glob("*.json"))  # nothing rewritten per engine step
+    assert store_stats(config, "eng1.") == {"lookups": 3, "load_blocks": 2, "put_blocks": 2,
+                                             "put_bytes": 2 * BLOCK}
+    read_all(worker, blocks)
+    worker.flush_stats()
+    wait_for(lambda: cache.kv_stats("eng1.worker7")["eng1.worker7"].get("hits_ram") == 2)
+    assert store_stats(config, "eng2.")["lookups"] == 10
 
 
 def test_a_bad_report_line_is_skipped_and_the_connection_kept(tmp_path: Path) -> None:
     import socket as sk
 
     got: list[tuple[str, list]] = []
-    server = ReportServer(f"helios-test-{os.getpid()}", lambda c, e: got.append((c, list(e))))
+    server = ReportServer(f"helios-test-{os.getpid()}", lambda c, e, _: got.append((c, list(e))))
     try:
         with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
             s.connect("\0" + server.name)
