@@ -21,7 +21,9 @@ import os
 import struct
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +149,7 @@ def iter_mapped_weights(
     views; a read-ahead thread keeps up to `readahead_mib` of the files in the page cache
     ahead of the consumer, so reading the disk overlaps vLLM copying into its parameters."""
     files = [os.path.realpath(p) for p in files]
-    ahead = ReadAhead(files, readahead_mib << 20) if readahead_mib > 0 else None
+    ahead = ReadAhead(files, readahead_mib << 20, READAHEAD_THREADS) if readahead_mib > 0 else None
     try:
         consumed = 0
         for path in files:
@@ -171,6 +173,7 @@ def iter_mapped_weights(
             ahead.stop()
 
 
+READAHEAD_THREADS = 2  # bench model, cold NVMe tier, 10 rotated rounds: 1 thread 1.13-1.18 GB/s, 2: 1.18-1.20, 4: 1.18
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is Python 3.12+
 
 
@@ -185,10 +188,11 @@ class ReadAhead:
 
     _BLOCK = 8 << 20
 
-    def __init__(self, files: list[str], window: int) -> None:
+    def __init__(self, files: list[str], window: int, threads: int = 1) -> None:
+        """`threads`: blocks populated at once (a disk with a deep queue reads several faster than one)."""
         import threading
 
-        self.files, self.window = files, window
+        self.files, self.window, self.threads = files, window, max(1, threads)
         self.offsets: dict[str, int] = {}
         total = 0
         for f in files:
@@ -239,16 +243,29 @@ class ReadAhead:
             return False
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="helios-readahead") if self.threads > 1 else None
+        pending: deque[Future[None]] = deque()
         try:
             done = 0
             while done < size:
                 if not self._wait_for_room(self._position):
                     return True
                 n = min(self._BLOCK, size - done)
-                mm.madvise(_MADV_POPULATE_READ, done, n)
+                if pool is None:
+                    mm.madvise(_MADV_POPULATE_READ, done, n)
+                else:  # `threads` blocks in flight, handed out in order
+                    pending.append(pool.submit(mm.madvise, _MADV_POPULATE_READ, done, n))
+                    if len(pending) >= self.threads:
+                        pending.popleft().result()
                 done += n
                 self._position += n
+            while pending:
+                pending.popleft().result()
         finally:
+            if pool is not None:
+                for fut in pending:
+                    fut.cancel()
+                pool.shutdown(wait=True)
             mm.close()
         return False
 

@@ -447,9 +447,9 @@ def test_second_replica_shares_the_weights(shm_bench: Path, tmp_path: Path) -> N
     assert result["private_saved_mib"] > 2 * weights_mib / 3
 
 
-@pytest.mark.parametrize("advice", ["populate", "fallback"])
+@pytest.mark.parametrize(("advice", "threads"), [("populate", 1), ("populate", 3), ("fallback", 1), ("fallback", 3)])
 def test_read_ahead_brings_every_byte_with_or_without_populate_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, advice: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, advice: str, threads: int
 ) -> None:
     """The read-ahead faults blocks in with MADV_POPULATE_READ, or reads them through a buffer where
     the kernel refuses the advice; either way the loader yields the file's exact tensors."""
@@ -461,6 +461,7 @@ def test_read_ahead_brings_every_byte_with_or_without_populate_read(
     if advice == "fallback":
         monkeypatch.setattr(loader, "_MADV_POPULATE_READ", 0x7FFF)  # no such advice: EINVAL
     monkeypatch.setattr(loader.ReadAhead, "_BLOCK", 64 << 10)
+    monkeypatch.setattr(loader, "READAHEAD_THREADS", threads)
     files = []
     for i in range(2):
         path = tmp_path / f"w{i}.safetensors"
@@ -469,3 +470,8 @@ def test_read_ahead_brings_every_byte_with_or_without_populate_read(
     got = {f"{n}": t.clone() for n, t in loader.iter_mapped_weights(files, readahead_mib=1)}
     want = {n: t for f in files for n, t in load_file(str(f)).items()}
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    # Left alone (no consumer to wait for), it goes through every byte of every file, and ends.
+    ahead = loader.ReadAhead([str(f) for f in files], window=1 << 30, threads=threads)
+    ahead._thread.join(timeout=30)
+    assert not ahead._thread.is_alive()
+    assert ahead._position == sum(f.stat().st_size for f in files)
