@@ -539,6 +539,23 @@ class EnginePoolConfig(_Strict):
     nice: int = Field(
         10, ge=0, le=19, description="Nice value a host imports at, so refills never slow serving; a taken host "
         "goes back to 0 where the process may (CAP_SYS_NICE), else keeps it.")
+    max_per_node: int = Field(
+        0, ge=0, le=16, description="Most idle hosts a node keeps when the registry's usage predictions ask for more "
+        "than `size_per_node`: one per expected start of a model that is not running within `predict_horizon_s` "
+        "(a start with at least a 30 % chance counts), on the warmest node holding it. 0: config size only.")
+    predict_horizon_s: float = Field(
+        300.0, gt=0, description="How far ahead predicted starts size the pool (longer than a host's ~20 s of "
+        "imports, so it is ready when the start comes).")
+
+    @model_validator(mode="after")
+    def _max_not_below_size(self) -> EnginePoolConfig:
+        if self.max_per_node and self.max_per_node < self.size_per_node:
+            raise ValueError(f"max_per_node ({self.max_per_node}) is below size_per_node ({self.size_per_node})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.size_per_node or self.max_per_node)
 
 
 class RouterContext(_Strict):

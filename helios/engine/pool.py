@@ -10,7 +10,9 @@ passes requests to it. A host serves one engine for its life: when the replica g
 the host, and the keeper starts a fresh one.
 
 - The keeper (`EnginePool`, one named actor, owned by the router that creates it) keeps
-  `size_per_node` idle hosts on every live node, refilling in the background. Hosts import
+  `size_per_node` idle hosts on every live node, refilling in the background, and up to
+  `max_per_node` where the registry expects that many starts soon (`pool_targets`); hosts
+  beyond a node's target (a prediction that passed) are stopped, newest first. Hosts import
   at a raised nice value, so refills never slow serving; a host that is taken gets its
   priority back where the OS allows (it needs CAP_SYS_NICE; otherwise it says so).
 - Hosts are detached, so that a keeper's restart does not kill the engines they serve; each
@@ -42,6 +44,8 @@ logger = get_logger("engine.pool")
 POOL_NAME = "helios-engine-pool"
 POOL_NAMESPACE = "helios"
 REFILL_S = 2.0
+PREDICT_S = 30.0  # how often the keeper asks the registry for expected starts
+START_CHANCE = 0.3  # an expected start counts for a host from this chance on
 WATCH_S = 0.5
 # What a taken host adopts from the replica: the devices Ray gave the replica, and tracing settings.
 INHERITED_ENV = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ONEAPI_DEVICE_SELECTOR",
@@ -177,13 +181,32 @@ class _Idle:
     pid: int | None = None
 
 
-class EnginePool:
-    """The keeper: `size_per_node` idle hosts on every live node (a Ray actor)."""
+def pool_targets(size_per_node: int, max_per_node: int, expected: dict[str, float], nodes: set[str]) -> dict[str, int]:
+    """Idle hosts to keep per node: the config's size, raised to the starts the registry expects on
+    the node (those expected nowhere in particular shared out over all nodes) up to `max_per_node`.
+    An expected start counts for a host once its chance reaches START_CHANCE."""
+    if not max_per_node:
+        return dict.fromkeys(nodes, size_per_node)
+    anywhere = expected.get("", 0.0) / max(len(nodes), 1)
+    targets = {}
+    for node in nodes:
+        predicted = int(expected.get(node, 0.0) + anywhere + (1 - START_CHANCE))
+        targets[node] = min(max_per_node, max(size_per_node, predicted))
+    return targets
 
-    def __init__(self, size_per_node: int, nice: int = 10) -> None:
+
+class EnginePool:
+    """The keeper: idle hosts on every live node, as many as `pool_targets` says (a Ray actor)."""
+
+    def __init__(self, size_per_node: int, nice: int = 10, max_per_node: int = 0, horizon_s: float = 300.0) -> None:
         self.size, self.nice = size_per_node, nice
+        self.max_per_node, self.horizon_s = max_per_node, horizon_s
         self.idle: dict[str, list[_Idle]] = {}  # node -> idle hosts, oldest first
-        self.counts = {"started": 0, "taken": 0, "replaced": 0}
+        self.counts = {"started": 0, "taken": 0, "replaced": 0, "trimmed": 0}
+        self.expected: dict[str, float] = {}  # the registry's last answer
+        self.targets: dict[str, int] = {}
+        self._asked: tuple[float, Any] | None = None  # (when, the pending answer)
+        self._predicted_at = float("-inf")
         self._task: asyncio.Task | None = None
 
     def _ensure_refilling(self) -> None:
@@ -216,6 +239,30 @@ class EnginePool:
                     log_event(logger, "engine_host_died", node=node, pid=idle.pid)
             hosts[:] = alive
 
+    def _predict(self) -> None:
+        """Take the registry's expected starts when they have come, and ask again every PREDICT_S
+        (never waited on: no registry, or a busy one, leaves the last answer standing)."""
+        if not self.max_per_node:
+            return
+        now = time.monotonic()
+        if self._asked is not None:
+            asked_at, ref = self._asked
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    self.expected = {str(k): float(v) for k, v in ray.get(ref).items()}
+                except Exception as exc:  # noqa: BLE001 - the registry restarted or is gone: keep the last
+                    log_event(logger, "engine_pool_predict_failed", error=repr(exc)[:200])
+                self._asked = None
+            elif now - asked_at < 5 * PREDICT_S:
+                return
+        if self._asked is None and now - self._predicted_at >= PREDICT_S:
+            from helios.registry.actor import get_registry
+
+            registry = get_registry()
+            if registry is not None:
+                self._asked = (now, registry.expected_starts.remote(self.horizon_s))
+                self._predicted_at = now
+
     def _refill(self) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -223,9 +270,15 @@ class EnginePool:
         for node in list(self.idle):
             if node not in live:
                 del self.idle[node]
+        self._predict()
+        self.targets = pool_targets(self.size, self.max_per_node, self.expected, live)
         for node in live:
             hosts = self.idle.setdefault(node, [])
-            while len(hosts) < self.size:
+            while len(hosts) > self.targets[node]:  # the starts it was kept for are no longer expected
+                extra = hosts.pop()
+                extra.host.stop.remote()
+                self.counts["trimmed"] += 1
+            while len(hosts) < self.targets[node]:
                 host = ray.remote(EngineHost).options(
                     num_cpus=0, lifetime="detached", max_restarts=0, max_concurrency=1000,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
@@ -249,14 +302,16 @@ class EnginePool:
         self._drop_dead()
         nodes = {n: {"idle": len(h), "ready": sum(i.pid is not None for i in h), "pids": [i.pid for i in h]}
                  for n, h in self.idle.items()}
-        return {"size_per_node": self.size, "nodes": nodes, **self.counts}
+        return {"size_per_node": self.size, "max_per_node": self.max_per_node, "targets": dict(self.targets),
+                "expected_starts": dict(self.expected), "nodes": nodes, **self.counts}
 
 
-def get_or_create_pool(size_per_node: int, nice: int) -> Any:
+def get_or_create_pool(size_per_node: int, nice: int, max_per_node: int = 0, horizon_s: float = 300.0) -> Any:
     """The pool's keeper, created by (and owned by) the calling process when none runs; it starts
     filling at once."""
     keeper = ray.remote(EnginePool).options(name=POOL_NAME, namespace=POOL_NAMESPACE, get_if_exists=True,
-                                            num_cpus=0, max_concurrency=8).remote(size_per_node, nice)
+                                            num_cpus=0, max_concurrency=8).remote(size_per_node, nice, max_per_node,
+                                                                                  horizon_s)
     keeper.status.remote()
     return keeper
 

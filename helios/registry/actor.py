@@ -276,6 +276,10 @@ class Registry:
         with self._lock:
             return self.core.usage_of(model_id)
 
+    def expected_starts(self, horizon_s: float) -> dict[str, float]:
+        with self._lock:
+            return self.core.expected_starts(horizon_s)
+
     # --- warm view ---
     def set_replica(
         self, model_id: str, replica_id: str, node_id: str, loaded: bool, version: str | None = None

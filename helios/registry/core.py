@@ -262,6 +262,26 @@ class RegistryCore:
             groups.setdefault(speed, []).append(node)
         return [sorted(groups[speed]) for speed in sorted(groups, reverse=True)]
 
+    def expected_starts(self, horizon_s: float, now: float | None = None) -> dict[str, float]:
+        """Node -> how many replica starts to expect within `horizon_s`: each model with no replica
+        running, weighted by its chance of a request in that window (the prefetch planner's
+        inter-arrival histograms), counted on the warmest node holding it, where warm-first
+        placement puts it ("" when no node holds it). The engine pool sizes itself from this."""
+        now = time.time() if now is None else now
+        planner = self.prefetch.planner
+        out: dict[str, float] = {}
+        for model_id in sorted(self.catalog.models):
+            usage = planner.usage.get(model_id)
+            if usage is None or self.warm.state.replicas.get(model_id):
+                continue
+            p = usage.p_within(now, horizon_s, planner.min_gaps)
+            if p <= 0:
+                continue
+            groups = self.warm_nodes(model_id, now)
+            node = groups[0][0] if groups else ""
+            out[node] = out.get(node, 0.0) + p
+        return out
+
     def usage_of(self, model_id: str | None = None, now: float | None = None) -> dict:
         """One model's usage with its recent inter-arrival times, or every model's summary by id."""
         if model_id is None:

@@ -170,10 +170,12 @@ class Router:
         self.models = {m.id: m for m in context.models}
         self.on_demand = OnDemandClient(serve.get_replica_context().app_name, self.cache_root, self.storage,
                                         self.registry_config)
-        if context.engine_pool.size_per_node:  # owned by this replica: the pool goes with the app
+        if context.engine_pool.enabled:  # owned by this replica: the pool goes with the app
             from helios.engine.pool import get_or_create_pool
 
-            self.engine_pool = get_or_create_pool(context.engine_pool.size_per_node, context.engine_pool.nice)
+            pool = context.engine_pool
+            self.engine_pool = get_or_create_pool(pool.size_per_node, pool.nice, pool.max_per_node,
+                                                  pool.predict_horizon_s)
         routes = {m: ModelRoute(ServeEngine(h), ServeEngine(self.prefill[m]) if m in self.prefill else None)
                   for m, h in engines.items()}
         self.core = RouterCore(routes, [k.encode() for k in self.config.keys()],  # noqa: SIM118 - the API keys

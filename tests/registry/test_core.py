@@ -108,3 +108,30 @@ def test_warm_nodes_go_from_running_replicas_to_the_fastest_tier_holding_the_mod
     core.warm.set_replica("m", "r1", "cold", loaded=True, version="v1")  # its weights are mapped there
     assert core.warm_nodes("m") == [["cold"], ["ram-node"], ["nvme-node"]]
     assert core.warm_nodes("unknown") == []
+
+
+def test_expected_starts_count_models_not_running_on_their_warmest_node(tiny_model_dir: Path) -> None:
+    """The engine pool's prediction: a model requested every minute and idle for 50 s will most
+    likely start within two minutes (on the node holding it); one requested hourly will not; a
+    model already running needs no start."""
+    from helios.engine.pool import pool_targets
+
+    core = RegistryCore()
+    for model in ("minutely", "hourly", "running"):
+        _register(core, model, "v1", str(tiny_model_dir))
+    t0 = 1_000_000.0
+    core.record_requests({"minutely": [t0 + 60 * i for i in range(10)],
+                          "running": [t0 + 60 * i for i in range(10)],
+                          "hourly": [t0 - 3600 * 10 + 3600 * i for i in range(10)]})
+    core.warm.set_tiers("n1", {"minutely": {"ram": 100}})
+    core.warm.set_replica("running", "r1", "n2", loaded=True, version="v1")
+    now = t0 + 60 * 9 + 50
+    expected = core.expected_starts(120, now)
+    assert expected.get("n1", 0) > 0.9
+    assert "n2" not in expected  # the running model's node expects nothing
+    assert expected.get("", 0) < 0.3  # the hourly model, held nowhere: unlikely within two minutes
+    assert pool_targets(0, 2, expected, {"n1", "n2"}) == {"n1": 1, "n2": 0}
+    assert pool_targets(1, 2, expected, {"n1", "n2"}) == {"n1": 1, "n2": 1}
+    assert pool_targets(0, 2, {"n1": 5.0, "": 1.0}, {"n1", "n2"}) == {"n1": 2, "n2": 1}  # capped; shared out
+    assert pool_targets(1, 0, {"n1": 5.0}, {"n1"}) == {"n1": 1}  # predictions off: the config's size
+    assert core.expected_starts(120, t0 + 60 * 9 + 3600 * 3) == {}  # nothing expected after long silence
