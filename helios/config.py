@@ -64,6 +64,10 @@ class EngineConfig(_Strict):
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages, each on tensor_parallel_size GPUs "
                                         "(may span nodes).")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile (faster start).")
+    cache_in_tiers: bool = Field(
+        True, description="Keep vLLM's cache root (torch.compile artifacts, startup plans) in the model cache's tiers, "
+        "keyed by vLLM and torch versions, model digest, parallel layout and device, so a model compiled once "
+        "anywhere in the cluster starts without compiling (models that come through the store).")
     seed: int = Field(0, description="Engine seed, for reproducible sampling.")
     share_weights: bool = Field(
         False,

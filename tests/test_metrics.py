@@ -171,6 +171,9 @@ def test_the_engines_kv_blocks_live_in_the_node_caches_ram_tier(app: dict, cache
         assert time.monotonic() < deadline, f"no report from vLLM's worker process: {stats['clients']}"
         time.sleep(0.5)
     ram = stats["tiers"]["ram"]
+    # Every blob the replica wrote and every block the engine saved reached the keeper as an insert.
+    blobs = [p for p in (app["tiers"] / "ram" / "blobs").iterdir() if p.is_file()]
+    assert ram["counters"]["inserts"] >= len(blocks) + len(blobs)
     assert ram["kv_blocks"] == len(blocks)
     assert ram["kv_bytes"] == sum(p.stat().st_size for p in blocks)
     assert ram["used"] >= ram["kv_bytes"] + sum(p.stat().st_size for p in (app["tiers"] / "ram" / "blobs").iterdir())

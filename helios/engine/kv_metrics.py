@@ -51,9 +51,9 @@ class KVMetrics:
         for name, counter in self._counters.items():
             value = float(stats.get(name, 0.0))
             delta = value - self._seen.get(name, 0.0)
-            if delta > 0:
+            if delta > 0:  # a read that missed some handles (keeper restarting) must not count them twice later
                 counter.inc(delta)
-            self._seen[name] = value
+                self._seen[name] = value
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -50,6 +51,7 @@ class ModelServer:
         storage_cfg = StorageConfig.model_validate(storage) if storage else None
         prepared = prepare(config, storage_cfg, Path(cache_root))
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
+        engine_cache = _restore_engine_cache(config, prepared, cache_root)
         kv_transfer, self.kv_metrics = _kv_connector(config, role, replica, storage_cfg, cache_root)
         if kv_transfer is not None:  # the engine core inherits it; vLLM logs engine args, so not there
             from helios.engine.kv_connector import SECRET_ENV
@@ -61,6 +63,10 @@ class ModelServer:
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
         timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
+        if engine_cache is not None:
+            timings["engine_cache_restore_s"] = engine_cache[3]
+            threading.Thread(target=_save_engine_cache, args=(prepared.store, *engine_cache[:3]),
+                             name="helios-engine-cache-save", daemon=True).start()
         if imports_s is not None:
             timings["imports_s"] = imports_s
         if "load_s" in timings:
@@ -200,6 +206,38 @@ class ModelServer:
 
     def __del__(self) -> None:
         self.shutdown()
+
+
+def _restore_engine_cache(config: ModelConfig, prepared: Any, cache_root: str) -> tuple[Any, Path, Any, float] | None:
+    """Point vLLM's cache root at this model's engine cache, filled from the tiers (see
+    storage/engine_cache.py); (key, root, what was restored, seconds), or None when the model did
+    not come through the store or the config turns it off. A failure costs a compile, never a start."""
+    if not config.engine.cache_in_tiers or prepared.store is None or prepared.manifest is None:
+        return None
+    from helios.storage.engine_cache import EngineCacheKey, restore
+
+    began = time.monotonic()
+    engine = config.engine
+    key = EngineCacheKey.current(prepared.manifest.digest(), engine.tensor_parallel_size,
+                                 engine.pipeline_parallel_size, dtype=engine.dtype)
+    root = Path(cache_root).expanduser() / "vllm-cache" / key.digest()
+    try:
+        restored = restore(prepared.store, key, root)
+    except Exception as exc:  # noqa: BLE001 - an unreadable cache is a compile, not a failed start
+        log_event(logger, "engine_cache_restore_failed", key=key.digest(), error=f"{type(exc).__name__}: {exc}")
+        restored = None
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["VLLM_CACHE_ROOT"] = str(root)  # the engine core and workers inherit it
+    return key, root, restored, time.monotonic() - began
+
+
+def _save_engine_cache(store: Any, key: Any, root: Path, restored: Any) -> None:
+    from helios.storage.engine_cache import save
+
+    try:
+        save(store, key, root, restored)
+    except Exception as exc:  # noqa: BLE001 - the next start compiles again
+        log_event(logger, "engine_cache_save_failed", key=key.digest(), error=f"{type(exc).__name__}: {exc}")
 
 
 def _kv_connector(

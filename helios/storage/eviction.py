@@ -216,7 +216,7 @@ class CostAwarePolicy(EvictionPolicy):
     def on_remove(self, digest: str) -> None:
         if digest in self._planned:  # an eviction this policy chose: it sets the new floor
             self.inflation = max(self.inflation, self._planned.pop(digest))
-        if digest in self._freq:
+        if digest in self._freq and not digest.startswith("kv:"):  # KV churn must not crowd out blobs' history
             self._remember(digest, self._freq[digest])
         self._size.pop(digest, None)
         self._freq.pop(digest, None)
@@ -336,7 +336,8 @@ class CostAwarePolicy(EvictionPolicy):
             inflation = float(state["inflation"])
             blobs = {str(d): (int(v[0]), float(v[1]), float(v[2])) for d, v in dict(state["blobs"]).items()}
             ghost = [(str(d), float(f)) for d, f in state.get("ghost", [])]
-            bandwidths = {str(k): float(v) for k, v in dict(state.get("bandwidths", {})).items() if float(v) > 0}
+            bandwidths = {str(k): float(v) for k, v in dict(state.get("bandwidths", {})).items()
+                          if float(v) > 0 and k != "recompute"}  # configured, not learned: the config wins
         except (KeyError, TypeError, ValueError, IndexError):
             return False
         self.inflation = inflation

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -95,11 +96,14 @@ def model_files(src_dir: Path) -> list[Path]:
     return files
 
 
-def build_manifest(src_dir: Path, model_id: str, version: str, source: str = "") -> Manifest:
-    """Hash every file of a model directory into a manifest."""
+def build_manifest(
+    src_dir: Path, model_id: str, version: str, source: str = "", select: Callable[[str], bool] | None = None
+) -> Manifest:
+    """Hash every file of a model directory (those whose relative name `select` accepts) into a manifest."""
     entries = [
         FileEntry(name=str(p.relative_to(src_dir)), size=p.stat().st_size, sha256=hash_file(p))
         for p in model_files(src_dir)
+        if select is None or select(str(p.relative_to(src_dir)))
     ]
     if not entries:
         raise FileNotFoundError(f"{src_dir} holds no model files")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -47,6 +48,18 @@ NAME_PREFIX = "helios-node-cache"
 BATCH = 256  # events a process sends in one report at most
 CALL_TIMEOUT_S = 60.0
 SAVE_EVERY_S = 1.0
+RESYNC_S = 10.0  # how often the keeper rescans tiers that KV writers report to
+ENFORCE_HEADROOM = 64 << 20
+_KV_NAME = re.compile(r"^kv:[0-9a-f]{32}$")
+
+
+def _kv_event(event: Event) -> bool:
+    """A well-formed KV event from the socket: insert / hit / remove of `kv:<32 hex>` in a tier."""
+    try:
+        op, _, name = event[0], event[1], event[2]
+    except (IndexError, TypeError, KeyError):
+        return False
+    return op in ("insert", "hit", "remove") and isinstance(name, str) and bool(_KV_NAME.match(name))
 
 Event = Sequence[Any]
 """("hit", kind, digest, now) | ("insert", kind, digest, size, now) | ("remove", kind, digest)
@@ -153,8 +166,11 @@ class NodeCache:
                 "capacity": {k: t.capacity for k, t in self.tiers.items()}}
 
     def report_and_enforce(self, client: str, events: Sequence[Event], counters: dict[str, Any] | None = None) -> None:
-        """Apply a report, then bring every tier it added to back under its budget: a writer that
-        reports after writing (KV blocks) does not ask for room first, so the keeper evicts after."""
+        """Apply a socket report, then bring every tier it added to back under its budget: a writer
+        that reports after writing (KV blocks) does not ask for room first, so the keeper evicts
+        after. The socket takes anyone on the host, so only KV events for well-formed block names
+        are applied: nothing it says can touch a model blob or a path outside a tier."""
+        events = [e for e in events if _kv_event(e)]
         self.report(client, events)
         if counters is not None:
             values = {str(k): float(v) for k, v in dict(counters.get("values") or {}).items()}
@@ -181,8 +197,8 @@ class NodeCache:
             return []
         if tier.tracked_bytes() <= tier.capacity:
             return []
-        try:
-            victims = tier.make_room(0)
+        try:  # with some headroom, so the next few reports do not each scan and sort the tier again
+            victims = tier.make_room(min(tier.capacity // 50, ENFORCE_HEADROOM))
         except StorageError as exc:  # everything left is reserved for blobs being written: next report
             log_event(logger, "node_cache_over_budget", tier=kind, error=str(exc))
             return []
@@ -237,8 +253,17 @@ class NodeCache:
         self._saved_at = time.time()
 
     def _save_loop(self, every_s: float) -> None:
+        synced = time.monotonic()
         while not self._stop.wait(every_s):
             self.save()
+            if self._socket is not None and time.monotonic() - synced >= RESYNC_S:
+                synced = time.monotonic()
+                for kind, tier in self.tiers.items():  # blocks whose reports were lost (a restart) count too
+                    try:
+                        tier.sync_policy()
+                        self.enforce(kind)
+                    except Exception as exc:  # noqa: BLE001 - the next round tries again
+                        log_event(logger, "node_cache_resync_failed", tier=kind, error=str(exc))
 
     def close(self) -> None:
         self._stop.set()

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ logger = get_logger("storage.report_socket")
 
 BATCH = 256  # events one client sends in a message at most
 RETRY_S = 5.0  # a client that found no keeper tries again after this
+SEND_TIMEOUT_S = 0.2  # past this a send gives up (the connection is dropped, its batch lost)
 MAX_LINE = 8 << 20  # a message longer than this is a broken client: its connection is dropped
 
 
@@ -45,6 +47,13 @@ def socket_name(tier_roots: Iterable[str | os.PathLike]) -> str:
 
 def _address(name: str) -> str:
     return "\0" + name  # Linux abstract namespace
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the connected process runs as this process's user (or root)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (os.getuid(), 0)
 
 
 Handler = Callable[[str, Sequence[Any], "dict[str, Any] | None"], None]
@@ -72,8 +81,16 @@ class ReportServer:
         while not self._closed.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._closed.is_set():
+                    return
+                log_event(logger, "node_cache_accept_failed", error=str(exc))  # e.g. out of descriptors
+                time.sleep(0.5)
+                continue
+            if not _same_user(conn):  # the abstract namespace has no file permissions: check the peer
+                self.dropped += 1
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="helios-cache-client", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -174,6 +191,7 @@ class ReportClient:
         if time.monotonic() < self._retry_at:
             return False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(SEND_TIMEOUT_S)  # a keeper that stops reading must not stall the engine's step
         try:
             sock.connect(_address(self.name))
         except OSError as exc:

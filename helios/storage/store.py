@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -100,7 +100,7 @@ class ModelStore:
             t.policy = POLICIES[eviction[t.kind]].for_tier(refetch_from, bandwidths, partial(store.refetch_source, t))
             if hasattr(t.policy, "kv_weight"):
                 t.policy.kv_weight = cfg.kv_blocks.weight
-            t.kv_spill = store.local[i + 1] if i + 1 < len(store.local) else None
+            t.kv_spill = store.local[1] if i == 0 and len(store.local) > 1 else None  # the KV store's two tiers
         if shared is None:
             shared = cfg.node_cache and _in_ray()
         if shared:
@@ -173,12 +173,16 @@ class ModelStore:
         return "searched " + ", ".join(t.describe() for t in self.tiers)
 
     # --- push ---
-    def push(self, src_dir: Path, model_id: str, version: str, progress: Progress | None = None) -> Manifest:
-        """Hash a model directory and write its new blobs and manifest to the durable tier."""
+    def push(
+        self, src_dir: Path, model_id: str, version: str, progress: Progress | None = None,
+        select: Callable[[str], bool] | None = None,
+    ) -> Manifest:
+        """Hash a model directory (the files `select` accepts by relative name, default all) and write
+        its new blobs and manifest to the durable tier."""
         src_dir = Path(src_dir)
         if not src_dir.is_dir():
             raise FileNotFoundError(f"{src_dir} is not a directory")
-        manifest = build_manifest(src_dir, model_id, version, source=str(src_dir.resolve()))
+        manifest = build_manifest(src_dir, model_id, version, source=str(src_dir.resolve()), select=select)
         target = self.durable
         uploaded = 0
         for f in manifest.files:

@@ -285,6 +285,11 @@ class LocalTier(Tier):
     def used(self) -> int:
         return sum(b.size for b in self.blobs()) + sum(b.size for b in self.kv_blocks())
 
+    def release(self, digest: str) -> None:
+        """Give back room held for a blob that will not arrive."""
+        with self._lock:
+            self._reserved.pop(digest, None)
+
     def tracked_bytes(self) -> int:
         """Bytes the policy knows of (no directory scan: what reports and syncs told it)."""
         with self._lock:
@@ -380,7 +385,7 @@ class LocalTier(Tier):
             for victim in victims:
                 info = self.stat(victim)
                 if is_kv(victim) and self.kv_spill is not None and info is not None:
-                    self._spill_kv(victim, info.size)
+                    self._spill_kv(victim, info.size, protected)
                 else:
                     self.delete(victim)
                 freed += info.size if info else 0
@@ -396,13 +401,13 @@ class LocalTier(Tier):
                 self._reserved[digest] = (size, time.monotonic() + RESERVATION_S)
             return victims
 
-    def _spill_kv(self, digest: str, size: int) -> None:
+    def _spill_kv(self, digest: str, size: int, protected: Collection[str] = ()) -> None:
         """Move an evicted KV block to the next local tier (copied and renamed in first, so a reader
         always finds it in one of them); dropped when that tier has no room for it either."""
         target = self.kv_spill
         assert target is not None
         try:
-            target.make_room(size, (), digest)
+            target.make_room(size, protected, digest)
             final = target.blob_path(digest)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.root / KV_DIR / "tmp" / f"{final.name}.spill.{uuid.uuid4().hex[:8]}"
@@ -414,7 +419,7 @@ class LocalTier(Tier):
                 tmp.unlink(missing_ok=True)
             target.record_insert(digest, size, time.time())
         except (TierFull, OSError):  # no room behind, or gone meanwhile: the block is recomputed if needed
-            pass
+            target.release(digest)
         self.delete(digest)
 
     @contextlib.contextmanager

@@ -288,7 +288,15 @@ def test_the_node_cache_keeps_an_engines_kv_in_its_ram_budget(
     and read, and the keeper, not the engine, spills what RAM cannot hold; the engine then reads
     those blocks back from NVMe with the same tokens."""
     ram, block = keeper.tiers["ram"], 2 * 4 * 2 * 64 * 4 * BLOCK + HEADER_SIZE  # tiny: K+V, 4 layers, 2 heads
-    ram.capacity = 3 * block
+    capacity, ram.capacity = ram.capacity, 3 * block
+    try:
+        _spill_and_read_back(engines, stores, keeper, ram)
+    finally:
+        ram.capacity = capacity
+
+
+def _spill_and_read_back(engines: dict[str, Engine], stores: dict[str, KVStoreConfig], keeper: NodeCache,
+                         ram: Any) -> None:
     prompts = [prompt(12, 6 * BLOCK + 20)]
     expected = reference(engines, prompts)
     inserts = keeper.stats()["tiers"]["ram"]["counters"].get("inserts", 0)

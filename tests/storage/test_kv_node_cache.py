@@ -216,6 +216,28 @@ def test_kv_counters_go_to_the_keeper_not_to_files(keeper) -> None:
     assert store_stats(config, "eng2.")["lookups"] == 10
 
 
+def test_the_socket_cannot_touch_model_blobs_or_paths_outside_the_tier(keeper) -> None:
+    """Any process on the host can connect: what it reports applies to well-formed KV names only."""
+    import json
+    import socket as sk
+
+    cache = keeper()
+    ram = cache.tiers["ram"]
+    model = blob(ram, MIB)
+    outside = ram.root.parent / "precious"
+    outside.write_bytes(b"keep me")
+    lines = [{"client": "x", "events": [["remove", "ram", model], ["insert", "ram", "kv:../../precious", 1, 0.0],
+                                        ["remove", "ram", "kv:../../precious"]]},
+             {"client": "x", "events": [["hit", "ram", "kv:" + "ab" * 16, 0.0]]}]
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
+        s.connect("\0" + cache.kv_endpoint()["socket"])
+        s.sendall(b"".join((json.dumps(m) + "\n").encode() for m in lines))
+        wait_for(lambda: cache.stats()["tiers"]["ram"]["counters"].get("hits", 0) == 1)
+    assert ram.policy.tracks(model) and ram.stat(model) is not None
+    assert outside.read_bytes() == b"keep me"
+    assert cache.stats()["tiers"]["ram"]["counters"].get("removes", 0) == 0
+
+
 def test_a_bad_report_line_is_skipped_and_the_connection_kept(tmp_path: Path) -> None:
     import socket as sk
 
