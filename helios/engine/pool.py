@@ -163,14 +163,25 @@ class EngineHost:
 
 
 def _renice(value: int, children: bool = False) -> None:
-    """Set this process's nice value (a child started later inherits it), and its children's:
-    raising it needs no privilege, lowering it needs CAP_SYS_NICE."""
+    """Set the nice value of every thread of this process (a thread started later inherits its
+    creator's), and of its children's: raising it needs no privilege, lowering it needs
+    CAP_SYS_NICE. On Linux nice is per thread; setting it for the pid alone leaves Ray's and the
+    fetch's threads where they were (a taken host then fetched at nice 10, beside a refill)."""
     me = psutil.Process()
     for proc in [me, *(me.children(recursive=True) if children else [])]:
         try:
-            proc.nice(value)
-        except (psutil.Error, PermissionError, OSError) as exc:
-            log_event(logger, "engine_host_priority_kept", pid=proc.pid, wanted=value, error=str(exc)[:200])
+            tids = [t.id for t in proc.threads()]
+        except psutil.Error:
+            tids = [proc.pid]
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, value)
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+            except OSError as exc:
+                log_event(logger, "engine_host_priority_kept", pid=proc.pid, tid=tid, wanted=value,
+                          error=str(exc)[:200])
+                break
 
 
 @dataclass
