@@ -838,17 +838,23 @@ def measure_engine_start(model_dir: Path, repeats: int) -> dict:
     runs = []
     for r in range(repeats):
         warm(tree_files(model_dir))
-        eng = Engine({"model": str(model_dir), "engine": ENGINE}, WORK / "engine_start.log")
-        try:
-            ev = eng.expect("first_token")
-            runs.append({"first_token_s": ev["t_first"] - eng.spawned, "import_s": ev["t_import"] - eng.spawned,
-                         "construct_s": ev["t_built"] - ev["t_import"], "generate_s": ev["t_first"] - ev["t_built"]})
-            eng.expect("idle")
-        finally:
-            eng.close()
+        runs.append(engine_run({"model": str(model_dir), "engine": ENGINE}, WORK / "engine_start.log"))
         log(f"engine_start ({r + 1}/{repeats}; plain vLLM, warm page cache): first token after "
             f"{runs[-1]['first_token_s']:.1f}s")
     return summarize(runs, ("import_s", "construct_s", "generate_s"))
+
+
+def engine_run(spec: dict, log_path: Path) -> dict:
+    """One plain vLLM engine from spawn to first token: its phases in seconds."""
+    eng = Engine(spec, log_path)
+    try:
+        ev = eng.expect("first_token")
+        run = {"first_token_s": ev["t_first"] - eng.spawned, "import_s": ev["t_import"] - eng.spawned,
+               "construct_s": ev["t_built"] - ev["t_import"], "generate_s": ev["t_first"] - ev["t_built"]}
+        eng.expect("idle")
+    finally:
+        eng.close()
+    return run
 
 
 def measure_runai_s3(server, plain_url: str, server_files: list[Path], repeats: int) -> dict:
@@ -861,15 +867,8 @@ def measure_runai_s3(server, plain_url: str, server_files: list[Path], repeats: 
         os.environ.update(env)  # the child inherits them
         for r in range(repeats):
             warm(server_files)
-            eng = Engine({"model": plain_url, "engine": ENGINE, "extra": {"load_format": "runai_streamer"}},
-                         WORK / "runai_streamer_s3.log")
-            try:
-                ev = eng.expect("first_token")
-                runs.append({"first_token_s": ev["t_first"] - eng.spawned, "import_s": ev["t_import"] - eng.spawned,
-                             "construct_s": ev["t_built"] - ev["t_import"], "generate_s": ev["t_first"] - ev["t_built"]})
-                eng.expect("idle")
-            finally:
-                eng.close()
+            runs.append(engine_run({"model": plain_url, "engine": ENGINE, "extra": {"load_format": "runai_streamer"}},
+                                   WORK / "runai_streamer_s3.log"))
             log(f"runai_streamer_s3 ({r + 1}/{repeats}; vLLM load_format=runai_streamer from s3rver): first token "
                 f"after {runs[-1]['first_token_s']:.1f}s")
     finally:

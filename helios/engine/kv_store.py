@@ -46,7 +46,7 @@ from helios.config import KVStoreConfig
 from helios.config import default_kv_root as default_root
 from helios.storage import report_socket
 from helios.storage.report_socket import ReportClient
-from helios.storage.tiers import KV_DIR, KV_PREFIX
+from helios.storage.tiers import KV_DIR, KV_PREFIX, scan_blocks
 
 MAGIC = b"HELIOSKV"
 VERSION = 1
@@ -285,16 +285,7 @@ class KVStore:
 
     def _scan(self, tier: str) -> list[tuple[float, int, Path]]:
         """(mtime, size, path) of every block in a tier, oldest first."""
-        out = []
-        for sub in os.scandir(self.dirs[tier] / "blocks"):
-            if not sub.is_dir():
-                continue
-            for entry in os.scandir(sub.path):
-                with contextlib.suppress(FileNotFoundError):
-                    st = entry.stat()
-                    out.append((st.st_mtime, st.st_size, Path(entry.path)))
-        out.sort()
-        return out
+        return sorted((st.st_mtime, st.st_size, Path(path)) for path, st in scan_blocks(self.dirs[tier] / "blocks"))
 
     def usage(self) -> dict[str, dict[str, int]]:
         """Blocks and bytes per tier, as on disk now."""

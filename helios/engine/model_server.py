@@ -211,7 +211,8 @@ class ModelServer:
 def _restore_engine_cache(config: ModelConfig, prepared: Any, cache_root: str) -> tuple[Any, Path, Any, float] | None:
     """Point vLLM's cache root at this model's engine cache, filled from the tiers (see
     storage/engine_cache.py); (key, root, what was restored, seconds), or None when the model did
-    not come through the store or the config turns it off. A failure costs a compile, never a start."""
+    not come through the store, the config turns it off, or there is nothing to cache (an eager
+    engine on the CPU). A failure costs a compile, never a start."""
     if not config.engine.cache_in_tiers or prepared.store is None or prepared.manifest is None:
         return None
     from helios.storage.engine_cache import EngineCacheKey, restore
@@ -220,6 +221,8 @@ def _restore_engine_cache(config: ModelConfig, prepared: Any, cache_root: str) -
     engine = config.engine
     key = EngineCacheKey.current(prepared.manifest.digest(), engine.tensor_parallel_size,
                                  engine.pipeline_parallel_size, dtype=engine.dtype)
+    if engine.enforce_eager and key.device == "cpu":
+        return None  # nothing is compiled and startup plans are GPU-only: spare the start a store lookup
     root = Path(cache_root).expanduser() / "vllm-cache" / key.digest()
     try:
         restored = restore(prepared.store, key, root)

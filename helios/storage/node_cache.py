@@ -39,7 +39,7 @@ from typing import Any
 from helios.config import StorageConfig
 from helios.errors import HeliosError, StorageError
 from helios.observability.logs import get_logger, log_event
-from helios.storage.tiers import LocalTier, TierAccounts
+from helios.storage.tiers import LocalTier, TierAccounts, is_kv
 
 logger = get_logger("storage.node_cache")
 
@@ -107,12 +107,16 @@ class NodeCache:
         tier = self._tier(kind)
         self.report(client, events)
         victims = tier.make_room(size, set(protected), digest)  # the tier's own lock orders concurrent callers
+        self._evicted(kind, "room_asked", victims)
+        return victims
+
+    def _evicted(self, kind: str, reason: str, victims: Sequence[str]) -> None:
+        """Count one eviction round (`reason`: what asked for it) and its victims."""
         with self._lock:
-            self.counters[kind]["room_asked"] += 1
+            self.counters[kind][reason] += 1
             self.counters[kind]["evictions"] += len(victims)
             if victims:
                 self._dirty.add(kind)
-        return victims
 
     def admit(self, client: str, events: Sequence[Event], kind: str, digest: str, size: int) -> bool:
         tier = self._tier(kind)
@@ -202,11 +206,7 @@ class NodeCache:
         except StorageError as exc:  # everything left is reserved for blobs being written: next report
             log_event(logger, "node_cache_over_budget", tier=kind, error=str(exc))
             return []
-        with self._lock:
-            self.counters[kind]["enforced"] += 1
-            self.counters[kind]["evictions"] += len(victims)
-            if victims:
-                self._dirty.add(kind)
+        self._evicted(kind, "enforced", victims)
         return victims
 
     def _tier(self, kind: str) -> LocalTier:
@@ -222,13 +222,14 @@ class NodeCache:
         known, counters; the processes heard from; when the counts were last saved."""
         tiers = {}
         for kind, t in self.tiers.items():
-            used = t.sync_policy()
+            used = t.sync_policy()  # the policy now knows exactly what is on disk, KV included
             with self._lock:
                 counters = dict(self.counters[kind])
-            kv = t.kv_blocks()
+            known = t.policy.known()
+            kv = [size for digest, size in known.items() if is_kv(digest)]
             tiers[kind] = {"path": str(t.root), "used": used, "capacity": t.capacity,
-                           "policy": type(t.policy).__name__, "blobs": len(t.policy.known()) - len(kv),
-                           "kv_blocks": len(kv), "kv_bytes": sum(b.size for b in kv), "counters": counters}
+                           "policy": type(t.policy).__name__, "blobs": len(known) - len(kv),
+                           "kv_blocks": len(kv), "kv_bytes": sum(kv), "counters": counters}
         with self._lock:
             clients = sorted(self.clients)
         return {"node": socket.gethostname(), "pid": os.getpid(), "started": self.started, "tiers": tiers,

@@ -55,6 +55,17 @@ def is_kv(digest: str) -> bool:
     return digest.startswith(KV_PREFIX)
 
 
+def scan_blocks(blocks: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, stat) of every KV block file under `blocks/<xx>/` (files that vanish meanwhile skipped)."""
+    with contextlib.suppress(FileNotFoundError):
+        for sub in os.scandir(blocks):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                with contextlib.suppress(FileNotFoundError):
+                    yield entry.path, entry.stat()
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     digest: str
@@ -271,16 +282,8 @@ class LocalTier(Tier):
 
     def kv_blocks(self) -> list[BlobInfo]:
         """The KV blocks stored in this tier (`kv:<key>`), which `blobs()` leaves out."""
-        out = []
-        with contextlib.suppress(FileNotFoundError):
-            for sub in os.scandir(self.root / KV_DIR / "blocks"):
-                if not sub.is_dir():
-                    continue
-                for entry in os.scandir(sub.path):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = entry.stat()
-                        out.append(BlobInfo(KV_PREFIX + entry.name, st.st_size, st.st_mtime))
-        return out
+        return [BlobInfo(KV_PREFIX + os.path.basename(path), st.st_size, st.st_mtime)
+                for path, st in scan_blocks(self.root / KV_DIR / "blocks")]
 
     def used(self) -> int:
         return sum(b.size for b in self.blobs()) + sum(b.size for b in self.kv_blocks())
