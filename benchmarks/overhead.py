@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -84,6 +86,48 @@ def cpu_seconds(root_pid: int) -> dict[str, float]:
     return totals
 
 
+@contextlib.contextmanager
+def frozen(root_pids: list[int]) -> Iterator[None]:
+    """SIGSTOP every process of these trees for the block, SIGCONT after (children first on
+    the way in, so no parent sees a child stop; all of a cluster stops together, so none of
+    its own health checks spans the pause)."""
+    import psutil
+
+    stopped: list[psutil.Process] = []
+    try:
+        for pid in root_pids:
+            try:
+                tree = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for proc in reversed(tree):
+                try:
+                    proc.suspend()
+                    stopped.append(proc)
+                except psutil.Error:
+                    pass
+        yield
+    finally:
+        for proc in reversed(stopped):
+            try:
+                proc.resume()
+            except psutil.Error:
+                pass
+
+
+def ratio_interval(ratios: list[float], resamples: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Geometric mean of paired per-cycle ratios with a 95 % bootstrap interval over cycles:
+    how precisely the runs pin the cost down, not only where its middle is."""
+    import math
+    import random
+
+    logs = [math.log(r) for r in ratios]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    return {"geomean": math.exp(statistics.fmean(logs)), "ci95_low": math.exp(means[int(0.025 * resamples)]),
+            "ci95_high": math.exp(means[int(0.975 * resamples) - 1]), "cycles": len(ratios)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -132,7 +176,7 @@ async def measure(system: str, model_dir: Path, port: int, args: argparse.Namesp
 async def measure_interleaved(systems: list[str], model_dir: Path, port: int, args: argparse.Namespace,
                               work: Path) -> tuple[dict, dict]:
     """Every system up at once, then rounds in turn (A, B, C, A, B, C, ...): each round of one
-    system runs while the others idle, so a drift of the host's speed (this machine's swings
+    system runs while the others are stopped (SIGSTOP), so a drift of the host's speed (this machine's swings
     exceed the costs measured) falls on all of them alike. Returns (results per system,
     each system's tokens/s over the first's in the same cycle, per cycle)."""
     procs = {}
@@ -149,7 +193,12 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
         cpu_before = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}
         for r in range(args.rounds):
             for system, (_, base) in procs.items():
-                rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
+                # The others' whole process trees are stopped for the round: an idle Ray cluster
+                # (GCS, raylet, agents, Serve's controller loop) still wakes up, and on two cores
+                # its wake-ups land on whichever system is measured.
+                others = [p.pid for s, (p, _) in procs.items() if s != system]
+                with frozen(others):
+                    rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
             log(f"cycle {r + 1}/{args.rounds}: " + ", ".join(f"{SYSTEM_NAMES[s]} {rates[s][-1]:.0f}" for s in systems)
                 + " tok/s")
         cpu_after = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}  # all at once, before the probes
@@ -202,9 +251,9 @@ def main() -> None:
     args.requests, args.concurrency, args.max_tokens = 64, 16, 64
     # Tokens/s on a small shared machine swings between rounds; the median of several is reported.
     args.rounds = 3 if args.quick else 7
-    if args.observability:  # small costs under this host's swings: more and longer rounds, paired per cycle
-        args.rounds = 4 if args.quick else 12
-        args.requests = 64 if args.quick else 192
+    if args.observability:  # small costs under this host's swings: many cycles, paired per cycle
+        args.rounds = 4 if args.quick else 20
+        args.requests = 64 if args.quick else 128
     args.ttft_requests = 30 if args.quick else 100
 
     from helios.storage.demo_model import resolve_source
@@ -233,7 +282,8 @@ def main() -> None:
         results["helios_tracing"]["spans_received"] = len(receiver.spans)
         receiver.stop()
 
-    ratios = {}
+    ratios: dict[str, float] = {}
+    intervals: dict[str, dict[str, float]] = {}
     if "helios" in results and "raw_vllm" in results:
         ratios["helios_over_raw_tok_s"] = results["helios"]["tok_s"] / results["raw_vllm"]["tok_s"]
     if "helios" in results and "rayserve_llm" in results:
@@ -253,6 +303,7 @@ def main() -> None:
     for system, key in (("helios", "metrics_on_over_off_tok_s"), ("helios_tracing", "tracing_over_metrics_off_tok_s")):
         if system in paired:  # the median of each cycle's own ratio: the host's drift between cycles cancels
             ratios[key] = statistics.median(paired[system])
+            intervals[key] = ratio_interval(paired[system])
         elif system in results and "helios_metrics_off" in results:
             ratios[key] = results[system]["tok_s"] / results["helios_metrics_off"]["tok_s"]
     report = {
@@ -264,7 +315,8 @@ def main() -> None:
                      "ttft_requests": args.ttft_requests, "streaming": True},
         "systems": results,
         "ratios": ratios,
-        **({"paired_ratios_per_cycle": paired, "interleaved": True} if paired else {}),
+        **({"paired_ratios_per_cycle": paired, "paired_intervals": intervals, "interleaved": True,
+            "others_frozen_during_a_round": True} if paired else {}),
         "seconds": time.monotonic() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +324,9 @@ def main() -> None:
     plot(results, args.out.with_suffix(".png"))
     log(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()) or "no ratios (run all three systems)", flush=True)
+    for key, interval in intervals.items():
+        print(f"{key}: geometric mean {interval['geomean']:.3f}, 95% interval "
+              f"{interval['ci95_low']:.3f}-{interval['ci95_high']:.3f} over {interval['cycles']} cycles", flush=True)
 
 
 if __name__ == "__main__":

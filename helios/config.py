@@ -543,6 +543,10 @@ class EnginePoolConfig(_Strict):
     nice: int = Field(
         10, ge=0, le=19, description="Nice value a host imports at, so refills never slow serving; a taken host "
         "goes back to 0 where the process may (CAP_SYS_NICE), else keeps it.")
+    idle_class: bool = Field(
+        True, description="Waiting hosts also run in Linux's SCHED_IDLE class: a core only when nothing else wants "
+        "it. Ray starts its workers at nice 15, so a nice value alone would put a refill's imports ahead of the "
+        "routers and replicas serving now. A taken host goes back to the normal class.")
     max_per_node: int = Field(
         0, ge=0, le=16, description="Most idle hosts a node keeps when the registry's usage predictions ask for more "
         "than `size_per_node`: one per expected start of a model that is not running within `predict_horizon_s` "

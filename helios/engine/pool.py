@@ -13,8 +13,10 @@ the host, and the keeper starts a fresh one.
   `size_per_node` idle hosts on every live node, refilling in the background, and up to
   `max_per_node` where the registry expects that many starts soon (`pool_targets`); hosts
   beyond a node's target (a prediction that passed) are stopped, newest first. Hosts import
-  at a raised nice value, so refills never slow serving; a host that is taken gets its
-  priority back where the OS allows (it needs CAP_SYS_NICE; otherwise it says so).
+  in Linux's SCHED_IDLE class (and at a raised nice value), so refills never slow serving:
+  Ray starts its workers at nice 15, so a nice value alone would put a refill's imports
+  ahead of the routers and replicas serving now. A host that is taken goes back to the
+  normal class at nice 0 where the OS allows (it needs CAP_SYS_NICE; otherwise it says so).
 - Hosts are detached, so that a keeper's restart does not kill the engines they serve; each
   watches what it belongs to instead: an idle host exits when the keeper is gone, a taken host
   when its replica's process is. Its reaper kills its zygote and engine processes with it.
@@ -55,13 +57,13 @@ INHERITED_ENV = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DE
 class EngineHost:
     """A process with vLLM imported and a zygote ready, waiting to serve one model (a Ray actor)."""
 
-    def __init__(self, keeper: str, nice: int) -> None:
+    def __init__(self, keeper: str, nice: int, idle_class: bool = True) -> None:
         from helios.engine import warm_start
         from helios.engine.reaper import ensure_reaper
 
         created = time.monotonic()
         self.keeper, self.nice = keeper, nice
-        _renice(nice)  # before the zygote starts, so it imports at low priority too
+        _renice(nice, idle_class=idle_class)  # before the zygote starts, so it imports at low priority too
         ensure_reaper()  # the zygote and, later, the engine die with this process
         warm_start.start_zygote()
         from helios.engine.llm_engine import import_vllm
@@ -162,11 +164,13 @@ class EngineHost:
                 continue
 
 
-def _renice(value: int, children: bool = False) -> None:
-    """Set the nice value of every thread of this process (a thread started later inherits its
-    creator's), and of its children's: raising it needs no privilege, lowering it needs
-    CAP_SYS_NICE. On Linux nice is per thread; setting it for the pid alone leaves Ray's and the
-    fetch's threads where they were (a taken host then fetched at nice 10, beside a refill)."""
+def _renice(value: int, children: bool = False, idle_class: bool = False) -> None:
+    """Set the nice value (and with `idle_class` the SCHED_IDLE class, else the normal one) of
+    every thread of this process (a thread started later inherits its creator's), and of its
+    children's: raising it needs no privilege, lowering it needs CAP_SYS_NICE. On Linux both are
+    per thread; setting them for the pid alone leaves Ray's and the fetch's threads where they
+    were (a taken host then fetched at its idle priority, beside a refill)."""
+    policy = getattr(os, "SCHED_IDLE" if idle_class else "SCHED_OTHER", None)
     me = psutil.Process()
     for proc in [me, *(me.children(recursive=True) if children else [])]:
         try:
@@ -175,12 +179,14 @@ def _renice(value: int, children: bool = False) -> None:
             tids = [proc.pid]
         for tid in tids:
             try:
+                if policy is not None and hasattr(os, "sched_setscheduler"):
+                    os.sched_setscheduler(tid, policy, os.sched_param(0))
                 os.setpriority(os.PRIO_PROCESS, tid, value)
             except ProcessLookupError:  # the thread ended meanwhile
                 continue
             except OSError as exc:
                 log_event(logger, "engine_host_priority_kept", pid=proc.pid, tid=tid, wanted=value,
-                          error=str(exc)[:200])
+                          idle_class=idle_class, error=str(exc)[:200])
                 break
 
 
@@ -209,8 +215,9 @@ def pool_targets(size_per_node: int, max_per_node: int, expected: dict[str, floa
 class EnginePool:
     """The keeper: idle hosts on every live node, as many as `pool_targets` says (a Ray actor)."""
 
-    def __init__(self, size_per_node: int, nice: int = 10, max_per_node: int = 0, horizon_s: float = 300.0) -> None:
-        self.size, self.nice = size_per_node, nice
+    def __init__(self, size_per_node: int, nice: int = 10, max_per_node: int = 0, horizon_s: float = 300.0,
+                 idle_class: bool = True) -> None:
+        self.size, self.nice, self.idle_class = size_per_node, nice, idle_class
         self.max_per_node, self.horizon_s = max_per_node, horizon_s
         self.idle: dict[str, list[_Idle]] = {}  # node -> idle hosts, oldest first
         self.counts = {"started": 0, "taken": 0, "replaced": 0, "trimmed": 0}
@@ -293,7 +300,7 @@ class EnginePool:
                 host = ray.remote(EngineHost).options(
                     num_cpus=0, lifetime="detached", max_restarts=0, max_concurrency=1000,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                ).remote(POOL_NAME, self.nice)
+                ).remote(POOL_NAME, self.nice, self.idle_class)
                 hosts.append(_Idle(host, host.until_taken.remote(), host.ready.remote()))
                 self.counts["started"] += 1
 
@@ -317,12 +324,13 @@ class EnginePool:
                 "expected_starts": dict(self.expected), "nodes": nodes, **self.counts}
 
 
-def get_or_create_pool(size_per_node: int, nice: int, max_per_node: int = 0, horizon_s: float = 300.0) -> Any:
+def get_or_create_pool(size_per_node: int, nice: int, max_per_node: int = 0, horizon_s: float = 300.0,
+                       idle_class: bool = True) -> Any:
     """The pool's keeper, created by (and owned by) the calling process when none runs; it starts
     filling at once."""
     keeper = ray.remote(EnginePool).options(name=POOL_NAME, namespace=POOL_NAMESPACE, get_if_exists=True,
                                             num_cpus=0, max_concurrency=8).remote(size_per_node, nice, max_per_node,
-                                                                                  horizon_s)
+                                                                                  horizon_s, idle_class)
     keeper.status.remote()
     return keeper
 
