@@ -343,12 +343,13 @@ def models_ls(config: Path | None = _CONFIG_OPTION) -> None:
 def cache_ls(config: Path | None = _CONFIG_OPTION) -> None:
     """What each local tier holds, its size and capacity."""
     store = _store(config)
-    table = _table("tier", "path", "used", "capacity", "blobs", "models held")
+    table = _table("tier", "path", "used", "capacity", "blobs", "KV blocks", "models held")
     for t in store.local:
         held = [m.ref for m in t.manifests() if t.has_all(m)]
-        blobs = t.blobs()
-        table.add_row(t.kind, str(t.root), _gib(sum(b.size for b in blobs)), _gib(t.capacity), str(len(blobs)),
-                      ", ".join(held) or "-")
+        blobs, kv = t.blobs(), t.kv_blocks()
+        kv_bytes = sum(b.size for b in kv)
+        table.add_row(t.kind, str(t.root), _gib(sum(b.size for b in blobs) + kv_bytes), _gib(t.capacity),
+                      str(len(blobs)), f"{len(kv)} ({_gib(kv_bytes)})" if kv else "0", ", ".join(held) or "-")
     Console().print(table)
 
 
@@ -356,7 +357,7 @@ def cache_ls(config: Path | None = _CONFIG_OPTION) -> None:
 def cache_evict(
     ref: str | None = typer.Argument(None, help="ID or ID:VERSION to drop; omit with --all to empty the tiers."),
     tier: str | None = typer.Option(None, help="Only this local tier [default: every local tier]."),
-    all_: bool = typer.Option(False, "--all", help="Drop everything from the local tier(s)."),
+    all_: bool = typer.Option(False, "--all", help="Drop everything from the local tier(s), KV blocks included."),
     config: Path | None = _CONFIG_OPTION,
 ) -> None:
     """Drop models from local tiers (the remote tier keeps them); blobs other versions use stay."""

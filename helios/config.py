@@ -200,6 +200,9 @@ class KVStoreConfig(BaseModel):
     ram_bytes: ByteSize = Field(ByteSize(4 << 30), ge=0, description="Most bytes of blocks in the RAM tier, e.g. `4GiB`.")
     nvme_path: Path | None = Field(None, description="NVMe tier directory; unset: blocks evicted from RAM are dropped.")
     nvme_bytes: ByteSize = Field(ByteSize(64 << 30), ge=0, description="Most bytes of blocks in the NVMe tier.")
+    promote_on_hit: bool = Field(
+        True, description="A block read from NVMe is written back into RAM (the NVMe copy stays), so a prefix "
+        "that became hot again is read from RAM next time.")
     placement: Literal["auto", "node_cache", "own"] = Field(
         "auto",
         description="`node_cache`: blocks live in the model cache's local tiers, under the node cache actor's one "

@@ -257,9 +257,25 @@ class KVStore:
                 os.close(fd)
             self.count(**{f"hits_{tier}": 1, "get_bytes": payload})
             self._report("hit", tier, key)
+            if tier != "ram" and self.config.promote_on_hit:
+                self._promote(key, [head, *buffers], payload)
             return tier
         self.count(misses=1)
         return None
+
+    def _promote(self, key: str, buffers: Sequence[Any], payload: int) -> None:
+        """Write a block just read from a slower tier into RAM from the buffers it was read into
+        (one `writev`, no second read). The slower copy stays, so evicting it from RAM again
+        costs a delete, not a copy; a full disk or a race with another promoter is harmless."""
+        if os.path.exists(self.path("ram", key)):
+            return
+        try:
+            self._write("ram", key, buffers)
+        except OSError:
+            return
+        self.count(promoted_blocks=1, promoted_bytes=payload)
+        self._report("insert", "ram", key, payload + HEADER_SIZE)
+        self._account("ram", payload + HEADER_SIZE)
 
     def read_raw(self, key: str) -> bytes | None:
         """A whole block file (header included), for serving it to another node."""
@@ -279,9 +295,23 @@ class KVStore:
             return  # the node cache evicts from the reports
         with self._lock:
             self._used[tier] += nbytes
-            over = self._used[tier] > self.budget[tier] or time.monotonic() - self._scanned_at > 5.0
+            over = self._used[tier] > self._budget(tier) or time.monotonic() - self._scanned_at > 5.0
         if over:
             self.make_room()
+
+    def _budget(self, tier: str) -> int:
+        """Bytes of blocks this store lets a tier hold while it keeps the budget itself. In the node
+        cache's tiers (its keeper away) that is the tier's capacity less the model blobs held there
+        now: the blobs are not this store's to evict, and the tier's budget is for both."""
+        if self.config.node_tiers is None:
+            return self.budget[tier]
+        blobs = self.dirs[tier].parent / "blobs"
+        held = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(blobs):
+                with contextlib.suppress(FileNotFoundError):
+                    held += entry.stat().st_size
+        return max(self.budget[tier] - held, 0)
 
     def _scan(self, tier: str) -> list[tuple[float, int, Path]]:
         """(mtime, size, path) of every block in a tier, oldest first."""
@@ -292,7 +322,7 @@ class KVStore:
         result = {}
         for tier in self.dirs:
             blocks = self._scan(tier)
-            result[tier] = {"blocks": len(blocks), "bytes": sum(b[1] for b in blocks), "budget": self.budget[tier]}
+            result[tier] = {"blocks": len(blocks), "bytes": sum(b[1] for b in blocks), "budget": self._budget(tier)}
         return result
 
     def make_room(self) -> None:
@@ -311,8 +341,9 @@ class KVStore:
             for tier in self.dirs:
                 blocks = self._scan(tier)
                 used = sum(b[1] for b in blocks)
+                budget = self._budget(tier)
                 for _, size, path in blocks:
-                    if used <= self.budget[tier]:
+                    if used <= budget:
                         break
                     if tier == "ram" and "nvme" in self.dirs:
                         self._spill(path, size)

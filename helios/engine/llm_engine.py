@@ -141,9 +141,9 @@ def _stat_loggers(stats: EngineStats) -> list[Any]:
 
     loggers: list[Any] = [SchedulerStatsSink.factory(stats)]
     if ray.is_initialized() and metrics_enabled():
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+        from helios.engine.vllm_metrics import HeliosRayStatLogger
 
-        loggers.append(RayPrometheusStatLogger)
+        loggers.append(HeliosRayStatLogger)
     return loggers
 
 

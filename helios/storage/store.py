@@ -329,8 +329,9 @@ class ModelStore:
                 drop = [m for m in kept if m.model_id == model_id and version in (None, m.version)]
             keep_digests = {f.sha256 for m in kept if m not in drop for f in m.files}
             plan = {f.sha256 for m in drop for f in m.files} - keep_digests
-            if model_id is None:  # evicting everything also drops blobs no manifest names
+            if model_id is None:  # evicting everything also drops blobs no manifest names, and KV blocks
                 plan |= {b.digest for b in t.blobs()} - keep_digests
+                plan |= {b.digest for b in t.kv_blocks()}  # an engine reading one meanwhile recomputes it
             tier_freed = 0
             for digest in sorted(plan):
                 info = t.stat(digest)

@@ -409,6 +409,9 @@ class LocalTier(Tier):
         always finds it in one of them); dropped when that tier has no room for it either."""
         target = self.kv_spill
         assert target is not None
+        if target.stat(digest) is not None and target.policy.tracks(digest):
+            self.delete(digest)  # promoted from there on a hit: its copy there is still good
+            return
         try:
             target.make_room(size, protected, digest)
             final = target.blob_path(digest)

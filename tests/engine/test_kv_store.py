@@ -188,3 +188,29 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert HeliosConnectorConfig.parse(cfg["kv_connector_extra_config"]).store.root == tmp_path
     with pytest.raises(ValueError, match="kv_role"):
         kv_transfer_config("kv_decoder")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("promote", [True, False])
+def test_a_block_read_from_nvme_is_promoted_to_ram(tmp_path: Path, promote: bool) -> None:
+    """A prefix that became hot again is read from RAM the next time; its NVMe copy stays, so
+    evicting it from RAM again costs a delete. Off, the block stays where it was."""
+    block = HEADER_SIZE + PAYLOAD
+    store = make(tmp_path, ram_bytes=2 * block, promote_on_hit=promote)
+    keys = block_keys(namespace(m=4), list(range(3 * BS)), BS)
+    for i, key in enumerate(keys):
+        store.put(key, slabs(i), PAYLOAD)
+        time.sleep(0.01)
+    assert [store.locate(k) for k in keys] == ["nvme", "ram", "ram"]
+    out = [np.zeros(SLAB, dtype=np.uint8) for _ in range(LAYERS)]
+    assert store.read_into(keys[0], out, PAYLOAD) == "nvme"
+    assert all((o == s).all() for o, s in zip(out, slabs(0)))
+    if not promote:
+        assert store.locate(keys[0]) == "nvme" and "promoted_blocks" not in store.counters
+        return
+    assert store.path("ram", keys[0]).read_bytes() == store.path("nvme", keys[0]).read_bytes()
+    assert store.counters["promoted_blocks"] == 1 and store.counters["promoted_bytes"] == PAYLOAD
+    assert store.usage()["ram"]["bytes"] <= 2 * block  # the promotion made room: keys[1] spilled
+    assert [store.locate(k) for k in keys] == ["ram", "nvme", "ram"]
+    out = [np.zeros(SLAB, dtype=np.uint8) for _ in range(LAYERS)]
+    assert store.read_into(keys[0], out, PAYLOAD) == "ram"
+    assert all((o == s).all() for o, s in zip(out, slabs(0)))

@@ -86,3 +86,19 @@ def test_a_bad_remote_url_is_named(config: Path, tmp_path: Path) -> None:
 def test_evict_needs_a_model_or_all(config: Path) -> None:
     code, out = run("cache", "evict", "--config", str(config))
     assert code == 2 and "--all" in out
+
+
+def test_cache_ls_counts_kv_blocks_and_evict_all_drops_them(config: Path, tmp_path: Path) -> None:
+    """KV blocks share the tiers' budget (kv/blocks/ beside blobs/): `cache ls` shows them in the
+    tier's use and `cache evict --all` empties them too."""
+    blocks = tmp_path / "ram" / "kv" / "blocks" / "ab"
+    blocks.mkdir(parents=True)
+    for i in range(3):
+        (blocks / f"ab{i:030x}").write_bytes(b"k" * (1 << 20))
+    code, out = run("cache", "ls", "--config", str(config))
+    assert code == 0, out
+    ram_row = next(line for line in out.splitlines() if " ram " in f" {line} ")
+    assert "3 (3.0 MiB)" in ram_row and "3.0 MiB" in ram_row.split("3 (3.0 MiB)")[0]
+    code, out = run("cache", "evict", "--all", "--config", str(config))
+    assert code == 0 and "3.0 MiB freed" in said(out)
+    assert not any(blocks.iterdir())

@@ -170,12 +170,14 @@ def test_without_its_keeper_a_kv_store_keeps_the_budget_itself_and_reports_again
 ) -> None:
     monkeypatch.setattr(report_socket, "RETRY_S", 0.2)
     cache = keeper("cost", ram=2 * MIB)
+    model = blob(cache.tiers["ram"], MIB)  # a model's blob holds half the tier
     endpoint = cache.kv_endpoint()
     cache.close()  # the keeper is gone (restarting): its socket with it
     store = KVStore(KVStoreConfig(node_tiers=NodeKVTiers.model_validate(endpoint)), stats_name="engine")
     put_blocks(store, 12)  # 3 MiB into a 2 MiB tier
     assert not store.reports.reachable and store.keeps_own_budget
-    assert on_disk(cache.tiers["ram"].root) <= 2 * MIB
+    assert on_disk(cache.tiers["ram"].root) <= 2 * MIB  # blocks within what the blob leaves
+    assert cache.tiers["ram"].stat(model) is not None  # not the KV store's to evict
     assert len(kv_in(cache, "nvme")) >= 4  # spilled by the store itself
 
     store.count(lookups=5)
@@ -251,3 +253,32 @@ def test_a_bad_report_line_is_skipped_and_the_connection_kept(tmp_path: Path) ->
         assert got == [("a", [["hit", "ram", "d", 1.0]])] and server.dropped == 1
     finally:
         server.close()
+
+
+def test_kv_read_from_nvme_comes_back_to_ram_and_its_nvme_copy_stays_tracked(keeper) -> None:
+    """RAM holds 4 blocks: of 8 written, the oldest spill to NVMe. Two of them read back are
+    promoted into RAM (the keeper counts the inserts and keeps RAM in budget); when newer blocks
+    push them out of RAM again, their NVMe copies are kept as they are, not copied again."""
+    cache = keeper("lru", ram=4 * (BLOCK + HEADER_SIZE))
+    ram, nvme = cache.tiers["ram"], cache.tiers["nvme"]
+    store = kv_store(cache)
+    blocks = put_blocks(store, 8)
+    wait_for(lambda: len(kv_in(cache, "nvme")) >= 4 and on_disk(ram.root) <= ram.capacity)
+    cold = kv_in(cache, "nvme")
+    assert not cold & kv_in(cache, "ram")
+    pick = set(sorted(cold)[:2])
+    nvme_files = {k: nvme.blob_path("kv:" + k).stat().st_ino for k in pick}
+
+    assert set(read_all(store, {k: blocks[k] for k in pick}).values()) == {"nvme"}
+    store.flush_stats()
+    wait_for(lambda: pick <= kv_in(cache, "ram") and on_disk(ram.root) <= ram.capacity)
+    assert store.counters["promoted_blocks"] == 2
+    assert pick <= kv_in(cache, "nvme")
+    assert set(read_all(store, {k: blocks[k] for k in pick}).values()) == {"ram"}
+    store.flush_stats()
+
+    newer = put_blocks(store, 4)  # the promoted blocks are now the oldest in RAM
+    wait_for(lambda: not pick & kv_in(cache, "ram") and on_disk(ram.root) <= ram.capacity)
+    assert {k: nvme.blob_path("kv:" + k).stat().st_ino for k in pick} == nvme_files  # left RAM by a delete
+    assert pick <= kv_in(cache, "nvme")
+    assert set(read_all(store, {**blocks, **newer}).values()) <= {"ram", "nvme"}  # nothing lost

@@ -1,0 +1,97 @@
+"""vLLM's own metrics through Ray's pipeline, as vLLM's `RayPrometheusStatLogger` exports them
+(`ray_vllm_*`, tagged with `ReplicaId`), with each labelled metric recording through a recorder
+bound to its tags once.
+
+vLLM's Ray wrappers call Ray's public `observe` / `set` / `inc`, which merge, type-check and
+validate the tags on every call; vLLM records several gauges and counters per engine step
+and one inter-token histogram value per generated token, and in a profile of the engine
+replica under 16 streams that bookkeeping was most of the 9 % of its CPU that vLLM's stat
+logging took. Same metrics, same names, same tags, same values; a gauge whose value did not
+change since its last record within a second is not recorded again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vllm.v1.metrics.ray_wrappers import (
+    RayCounterWrapper,
+    RayGaugeWrapper,
+    RayHistogramWrapper,
+    RayKVConnectorProm,
+    RayPerfMetricsProm,
+    RayPrometheusStatLogger,
+    RaySpecDecodingProm,
+)
+
+from helios.observability.metrics import recorder
+
+REFRESH_S = 1.0
+
+
+class _Bound:
+    """Mixin: `_rec(value)` records with this (labelled) metric's tags, bound on first use.
+
+    vLLM labels a metric by copying it (`labels()` is `copy.copy` with new `_tags`), so the
+    recorder is kept with the tags it was bound to and made again for a copy's own."""
+
+    metric: Any
+    _tags: dict[str, str]
+
+    def _rec(self, value: float) -> None:
+        bound = self.__dict__.get("_bound")
+        if bound is None or bound[0] is not self._tags:
+            bound = self.__dict__["_bound"] = (self._tags, recorder(self.metric, self._tags))
+        bound[1](value)
+
+
+class BoundGauge(_Bound, RayGaugeWrapper):
+    """vLLM sets its scheduler gauges on every engine step; an unchanged value is recorded again
+    only once `REFRESH_S` has passed (Ray's export drops a gauge that is not set for a while)."""
+
+    def set(self, value: int | float) -> None:
+        if value is None:
+            return
+        value, now = float(value), time.monotonic()
+        last = self.__dict__.get("_last")
+        if last is not None and last[0] == value and last[1] is self._tags and now - last[2] < REFRESH_S:
+            return
+        self.__dict__["_last"] = (value, self._tags, now)
+        self._rec(value)
+
+
+class BoundCounter(_Bound, RayCounterWrapper):
+    def inc(self, value: int | float = 1.0) -> None:
+        if value > 0:  # Ray refuses a counter step <= 0; vLLM's wrapper skips 0 itself
+            self._rec(float(value))
+
+
+class BoundHistogram(_Bound, RayHistogramWrapper):
+    def observe(self, value: int | float) -> None:
+        self._rec(float(value))
+
+
+class _SpecDecodingProm(RaySpecDecodingProm):
+    _counter_cls = BoundCounter
+
+
+class _KVConnectorProm(RayKVConnectorProm):
+    _gauge_cls = BoundGauge
+    _counter_cls = BoundCounter
+    _histogram_cls = BoundHistogram
+
+
+class _PerfMetricsProm(RayPerfMetricsProm):
+    _counter_cls = BoundCounter
+
+
+class HeliosRayStatLogger(RayPrometheusStatLogger):
+    """vLLM's `RayPrometheusStatLogger` with bound recorders (`stat_loggers=[HeliosRayStatLogger]`)."""
+
+    _gauge_cls = BoundGauge
+    _counter_cls = BoundCounter
+    _histogram_cls = BoundHistogram
+    _spec_decoding_cls = _SpecDecodingProm
+    _kv_connector_cls = _KVConnectorProm
+    _perf_metrics_cls = _PerfMetricsProm
