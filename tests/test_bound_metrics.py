@@ -43,6 +43,8 @@ class Recorder:
         rec = recorder(plain, {"k": "v"})
         rec(0.5)
         rec(2.0)
+        discarded = Histogram("helios-t-bad-name", boundaries=[1.0], tag_keys=("k",))  # Ray discards it
+        recorder(discarded, {"k": "v"})(0.5)  # records nothing, as Ray's public observe would
         try:
             recorder(plain, {})
         except ValueError as exc:

@@ -47,7 +47,7 @@ class _Metric:
     def __init__(self, name: str, description: str, tags: tuple[str, ...], boundaries: list[float] | None = None) -> None:
         self.name, self.description, self.tags, self.boundaries = name, description, tags, boundaries
         self._metric: Any = None
-        self._recorders: dict[tuple, Callable[[float], None]] | None = None
+        self._recorders: dict[tuple, Callable[[float], None]] = {}
         self._off = not metrics_enabled()
         self._lock = threading.Lock()
 
@@ -70,12 +70,10 @@ class _Metric:
     def _record(self, value: float, tags: dict[str, Any]) -> None:
         """Record through a recorder bound to this tag set (made once per set: see `recorder`)."""
         key = tuple(tags.get(k, "") for k in self.tags)
-        rec = self._recorders.get(key) if self._recorders is not None else None
+        rec = self._recorders.get(key)
         if rec is None:
             if (m := self._get()) is None:
                 return
-            if self._recorders is None:
-                self._recorders = {}
             rec = self._recorders[key] = recorder(m, self._tags(tags))
         rec(value)
 
@@ -86,11 +84,12 @@ def recorder(metric: Any, tags: dict[str, str]) -> Callable[[float], None]:
     what a streamed token's metrics cost the router; the values recorded are the same."""
     final = {**metric._default_tags, **tags}
     metric._validate_tags(final)
+    if getattr(metric, "_discard_metric", False):
+        return lambda value: None  # a name Ray will not export: its public calls record nothing either
     raw = getattr(metric, "_metric", None)
-    if raw is None or getattr(metric, "_discard_metric", False) or not hasattr(raw, "record"):
-        kind = type(metric).__name__
-        public = {"Counter": metric.inc, "Gauge": metric.set}.get(kind, getattr(metric, "observe", None))
-        return lambda value: public(value, tags=final)  # an unknown Ray: the public call
+    if raw is None or not hasattr(raw, "record"):  # an unknown Ray: its public call, whichever the kind has
+        public = next(getattr(metric, name) for name in ("observe", "set", "inc") if hasattr(metric, name))
+        return lambda value: public(value, tags=final)
     record = raw.record
     return lambda value: record(value, tags=final)
 
