@@ -46,7 +46,7 @@ from helios.config import KVStoreConfig
 from helios.config import default_kv_root as default_root
 from helios.storage import report_socket
 from helios.storage.report_socket import ReportClient
-from helios.storage.tiers import KV_DIR, KV_PREFIX, scan_blocks
+from helios.storage.tiers import KV_DIR, KV_PREFIX, scan_blobs, scan_blocks
 
 MAGIC = b"HELIOSKV"
 VERSION = 1
@@ -305,12 +305,9 @@ class KVStore:
         now: the blobs are not this store's to evict, and the tier's budget is for both."""
         if self.config.node_tiers is None:
             return self.budget[tier]
-        blobs = self.dirs[tier].parent / "blobs"
         held = 0
         with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(blobs):
-                with contextlib.suppress(FileNotFoundError):
-                    held += entry.stat().st_size
+            held = sum(st.st_size for _, st in scan_blobs(self.dirs[tier].parent / "blobs"))
         return max(self.budget[tier] - held, 0)
 
     def _scan(self, tier: str) -> list[tuple[float, int, Path]]:

@@ -170,7 +170,7 @@ def _renice(value: int, children: bool = False, idle_class: bool = False) -> Non
     children's: raising it needs no privilege, lowering it needs CAP_SYS_NICE. On Linux both are
     per thread; setting them for the pid alone leaves Ray's and the fetch's threads where they
     were (a taken host then fetched at its idle priority, beside a refill)."""
-    policy = getattr(os, "SCHED_IDLE" if idle_class else "SCHED_OTHER", None)
+    policy = getattr(os, "SCHED_IDLE" if idle_class else "SCHED_OTHER", None) if hasattr(os, "sched_setscheduler") else None
     me = psutil.Process()
     for proc in [me, *(me.children(recursive=True) if children else [])]:
         try:
@@ -179,7 +179,7 @@ def _renice(value: int, children: bool = False, idle_class: bool = False) -> Non
             tids = [proc.pid]
         for tid in tids:
             try:
-                if policy is not None and hasattr(os, "sched_setscheduler"):
+                if policy is not None:
                     os.sched_setscheduler(tid, policy, os.sched_param(0))
                 os.setpriority(os.PRIO_PROCESS, tid, value)
             except ProcessLookupError:  # the thread ended meanwhile

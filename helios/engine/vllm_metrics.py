@@ -50,7 +50,7 @@ class BoundGauge(_Bound, RayGaugeWrapper):
     """vLLM sets its scheduler gauges on every engine step; an unchanged value is recorded again
     only once `REFRESH_S` has passed (Ray's export drops a gauge that is not set for a while)."""
 
-    def set(self, value: int | float) -> None:
+    def set(self, value: float) -> None:
         if value is None:
             return
         value, now = float(value), time.monotonic()
@@ -62,36 +62,39 @@ class BoundGauge(_Bound, RayGaugeWrapper):
 
 
 class BoundCounter(_Bound, RayCounterWrapper):
-    def inc(self, value: int | float = 1.0) -> None:
+    def inc(self, value: float = 1.0) -> None:
         if value > 0:  # Ray refuses a counter step <= 0; vLLM's wrapper skips 0 itself
             self._rec(float(value))
 
 
 class BoundHistogram(_Bound, RayHistogramWrapper):
-    def observe(self, value: int | float) -> None:
+    def observe(self, value: float) -> None:
         self._rec(float(value))
 
 
-class _SpecDecodingProm(RaySpecDecodingProm):
-    _counter_cls = BoundCounter
+class _BoundClasses:
+    """The metric classes vLLM's Prometheus loggers build their metrics from, bound ones."""
 
-
-class _KVConnectorProm(RayKVConnectorProm):
     _gauge_cls = BoundGauge
     _counter_cls = BoundCounter
     _histogram_cls = BoundHistogram
 
 
-class _PerfMetricsProm(RayPerfMetricsProm):
-    _counter_cls = BoundCounter
+class _SpecDecodingProm(_BoundClasses, RaySpecDecodingProm):
+    pass
 
 
-class HeliosRayStatLogger(RayPrometheusStatLogger):
+class _KVConnectorProm(_BoundClasses, RayKVConnectorProm):
+    pass
+
+
+class _PerfMetricsProm(_BoundClasses, RayPerfMetricsProm):
+    pass
+
+
+class HeliosRayStatLogger(_BoundClasses, RayPrometheusStatLogger):
     """vLLM's `RayPrometheusStatLogger` with bound recorders (`stat_loggers=[HeliosRayStatLogger]`)."""
 
-    _gauge_cls = BoundGauge
-    _counter_cls = BoundCounter
-    _histogram_cls = BoundHistogram
     _spec_decoding_cls = _SpecDecodingProm
     _kv_connector_cls = _KVConnectorProm
     _perf_metrics_cls = _PerfMetricsProm

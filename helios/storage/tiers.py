@@ -66,6 +66,13 @@ def scan_blocks(blocks: Path) -> Iterator[tuple[str, os.stat_result]]:
                     yield entry.path, entry.stat()
 
 
+def scan_blobs(blobs: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(name, stat) of every blob file in a tier's `blobs/` (files that vanish meanwhile skipped)."""
+    for entry in os.scandir(blobs):
+        with contextlib.suppress(FileNotFoundError):
+            yield entry.name, entry.stat()
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     digest: str
@@ -273,12 +280,7 @@ class LocalTier(Tier):
             return self.policy.plan(need)
 
     def blobs(self) -> list[BlobInfo]:
-        out = []
-        for entry in os.scandir(self.root / "blobs"):
-            with contextlib.suppress(FileNotFoundError):
-                st = entry.stat()
-                out.append(BlobInfo(entry.name, st.st_size, st.st_mtime))
-        return out
+        return [BlobInfo(name, st.st_size, st.st_mtime) for name, st in scan_blobs(self.root / "blobs")]
 
     def kv_blocks(self) -> list[BlobInfo]:
         """The KV blocks stored in this tier (`kv:<key>`), which `blobs()` leaves out."""
