@@ -32,7 +32,8 @@ from common import TINY_ENGINE, machine, stream_one, wait_ready
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_NAMES = {"raw_vllm": "vLLM OpenAI server", "rayserve_llm": "Ray Serve LLM",
                 "rayserve_llm_haproxy": "Ray Serve LLM + HAProxy", "helios": "Helios",
-                "helios_metrics_off": "Helios, metrics off", "helios_tracing": "Helios, tracing every request"}
+                "helios_metrics_off": "Helios, metrics off", "helios_tracing": "Helios, tracing every request",
+                "helios_token_latency": "Helios, vLLM's per-token histogram on"}
 
 
 def log(msg: str) -> None:
@@ -190,15 +191,23 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
             log(f"{SYSTEM_NAMES[system]}: ready after {ready_s:.0f}s; warming up")
             await throughput(base, 16, 16, 16)
         rates: dict[str, list[float]] = {s: [] for s in systems}
+        cpu_rounds: dict[str, list[float]] = {s: [] for s in systems}  # CPU seconds per token, each round
+        tokens = args.requests * args.max_tokens
         cpu_before = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}
+        order = list(procs)
         for r in range(args.rounds):
-            for system, (_, base) in procs.items():
+            # Each cycle starts with the next system (A B C, B C A, ...): no system always runs
+            # first after a pause, nor always right after another's load.
+            for system in order[r % len(order):] + order[:r % len(order)]:
+                proc, base = procs[system]
                 # The others' whole process trees are stopped for the round: an idle Ray cluster
                 # (GCS, raylet, agents, Serve's controller loop) still wakes up, and on two cores
                 # its wake-ups land on whichever system is measured.
                 others = [p.pid for s, (p, _) in procs.items() if s != system]
                 with frozen(others):
+                    before = sum(cpu_seconds(proc.pid).values())
                     rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
+                    cpu_rounds[system].append((sum(cpu_seconds(proc.pid).values()) - before) / tokens)
             log(f"cycle {r + 1}/{args.rounds}: " + ", ".join(f"{SYSTEM_NAMES[s]} {rates[s][-1]:.0f}" for s in systems)
                 + " tok/s")
         cpu_after = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}  # all at once, before the probes
@@ -206,7 +215,13 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
                    for s, (_, base) in procs.items()}
         first = systems[0]
         paired = {s: [a / b for a, b in zip(rates[s], rates[first], strict=True)] for s in systems[1:]}
-        return results, paired
+        # The same cost read from CPU time: the first system's CPU per token over this one's, per
+        # cycle. On a machine this busy tokens/s is CPU-bound, so this is the tokens/s ratio the
+        # work alone would give, without the host's swings in how much CPU a round gets.
+        paired_cpu = {s: [b / a for a, b in zip(cpu_rounds[s], cpu_rounds[first], strict=True)] for s in systems[1:]}
+        for s in systems:
+            results[s]["cpu_us_per_token_rounds"] = [c * 1e6 for c in cpu_rounds[s]]
+        return results, paired, paired_cpu
     finally:
         for proc, _ in procs.values():
             servers.stop(proc)
@@ -220,7 +235,7 @@ def plot(results: dict, path: Path) -> None:
 
     names = [SYSTEM_NAMES[s] for s in results]
     palette = {"raw_vllm": "#888888", "rayserve_llm_haproxy": "#4c72b0", "rayserve_llm": "#8fb0d8", "helios": "#dd8452",
-               "helios_metrics_off": "#f0b27a", "helios_tracing": "#a0522d"}
+               "helios_metrics_off": "#f0b27a", "helios_tracing": "#a0522d", "helios_token_latency": "#c97b4a"}
     colors = [palette[s] for s in results]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.bar(names, [r["tok_s"] for r in results.values()], color=colors)
@@ -242,7 +257,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
     parser.add_argument("--systems", default=None,
                         help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios; "
-                        "also helios_metrics_off and helios_tracing, for what observability costs).")
+                        "also helios_metrics_off, helios_tracing and helios_token_latency, for what observability "
+                        "costs).")
     parser.add_argument("--observability", action="store_true",
                         help="What metrics and tracing cost: Helios with metrics off, on, and tracing every request, "
                         "all up at once and measured in alternating rounds (replaces --systems).")
@@ -274,8 +290,9 @@ def main() -> None:
         receiver = OTLPReceiver().start()
         os.environ["HELIOS_BENCH_OTLP"] = receiver.endpoint
     paired: dict[str, list[float]] = {}
+    paired_cpu: dict[str, list[float]] = {}
     if args.observability:
-        results, paired = asyncio.run(measure_interleaved(systems, model_dir, args.port, args, work))
+        results, paired, paired_cpu = asyncio.run(measure_interleaved(systems, model_dir, args.port, args, work))
     else:
         results = {s: asyncio.run(measure(s, model_dir, args.port + i, args, work)) for i, s in enumerate(systems)}
     if receiver is not None:
@@ -300,10 +317,14 @@ def main() -> None:
             return r["cpu_us_per_token"]["frontend"] / r["cpu_us_per_token"]["engine"]
 
         ratios["helios_over_raw_frontend_cpu"] = share(results["helios"]) / share(results["raw_vllm"])
-    for system, key in (("helios", "metrics_on_over_off_tok_s"), ("helios_tracing", "tracing_over_metrics_off_tok_s")):
+    for system, key in (("helios", "metrics_on_over_off_tok_s"), ("helios_tracing", "tracing_over_metrics_off_tok_s"),
+                        ("helios_token_latency", "token_latency_over_metrics_off_tok_s")):
         if system in paired:  # the median of each cycle's own ratio: the host's drift between cycles cancels
             ratios[key] = statistics.median(paired[system])
             intervals[key] = ratio_interval(paired[system])
+            cpu_key = key + "_from_cpu"  # off CPU per token over on: a tokens/s ratio
+            intervals[cpu_key] = ratio_interval(paired_cpu[system])
+            ratios[cpu_key] = intervals[cpu_key]["geomean"]
         elif system in results and "helios_metrics_off" in results:
             ratios[key] = results[system]["tok_s"] / results["helios_metrics_off"]["tok_s"]
     report = {
@@ -315,7 +336,8 @@ def main() -> None:
                      "ttft_requests": args.ttft_requests, "streaming": True},
         "systems": results,
         "ratios": ratios,
-        **({"paired_ratios_per_cycle": paired, "paired_intervals": intervals, "interleaved": True,
+        **({"paired_ratios_per_cycle": paired, "paired_cpu_ratios_per_cycle": paired_cpu,
+            "paired_intervals": intervals, "interleaved": True,
             "others_frozen_during_a_round": True} if paired else {}),
         "seconds": time.monotonic() - started,
     }

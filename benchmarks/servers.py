@@ -119,6 +119,12 @@ def helios_tracing(model_dir: str, port: int, engine: dict) -> None:
     helios(model_dir, port, engine)
 
 
+def helios_token_latency(model_dir: str, port: int, engine: dict) -> None:
+    """Helios with vLLM's per-token inter-token histogram on too (`observability.engine_token_latency`)."""
+    os.environ["HELIOS_BENCH_OBSERVABILITY"] = json.dumps({"engine_token_latency": True})
+    helios(model_dir, port, engine)
+
+
 def rayserve_llm_haproxy(model_dir: str, port: int, engine: dict) -> None:
     """Ray Serve LLM on Ray Serve's HAProxy ingress too: shows what of Helios's lead is that choice."""
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
@@ -197,7 +203,8 @@ def cold_start_controller(port: int) -> None:
 
 
 SYSTEMS = {"raw_vllm": raw_vllm, "rayserve_llm": rayserve_llm, "rayserve_llm_haproxy": rayserve_llm_haproxy,
-           "helios": helios, "helios_metrics_off": helios_metrics_off, "helios_tracing": helios_tracing}
+           "helios": helios, "helios_metrics_off": helios_metrics_off, "helios_tracing": helios_tracing,
+           "helios_token_latency": helios_token_latency}
 
 
 def _free_port() -> int:

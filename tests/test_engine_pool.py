@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import MODEL_ID, TINY_ENGINE, local_storage, run_app, tiny_args
+from tests.otlp_receiver import OTLPReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +29,15 @@ PROMPTS = ["Hello, my name is", "The capital of France is"]
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> str:
+def otlp() -> Iterator[OTLPReceiver]:
+    receiver = OTLPReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+             otlp: OTLPReceiver) -> Iterator[str]:
     from ray import serve
 
     from helios.config import StorageConfig
@@ -42,6 +52,8 @@ def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPat
         "registry": {"state_dir": str(root / "registry"), "max_dynamic_models": 1, "start_timeout_s": 240,
                      "prefetch_interval_s": 0, "defaults": {"engine": TINY_ENGINE}},
         "engine_pool": {"size_per_node": 1},
+        # Traced: a pooled host must adopt the replica's tracing settings (see the first test).
+        "observability": {"tracing": {"endpoint": otlp.endpoint, "sample_ratio": 1.0}},
     }
     args["models"][0]["deployment"] = {"max_replicas": 2}
     url = run_app(args, APP, serve_port)
@@ -102,6 +114,17 @@ def test_an_on_demand_model_takes_a_pooled_host_and_answers_as_a_fresh_engine(ba
     host = psutil.Process(info["host_pid"])
     assert host.pid in [p for n in before["nodes"].values() for p in n["pids"]]
     assert any(p.name() == "VLLM::EngineCore" for p in host.children(recursive=True))
+
+
+def test_a_pooled_host_traces_as_the_replica_that_took_it(base_url: str, otlp: OTLPReceiver) -> None:
+    """The on-demand model's engine runs in a pooled host, which adopted the replica's tracing
+    settings: the host's engine span and vLLM's own join the router's trace."""
+    trace_id = "5cf92f3577b34da6a3ce929d0e0e4737"
+    r = requests.post(f"{base_url}/v1/completions", timeout=300, headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+                      json={"model": PUSHED, "prompt": "Traced through a pooled host", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    spans = {s.name: s for s in otlp.wait_for(trace_id, {"helios.request", "helios.engine.unified", "llm_request"})}
+    assert spans["helios.engine.unified"].trace_id == spans["helios.request"].trace_id == trace_id
 
 
 def test_the_pool_refills_after_a_host_is_taken() -> None:

@@ -195,6 +195,21 @@ def test_vllms_kv_cache_gauge_is_exported_per_replica(prometheus: str, app: dict
     assert all(0.0 <= float(s["value"][1]) <= 1.0 for s in series)
 
 
+def test_vllms_per_request_histograms_are_exported_and_its_per_token_one_is_not(prometheus: str,
+                                                                               traffic: dict) -> None:
+    """vLLM's time per output token comes once per finished request; its per-token inter-token
+    histogram is off by default (`observability.engine_token_latency`): Ray's agent would replay
+    one value per generated token. tests/test_pd_serving.py turns it on and sees it."""
+    served = traffic["plain"] + traffic["streamed"]
+    expr = f'sum(ray_vllm_request_time_per_output_token_seconds_count{{model_name="{MODEL_ID}"}})'
+    deadline = time.monotonic() + 120
+    while (got := value(prometheus, expr) or 0) < served:
+        assert time.monotonic() < deadline, f"{expr} = {got}, expected at least {served}"
+        time.sleep(1)
+    assert query(prometheus, f'ray_vllm_inter_token_latency_seconds_count{{model_name="{MODEL_ID}"}}') == []
+    assert value(prometheus, f'sum(ray_helios_router_inter_token_latency_seconds_count{{model="{MODEL_ID}"}})')
+
+
 # Panels of events this module does not cause (a Ray counter appears only once it counts): refusals
 # (tests/test_auth.py causes them) and on-demand starts (tests/test_registry_serving.py).
 EVENT_PANELS = {"Refused before an engine", "On-demand start seconds"}

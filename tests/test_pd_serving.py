@@ -52,7 +52,8 @@ def base_url(serve_port: int, cache_root: Path, root: Path, otlp: OTLPReceiver) 
     from ray import serve
 
     args = tiny_args(cache_root)
-    args["observability"] = {"tracing": {"endpoint": otlp.endpoint, "sample_ratio": 1.0}}  # traced: see the last test
+    # Traced (see the last test) and with vLLM's per-token histogram on (off by default; see test_metrics.py).
+    args["observability"] = {"tracing": {"endpoint": otlp.endpoint, "sample_ratio": 1.0}, "engine_token_latency": True}
     args["models"][0].update({
         "serving": "disaggregated",
         "disaggregated": {
@@ -207,3 +208,23 @@ def test_one_disaggregated_request_is_one_trace_under_the_clients_traceparent(ba
     assert one["helios.kv.lookup"].attributes["helios.cached_tokens"] > 0  # the decode side got the prefill's blocks
     assert one["helios.engine.decode"].attributes["gen_ai.usage.completion_tokens"] == 4
     assert not any(prompt[:40] in str(v) for s in spans for v in s.attributes.values())  # never prompt text
+
+
+def test_engine_token_latency_exports_vllms_inter_token_histogram(client: openai.OpenAI) -> None:
+    """`observability.engine_token_latency: true` reaches the engine replicas: the decode side's vLLM
+    records one inter-token value per generated token after the first, in the node's Ray export."""
+    import ray
+    import requests
+
+    client.completions.create(model=MODEL_ID, prompt="Inter-token latency, please.", max_tokens=MAX_TOKENS)
+    port = ray.nodes()[0]["MetricsExportPort"]
+    prefix = "ray_vllm_inter_token_latency_seconds_count{"
+    deadline, counts = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(prefix) and f'model_name="{MODEL_ID}"' in line]
+        if sum(counts) >= MAX_TOKENS - 1:
+            break
+        time.sleep(1)
+    assert sum(counts) >= MAX_TOKENS - 1, counts

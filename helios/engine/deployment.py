@@ -179,7 +179,7 @@ def engine_deployment(
     hints = hints or {}
     placement = warm_first(placement_for(model, hints.get("memory_need")), hints.get("warm_nodes") or [])
     placement = placement.deployment_options()
-    if env:  # tracing settings (helios.observability.tracing)
+    if env:  # tracing and metrics settings (helios.observability)
         placement["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     if role == "unified":
         scaling: dict[str, Any] = {"autoscaling_config": autoscaling_config(model)}

@@ -40,7 +40,9 @@ from ray.exceptions import RayActorError
 
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import EngineUnavailable, HeliosError
+from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event
+from helios.observability.metrics import TOKEN_LATENCY_ENV
 
 logger = get_logger("engine.pool")
 POOL_NAME = "helios-engine-pool"
@@ -49,9 +51,9 @@ REFILL_S = 2.0
 PREDICT_S = 30.0  # how often the keeper asks the registry for expected starts
 START_CHANCE = 0.3  # an expected start counts for a host from this chance on
 WATCH_S = 0.5
-# What a taken host adopts from the replica: the devices Ray gave the replica, and tracing settings.
+# What a taken host adopts from the replica: the devices Ray gave the replica, tracing and metrics settings.
 INHERITED_ENV = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ONEAPI_DEVICE_SELECTOR",
-                 "HELIOS_OTLP_ENDPOINT", "HELIOS_TRACE_SAMPLE_RATIO")
+                 tracing.ENDPOINT_ENV, tracing.RATIO_ENV, TOKEN_LATENCY_ENV)
 
 
 class EngineHost:

@@ -25,7 +25,7 @@ from vllm.v1.metrics.ray_wrappers import (
     RaySpecDecodingProm,
 )
 
-from helios.observability.metrics import recorder
+from helios.observability.metrics import engine_token_latency, recorder
 
 REFRESH_S = 1.0
 
@@ -92,9 +92,24 @@ class _PerfMetricsProm(_BoundClasses, RayPerfMetricsProm):
     pass
 
 
+class _Unrecorded:
+    """Stands in for a labelled histogram that is not exported: its values go nowhere."""
+
+    def observe(self, value: float) -> None:
+        pass
+
+
 class HeliosRayStatLogger(_BoundClasses, RayPrometheusStatLogger):
-    """vLLM's `RayPrometheusStatLogger` with bound recorders (`stat_loggers=[HeliosRayStatLogger]`)."""
+    """vLLM's `RayPrometheusStatLogger` with bound recorders (`stat_loggers=[HeliosRayStatLogger]`),
+    without the per-token inter-token histogram unless `observability.engine_token_latency` asks
+    for it: Ray's metrics agent replays each histogram value one at a time at export, so that one
+    histogram cost more agent CPU than all of vLLM's other metrics together."""
 
     _spec_decoding_cls = _SpecDecodingProm
     _kv_connector_cls = _KVConnectorProm
     _perf_metrics_cls = _PerfMetricsProm
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not engine_token_latency():
+            self.histogram_inter_token_latency = {i: _Unrecorded() for i in self.histogram_inter_token_latency}

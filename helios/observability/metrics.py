@@ -32,6 +32,26 @@ def metrics_enabled() -> bool:
     return os.environ.get("HELIOS_METRICS", "1").lower() not in ("0", "false", "no", "off")
 
 
+TOKEN_LATENCY_ENV = "HELIOS_ENGINE_TOKEN_LATENCY"
+
+
+def metrics_env(engine_token_latency: bool) -> dict[str, str]:
+    """The environment that carries `observability.engine_token_latency` to the engine replicas."""
+    return {TOKEN_LATENCY_ENV: "1"} if engine_token_latency else {}
+
+
+def inherited_env() -> dict[str, str]:
+    """This process's metrics settings, for the replicas it deploys (a model started on demand)."""
+    return metrics_env(engine_token_latency())
+
+
+def engine_token_latency() -> bool:
+    """Whether this engine replica exports vLLM's per-token inter-token histogram."""
+    import os
+
+    return os.environ.get(TOKEN_LATENCY_ENV) == "1"
+
+
 def _ray_ready() -> bool:
     import sys
 

@@ -51,6 +51,7 @@ VLLM_METRICS = {
     "vllm:generation_tokens": "counter",
     "vllm:time_to_first_token_seconds": "histogram",
     "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:request_time_per_output_token_seconds": "histogram",
 }
 # Ray Serve's own metrics (ray/serve/_private/): healthy replicas per deployment (the
 # controller's gauge) and replica starts (one counter series per replica, tagged `replica`).
