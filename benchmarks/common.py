@@ -8,32 +8,19 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import aiohttp
 import servers
+
+from helios.cpu_features import cpu_dtype, cpu_flags
 
 # The engine settings every system serving the tiny demo model gets alike (overhead, overload, scaling).
 TINY_ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True,
                "kv_cache_space_gib": 1}
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features that decide vLLM's CPU speed (native bf16 or emulated): recorded with results."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-    return sorted(wanted & set(line.split()))
-
-
-def bench_dtype(flags: list[str] | None = None) -> str:
-    """bfloat16 where the CPU has native bf16 (AVX-512 bf16 or AMX); float32 otherwise, since vLLM
-    then emulates bf16 matmuls about 30x slower (a long recompute outlasts its 5-minute step timeout)."""
-    flags = cpu_flags() if flags is None else flags
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+# The dtype benchmarks run engines in, chosen from the CPU's flags (and recorded with each result).
+bench_dtype = cpu_dtype
 
 
 def machine() -> dict:
