@@ -260,8 +260,9 @@ def main() -> None:
                         "also helios_metrics_off, helios_tracing and helios_token_latency, for what observability "
                         "costs).")
     parser.add_argument("--observability", action="store_true",
-                        help="What metrics and tracing cost: Helios with metrics off, on, and tracing every request, "
-                        "all up at once and measured in alternating rounds (replaces --systems).")
+                        help="What metrics and tracing cost: Helios with metrics off, on, tracing every request, and "
+                        "with vLLM's per-token histogram on too, all up at once and measured in alternating rounds "
+                        "(replaces --systems).")
     parser.add_argument("--port", type=int, default=8321)
     args = parser.parse_args()
     args.requests, args.concurrency, args.max_tokens = 64, 16, 64
@@ -279,7 +280,7 @@ def main() -> None:
     model_dir = resolve_source("demo://tiny", work / "cache")
     default = "raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios"
     if args.observability:
-        args.systems = "helios_metrics_off,helios,helios_tracing"
+        args.systems = "helios_metrics_off,helios,helios_tracing,helios_token_latency"
     systems = [s.strip() for s in (args.systems or default).split(",") if s.strip()]
     started = time.monotonic()
     receiver = None
