@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "helios"
 LAYERS = {
-    "config": 0, "errors": 0, "observability": 0, "ray_env": 0, "ray_tls": 0,
+    "config": 0, "cpu_features": 0, "errors": 0, "observability": 0, "ray_env": 0, "ray_tls": 0,
     "storage": 1,
     "registry": 2,
     "engine": 3,
