@@ -8,8 +8,7 @@ from ray import serve
 
 from helios.config import HeliosArgs, ModelConfig, RouterContext, parse_args
 from helios.engine.deployment import engine_deployment, registry_hints
-from helios.observability.metrics import metrics_env
-from helios.observability.tracing import tracing_env
+from helios.observability.settings_env import settings_env
 from helios.router.ingress import router_deployment
 
 
@@ -26,9 +25,7 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
         ref = _config_version(m, config.storage is not None)
         if ref is not None:
             registry.register.remote(m.id, ref[0], ref[1], make_default=True, pinned=True)
-    tracing = config.observability.tracing
-    env = {**tracing_env(tracing.endpoint, tracing.sample_ratio),  # each replica makes its tracer from it
-           **metrics_env(config.observability.engine_token_latency)}
+    env = settings_env(config.observability)  # each replica makes its tracer and metrics from it
     engines, prefill = {}, {}
     for m in config.models:
         hints = registry_hints(m)  # warm nodes first; a MIG slice must hold the model

@@ -40,9 +40,8 @@ from ray.exceptions import RayActorError
 
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import EngineUnavailable, HeliosError
-from helios.observability import tracing
+from helios.observability import settings_env
 from helios.observability.logs import get_logger, log_event
-from helios.observability.metrics import TOKEN_LATENCY_ENV
 
 logger = get_logger("engine.pool")
 POOL_NAME = "helios-engine-pool"
@@ -53,7 +52,7 @@ START_CHANCE = 0.3  # an expected start counts for a host from this chance on
 WATCH_S = 0.5
 # What a taken host adopts from the replica: the devices Ray gave the replica, tracing and metrics settings.
 INHERITED_ENV = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ONEAPI_DEVICE_SELECTOR",
-                 tracing.ENDPOINT_ENV, tracing.RATIO_ENV, TOKEN_LATENCY_ENV)
+                 *settings_env.NAMES)
 
 
 class EngineHost:

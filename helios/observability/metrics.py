@@ -40,11 +40,6 @@ def metrics_env(engine_token_latency: bool) -> dict[str, str]:
     return {TOKEN_LATENCY_ENV: "1"} if engine_token_latency else {}
 
 
-def inherited_env() -> dict[str, str]:
-    """This process's metrics settings, for the replicas it deploys (a model started on demand)."""
-    return metrics_env(engine_token_latency())
-
-
 def engine_token_latency() -> bool:
     """Whether this engine replica exports vLLM's per-token inter-token histogram."""
     import os

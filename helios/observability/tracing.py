@@ -38,12 +38,6 @@ def tracing_env(endpoint: str | None, sample_ratio: float) -> dict[str, str]:
     return {ENDPOINT_ENV: endpoint, RATIO_ENV: str(sample_ratio)}
 
 
-def inherited_env() -> dict[str, str]:
-    """This process's tracing environment, for the processes it deploys (a model started on demand
-    traces as the router that started it does)."""
-    return tracing_env(endpoint(), float(os.environ.get(RATIO_ENV, "1.0")))
-
-
 def endpoint() -> str | None:
     return os.environ.get(ENDPOINT_ENV) or None
 

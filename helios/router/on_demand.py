@@ -21,10 +21,9 @@ from ray.serve.handle import DeploymentHandle
 
 from helios.config import ModelConfig, RegistryConfig, StorageConfig
 from helios.errors import HeliosError, ModelNotFound, ServiceUnavailable
-from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event
 from helios.observability.metrics import ON_DEMAND_START_SECONDS, ON_DEMAND_STARTS
-from helios.observability.metrics import inherited_env as metrics_env
+from helios.observability.settings_env import inherited_env
 
 logger = get_logger("router.on_demand")
 APP_PREFIX = "helios-model-"
@@ -127,7 +126,7 @@ class OnDemandModels:
 
             hints = await asyncio.to_thread(registry_hints, config)  # warm nodes first
             app = engine_deployment(config, self.cache_root, self.storage, pinned=False, hints=hints,
-                                    env={**tracing.inherited_env(), **metrics_env()})
+                                    env=inherited_env())
             try:
                 await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
             except Exception as exc:  # noqa: BLE001 - whatever failed, the half-deployed app is removed
