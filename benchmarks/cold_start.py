@@ -690,7 +690,14 @@ def measure_helios(storage: dict, cache_root: Path, port: int, server_files: lis
     return {tier: summarize(rs, HELIOS_SPLIT) for tier, rs in runs.items()}
 
 
-def pool_args(storage: dict, cache_root: Path, state_dir: Path) -> dict:
+def pool_reserve_gib(model_bytes: int) -> float:
+    """The pooled host's memory reserve (`engine_pool.reserve_gib`) sized as the README says: the bench
+    model's weights in the engine's dtype (stored in bf16) plus its KV cache, and a little for the engine."""
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE["dtype"]]
+    return round(model_bytes * width / 2 / (1 << 30) + ENGINE["kv_cache_space_gib"] + 0.25, 2)
+
+
+def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: float = 0.0) -> dict:
     """Helios serving the tiny demo model from its config, with one pooled engine host per node and
     the bench model startable on demand (it is in the store), with the same engine settings."""
     engine = {k: ENGINE[k] for k in ("dtype", "max_model_len", "max_num_seqs", "enforce_eager", "kv_cache_space_gib")}
@@ -700,7 +707,7 @@ def pool_args(storage: dict, cache_root: Path, state_dir: Path) -> dict:
         "cache_root": str(cache_root),
         "registry": {"state_dir": str(state_dir), "max_dynamic_models": 1, "start_timeout_s": 600,
                      "prefetch_interval_s": 0, "defaults": {"engine": engine}},
-        "engine_pool": {"size_per_node": 1},
+        "engine_pool": {"size_per_node": 1, "reserve_gib": reserve_gib},
     }
 
 
@@ -719,7 +726,8 @@ def start_split(timings: dict) -> dict:
     return out
 
 
-def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[Path], repeats: int) -> dict:
+def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[Path], repeats: int,
+                 reserve_gib: float) -> dict:
     """First token of the bench model started on demand into a pooled host (`engine_pool`), its blobs
     in the RAM tier or only in S3: from the request to its first streamed token, the router and a
     ready host already up (what a scale-up or a request for a model not running waits)."""
@@ -735,13 +743,14 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                 warm(server_files)
                 state = WORK / f"pool_registry_{tier}_{rep}"
                 shutil.rmtree(state, ignore_errors=True)
-                ctl.send(cmd="deploy", system="helios", args=pool_args(storage, cache_root, state))
+                ctl.send(cmd="deploy", system="helios", args=pool_args(storage, cache_root, state, reserve_gib))
                 ctl.expect("running")
                 deadline = time.monotonic() + 600
-                while True:  # a pooled host on the node has finished importing
+                while True:  # a pooled host on the node has finished importing and faulting in its reserve
                     ctl.send(cmd="pool")
                     nodes = ctl.expect("pool")["status"]["nodes"]
-                    if any(n["ready"] for n in nodes.values()):
+                    if any(n["ready"] and max(n.get("reserve_populated_bytes") or [0]) >= int(reserve_gib * (1 << 30))
+                           for n in nodes.values()):
                         break
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"no ready engine host: {nodes}")
@@ -753,6 +762,7 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                 ctl.send(cmd="app_info", app=app_name(STORE_ID))
                 info = ctl.expect("info")["info"]
                 r = {"first_token_s": first - t0, "held_by_before": holders, "pooled": "host_pid" in info,
+                     "reserve_handed_over_bytes": info.get("timings", {}).get("host_reserve_handed_over_bytes", 0),
                      **start_split(info.get("timings", {}))}
                 tier_runs.append(r)
                 log(f"Helios pooled from {tier}: first token after {r['first_token_s']:.1f}s (pooled host: "
@@ -844,8 +854,19 @@ def measure_engine_start(model_dir: Path, repeats: int) -> dict:
     return summarize(runs, ("import_s", "construct_s", "generate_s"))
 
 
+SETTLE_S = 30.0
+
+
+def settle_memory() -> None:
+    """Let memory freed by the run before be returned to the host (virtio-balloon free page reporting) so
+    that a plain engine does not start on pages freed moments ago, which are ~20x cheaper to touch than
+    the steady state of a node (see helios/engine/memory_reserve.py); the pooled runs wait as long."""
+    time.sleep(SETTLE_S)
+
+
 def engine_run(spec: dict, log_path: Path) -> dict:
     """One plain vLLM engine from spawn to first token: its phases in seconds."""
+    settle_memory()
     eng = Engine(spec, log_path)
     try:
         ev = eng.expect("first_token")
@@ -1098,7 +1119,9 @@ def main() -> None:
                 split[f"helios_{tier}"] = r["split"]
             report["helios_runs"] = h
         if "pool" not in skip:
-            pooled = measure_pool(full, cache_root, args.port + 2, server_files, ft_repeats)
+            reserve_gib = pool_reserve_gib(sum(f.stat().st_size for f in model_files))
+            pooled = measure_pool(full, cache_root, args.port + 2, server_files, ft_repeats, reserve_gib)
+            report["workload"]["pool_reserve_gib"] = reserve_gib
             for tier, r in pooled.items():
                 first[f"helios_pool_{tier}"] = r["first_token_s"]
                 split[f"helios_pool_{tier}"] = r["split"]

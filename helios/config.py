@@ -563,6 +563,12 @@ class EnginePoolConfig(_Strict):
     predict_horizon_s: float = Field(
         300.0, gt=0, description="How far ahead predicted starts size the pool (longer than a host's ~20 s of "
         "imports, so it is ready when the start comes).")
+    reserve_gib: float = Field(
+        0.0, ge=0, le=1024, description="Memory each idle host faults in while it waits and gives back, a slice "
+        "at a time, just ahead of its engine's allocations once taken (helios.engine.memory_reserve). On VMs that "
+        "return free memory to the host (virtio-balloon free page reporting) a page's first touch costs a host "
+        "fault, 6-14 s per GiB measured here, so a CPU engine's weights and KV cache dominate its start; set it to "
+        "the largest model's weights in its dtype plus its KV cache. Held by every idle host. 0: off.")
 
     @model_validator(mode="after")
     def _max_not_below_size(self) -> EnginePoolConfig:

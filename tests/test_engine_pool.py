@@ -26,6 +26,7 @@ ADMIN = "helios-pool-test-token"
 PUSHED = "helios-pooled"
 APP = "helios-pool-test"
 PROMPTS = ["Hello, my name is", "The capital of France is"]
+RESERVE_GIB = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPat
         "storage": storage,
         "registry": {"state_dir": str(root / "registry"), "max_dynamic_models": 1, "start_timeout_s": 240,
                      "prefetch_interval_s": 0, "defaults": {"engine": TINY_ENGINE}},
-        "engine_pool": {"size_per_node": 1},
+        # A small memory reserve: each idle host faults it in and hands it to its engine's start.
+        "engine_pool": {"size_per_node": 1, "reserve_gib": RESERVE_GIB},
         # Traced: a pooled host must adopt the replica's tracing settings (see the first test).
         "observability": {"tracing": {"endpoint": otlp.endpoint, "sample_ratio": 1.0}},
     }
@@ -72,15 +74,17 @@ def _pool() -> Any:
     return ray.get_actor(POOL_NAME, namespace=POOL_NAMESPACE)
 
 
-def _wait_ready_host(timeout_s: float = 240) -> dict[str, Any]:
-    """The pool's status once this node has an idle host that has finished importing."""
+def _wait_ready_host(timeout_s: float = 240, reserve: bool = False) -> dict[str, Any]:
+    """The pool's status once this node has an idle host that has finished importing (and, with
+    `reserve`, faulting in its memory reserve)."""
     import ray
 
     deadline = time.monotonic() + timeout_s
     while True:
         status = ray.get(_pool().status.remote())
         node = status["nodes"].get(ray.get_runtime_context().get_node_id(), {})
-        if node.get("ready"):
+        populated = max(node.get("reserve_populated_bytes") or [0])
+        if node.get("ready") and (not reserve or populated >= RESERVE_GIB * (1 << 30)):
             return status
         assert time.monotonic() < deadline, f"no ready engine host: {status}"
         time.sleep(1)
@@ -106,11 +110,12 @@ def test_an_on_demand_model_takes_a_pooled_host_and_answers_as_a_fresh_engine(ba
 
     from helios.router.on_demand import app_name
 
-    before = _wait_ready_host()
+    before = _wait_ready_host(reserve=True)
     assert _tokens(base_url, PUSHED) == _tokens(base_url, MODEL_ID)  # same weights, same greedy tokens
     info = serve.get_app_handle(app_name(PUSHED)).info.remote().result(timeout_s=60)
     assert _pooled(info), info
     assert info["timings"]["engine_process_start_s"] >= 0 and info["timings"]["load_s"] > 0
+    assert info["timings"]["host_reserve_handed_over_bytes"] > 0  # the start consumed the host's reserve
     host = psutil.Process(info["host_pid"])
     assert host.pid in [p for n in before["nodes"].values() for p in n["pids"]]
     assert any(p.name() == "VLLM::EngineCore" for p in host.children(recursive=True))

@@ -39,6 +39,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
+from helios.engine.memory_reserve import MemoryReserve
 from helios.errors import EngineUnavailable, HeliosError
 from helios.observability import settings_env
 from helios.observability.logs import get_logger, log_event
@@ -58,7 +59,7 @@ INHERITED_ENV = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DE
 class EngineHost:
     """A process with vLLM imported and a zygote ready, waiting to serve one model (a Ray actor)."""
 
-    def __init__(self, keeper: str, nice: int, idle_class: bool = True) -> None:
+    def __init__(self, keeper: str, nice: int, idle_class: bool = True, reserve_bytes: int = 0) -> None:
         from helios.engine import warm_start
         from helios.engine.reaper import ensure_reaper
 
@@ -71,6 +72,8 @@ class EngineHost:
         from helios.engine.model_server import ModelServer
 
         import_vllm()
+        # Faulted in at the idle priority set above (the thread inherits it), handed to the engine on start.
+        self.reserve = MemoryReserve(reserve_bytes) if reserve_bytes > 0 else None
         self._server_class = ModelServer
         self.server: Any = None
         self.taken = asyncio.Event()
@@ -80,6 +83,10 @@ class EngineHost:
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "imports_s": self.imports_s, "node": ray.get_runtime_context().get_node_id()}
+
+    def reserve_stats(self) -> dict[str, float]:
+        """The pre-faulted memory: its size, how much is faulted in, how much was handed to the engine."""
+        return self.reserve.stats() if self.reserve is not None else {}
 
     async def until_taken(self) -> bool:
         """Returns when the host is taken (the keeper waits on it to see a dead idle host)."""
@@ -96,9 +103,17 @@ class EngineHost:
         _renice(0, children=True)  # the zygote the engine is forked from too
         os.environ.update(env)
         started = time.monotonic() - started_ago_s
-        self.server = await self._server_class.start(model, cache_root, storage, pinned, role, replica,  # type: ignore[arg-type]
-                                                     started)
+        if self.reserve is not None:
+            self.reserve.hand_over()
+        try:
+            self.server = await self._server_class.start(model, cache_root, storage, pinned, role, replica,  # type: ignore[arg-type]
+                                                         started)
+        finally:
+            if self.reserve is not None:
+                self.reserve.finish()
         self.server.engine.timings["host_imports_ahead_s"] = round(self.imports_s, 3)
+        if self.reserve is not None:  # what the engine got of the pre-faulted memory
+            self.server.engine.timings["host_reserve_handed_over_bytes"] = self.reserve.handed_over
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         return await self.server.call(req)
@@ -217,8 +232,9 @@ class EnginePool:
     """The keeper: idle hosts on every live node, as many as `pool_targets` says (a Ray actor)."""
 
     def __init__(self, size_per_node: int, nice: int = 10, max_per_node: int = 0, horizon_s: float = 300.0,
-                 idle_class: bool = True) -> None:
+                 idle_class: bool = True, reserve_gib: float = 0.0) -> None:
         self.size, self.nice, self.idle_class = size_per_node, nice, idle_class
+        self.reserve_bytes = int(reserve_gib * (1 << 30))
         self.max_per_node, self.horizon_s = max_per_node, horizon_s
         self.idle: dict[str, list[_Idle]] = {}  # node -> idle hosts, oldest first
         self.counts = {"started": 0, "taken": 0, "replaced": 0, "trimmed": 0}
@@ -301,7 +317,7 @@ class EnginePool:
                 host = ray.remote(EngineHost).options(
                     num_cpus=0, lifetime="detached", max_restarts=0, max_concurrency=1000,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                ).remote(POOL_NAME, self.nice, self.idle_class)
+                ).remote(POOL_NAME, self.nice, self.idle_class, self.reserve_bytes)
                 hosts.append(_Idle(host, host.until_taken.remote(), host.ready.remote()))
                 self.counts["started"] += 1
 
@@ -319,19 +335,32 @@ class EnginePool:
         """Per node: idle hosts, those of them done importing, and their pids; counts since start."""
         self._ensure_refilling()
         self._drop_dead()
-        nodes = {n: {"idle": len(h), "ready": sum(i.pid is not None for i in h), "pids": [i.pid for i in h]}
+        nodes = {n: {"idle": len(h), "ready": sum(i.pid is not None for i in h), "pids": [i.pid for i in h],
+                     "reserve_populated_bytes": await self._reserve_populated(h)}
                  for n, h in self.idle.items()}
         return {"size_per_node": self.size, "max_per_node": self.max_per_node, "targets": dict(self.targets),
                 "expected_starts": dict(self.expected), "nodes": nodes, **self.counts}
 
+    @staticmethod
+    async def _reserve_populated(hosts: list[_Idle]) -> list[int]:
+        """Per ready idle host, the bytes of its memory reserve faulted in so far (0 while importing)."""
+        out = []
+        for idle in hosts:
+            try:
+                stats = await asyncio.wait_for(idle.host.reserve_stats.remote(), 2.0) if idle.pid else {}
+            except Exception:  # noqa: BLE001 - busy or gone: the next status asks again
+                stats = {}
+            out.append(int(stats.get("reserve_populated_bytes", 0)))
+        return out
+
 
 def get_or_create_pool(size_per_node: int, nice: int, max_per_node: int = 0, horizon_s: float = 300.0,
-                       idle_class: bool = True) -> Any:
+                       idle_class: bool = True, reserve_gib: float = 0.0) -> Any:
     """The pool's keeper, created by (and owned by) the calling process when none runs; it starts
     filling at once."""
     keeper = ray.remote(EnginePool).options(name=POOL_NAME, namespace=POOL_NAMESPACE, get_if_exists=True,
                                             num_cpus=0, max_concurrency=8).remote(size_per_node, nice, max_per_node,
-                                                                                  horizon_s, idle_class)
+                                                                                  horizon_s, idle_class, reserve_gib)
     keeper.status.remote()
     return keeper
 

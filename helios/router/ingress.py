@@ -175,7 +175,7 @@ class Router:
 
             pool = context.engine_pool
             self.engine_pool = get_or_create_pool(pool.size_per_node, pool.nice, pool.max_per_node,
-                                                  pool.predict_horizon_s, pool.idle_class)
+                                                  pool.predict_horizon_s, pool.idle_class, pool.reserve_gib)
         routes = {m: ModelRoute(ServeEngine(h), ServeEngine(self.prefill[m]) if m in self.prefill else None)
                   for m, h in engines.items()}
         self.core = RouterCore(routes, [k.encode() for k in self.config.keys()],  # noqa: SIM118 - the API keys
