@@ -692,9 +692,10 @@ def measure_helios(storage: dict, cache_root: Path, port: int, server_files: lis
 
 def pool_reserve_gib(model_bytes: int) -> float:
     """The pooled host's memory reserve (`engine_pool.reserve_gib`) sized as the README says: the bench
-    model's weights in the engine's dtype (stored in bf16) plus its KV cache, and a little for the engine."""
+    model's weights in the engine's dtype (stored in bf16), its KV cache, its checkpoint (the S3 run
+    fetches it into the RAM tier during the start) and 1 GiB for the new replica's and engine's processes."""
     width = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE["dtype"]]
-    return round(model_bytes * width / 2 / (1 << 30) + ENGINE["kv_cache_space_gib"] + 0.25, 2)
+    return round((model_bytes * width / 2 + model_bytes) / (1 << 30) + ENGINE["kv_cache_space_gib"] + 1.0, 2)
 
 
 def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: float = 0.0) -> dict:
@@ -748,8 +749,9 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                 deadline = time.monotonic() + 600
                 while True:  # a pooled host on the node has finished importing and faulting in its reserve
                     ctl.send(cmd="pool")
-                    nodes = ctl.expect("pool")["status"]["nodes"]
-                    if any(n["ready"] and max(n.get("reserve_populated_bytes") or [0]) >= int(reserve_gib * (1 << 30))
+                    status = ctl.expect("pool")["status"]
+                    nodes = status["nodes"]
+                    if any(n["ready"] and max(n.get("reserve_populated_bytes") or [0]) >= status["reserve_bytes"]
                            for n in nodes.values()):
                         break
                     if time.monotonic() > deadline:

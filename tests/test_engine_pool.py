@@ -84,7 +84,7 @@ def _wait_ready_host(timeout_s: float = 240, reserve: bool = False) -> dict[str,
         status = ray.get(_pool().status.remote())
         node = status["nodes"].get(ray.get_runtime_context().get_node_id(), {})
         populated = max(node.get("reserve_populated_bytes") or [0])
-        if node.get("ready") and (not reserve or populated >= RESERVE_GIB * (1 << 30)):
+        if node.get("ready") and (not reserve or populated >= status["reserve_bytes"]):
             return status
         assert time.monotonic() < deadline, f"no ready engine host: {status}"
         time.sleep(1)

@@ -120,7 +120,7 @@ class MemoryReserve:
         finally:
             self._release(self._held)
             self.close()
-            log_event(logger, "memory_reserve_handed_over", bytes=self.released, during_start=self.handed_over)
+            log_event(logger, "memory_reserve_handed_over", bytes=self.released)
 
     def close(self) -> None:
         self._stop_populating.set()

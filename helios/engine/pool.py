@@ -17,6 +17,8 @@ the host, and the keeper starts a fresh one.
   Ray starts its workers at nice 15, so a nice value alone would put a refill's imports
   ahead of the routers and replicas serving now. A host that is taken goes back to the
   normal class at nice 0 where the OS allows (it needs CAP_SYS_NICE; otherwise it says so).
+  A node's refill waits until the start its host was taken for has ended: a new host's imports
+  and memory reserve (`memory_reserve`) would compete with that start for cores and fresh pages.
 - Hosts are detached, so that a keeper's restart does not kill the engines they serve; each
   watches what it belongs to instead: an idle host exits when the keeper is gone, a taken host
   when its replica's process is. Its reaper kills its zygote and engine processes with it.
@@ -49,8 +51,10 @@ POOL_NAME = "helios-engine-pool"
 POOL_NAMESPACE = "helios"
 REFILL_S = 2.0
 PREDICT_S = 30.0  # how often the keeper asks the registry for expected starts
+START_WAIT_S = 600.0  # longest a node's refill waits for a taken host's start to end
 START_CHANCE = 0.3  # an expected start counts for a host from this chance on
 WATCH_S = 0.5
+PAGE = os.sysconf("SC_PAGE_SIZE")
 # What a taken host adopts from the replica: the devices Ray gave the replica, tracing and metrics settings.
 INHERITED_ENV = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ONEAPI_DEVICE_SELECTOR",
                  *settings_env.NAMES)
@@ -77,6 +81,7 @@ class EngineHost:
         self._server_class = ModelServer
         self.server: Any = None
         self.taken = asyncio.Event()
+        self.started = asyncio.Event()  # set when a start has ended, well or not
         self.imports_s = time.monotonic() - created
         threading.Thread(target=self._watch_keeper, name="helios-host-keeper-watch", daemon=True).start()
         log_event(logger, "engine_host_ready", imports_s=round(self.imports_s, 3), pid=os.getpid())
@@ -91,6 +96,11 @@ class EngineHost:
     async def until_taken(self) -> bool:
         """Returns when the host is taken (the keeper waits on it to see a dead idle host)."""
         await self.taken.wait()
+        return True
+
+    async def until_started(self) -> bool:
+        """Returns when the start of the model it was taken for has ended (the keeper refills after it)."""
+        await self.started.wait()
         return True
 
     async def start(self, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None, pinned: bool,
@@ -111,6 +121,7 @@ class EngineHost:
         finally:
             if self.reserve is not None:
                 self.reserve.finish()
+            self.started.set()
         self.server.engine.timings["host_imports_ahead_s"] = round(self.imports_s, 3)
         if self.reserve is not None:  # what the engine got of the pre-faulted memory
             self.server.engine.timings["host_reserve_handed_over_bytes"] = self.reserve.handed_over
@@ -234,9 +245,10 @@ class EnginePool:
     def __init__(self, size_per_node: int, nice: int = 10, max_per_node: int = 0, horizon_s: float = 300.0,
                  idle_class: bool = True, reserve_gib: float = 0.0) -> None:
         self.size, self.nice, self.idle_class = size_per_node, nice, idle_class
-        self.reserve_bytes = int(reserve_gib * (1 << 30))
+        self.reserve_bytes = int(reserve_gib * (1 << 30)) // PAGE * PAGE  # what each host faults in
         self.max_per_node, self.horizon_s = max_per_node, horizon_s
         self.idle: dict[str, list[_Idle]] = {}  # node -> idle hosts, oldest first
+        self.starting: dict[str, list[tuple[float, Any]]] = {}  # node -> (taken at, `until_started` ref)
         self.counts = {"started": 0, "taken": 0, "replaced": 0, "trimmed": 0}
         self.expected: dict[str, float] = {}  # the registry's last answer
         self.targets: dict[str, int] = {}
@@ -313,6 +325,8 @@ class EnginePool:
                 extra = hosts.pop()
                 extra.host.stop.remote()
                 self.counts["trimmed"] += 1
+            if self._start_in_progress(node):
+                continue  # a refill's imports and reserve would compete with the start for cores and pages
             while len(hosts) < self.targets[node]:
                 host = ray.remote(EngineHost).options(
                     num_cpus=0, lifetime="detached", max_restarts=0, max_concurrency=1000,
@@ -321,15 +335,28 @@ class EnginePool:
                 hosts.append(_Idle(host, host.until_taken.remote(), host.ready.remote()))
                 self.counts["started"] += 1
 
+    def _start_in_progress(self, node: str) -> bool:
+        """Whether a host taken on `node` is still starting its model (for at most START_WAIT_S)."""
+        now = time.monotonic()
+        pending = []
+        for taken_at, ref in self.starting.get(node, []):
+            if now - taken_at < START_WAIT_S and not ray.wait([ref], timeout=0)[0]:
+                pending.append((taken_at, ref))
+        self.starting[node] = pending
+        return bool(pending)
+
     async def take(self, node_id: str) -> Any:
-        """An idle host on `node_id` (the oldest: furthest through its imports), or None."""
+        """An idle host on `node_id` (the oldest: furthest through its imports), or None. The node's
+        refill waits until that host's start has ended."""
         self._ensure_refilling()
         self._drop_dead()
         hosts = self.idle.get(node_id) or []
         if not hosts:
             return None
         self.counts["taken"] += 1
-        return hosts.pop(0).host
+        host = hosts.pop(0).host
+        self.starting.setdefault(node_id, []).append((time.monotonic(), host.until_started.remote()))
+        return host
 
     async def status(self) -> dict[str, Any]:
         """Per node: idle hosts, those of them done importing, and their pids; counts since start."""
@@ -339,7 +366,8 @@ class EnginePool:
                      "reserve_populated_bytes": await self._reserve_populated(h)}
                  for n, h in self.idle.items()}
         return {"size_per_node": self.size, "max_per_node": self.max_per_node, "targets": dict(self.targets),
-                "expected_starts": dict(self.expected), "nodes": nodes, **self.counts}
+                "expected_starts": dict(self.expected), "reserve_bytes": self.reserve_bytes, "nodes": nodes,
+                **self.counts}
 
     @staticmethod
     async def _reserve_populated(hosts: list[_Idle]) -> list[int]:
