@@ -24,7 +24,7 @@ serve: $(STAMP)
 	$(BIN)/helios serve $(CONFIG)
 
 test: system-deps $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # What the tests run that pip cannot install: Prometheus and promtool (Debian's `prometheus`).
 # Installed when missing and running as root (CI); otherwise say what to install.

@@ -110,7 +110,7 @@ def _ray_running(env: dict[str, str] | None = None) -> bool:
     return False
 
 
-def _announce_when_ready(port: int, stop: threading.Event) -> None:
+def _announce_when_ready(port: int, stop: threading.Event, dashboard: bool = True) -> None:
     import requests
 
     base = f"http://localhost:{port}"
@@ -128,7 +128,8 @@ def _announce_when_ready(port: int, stop: threading.Event) -> None:
     console.print(f"OpenAI API: [bold]{base}/v1[/bold]   models: {names}")
     console.print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
                   f"-d '{{\"model\": \"{models[0]['id'] if models else 'MODEL'}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
-    console.print(f"Metrics: {base}/metrics   Ray dashboard (applications, replicas, logs): http://localhost:8265")
+    console.print(f"Metrics: {base}/metrics" + ("   Ray dashboard (applications, replicas, logs): http://localhost:8265"
+                                                  if dashboard else ""))
     console.print("Press Ctrl-C to stop.")
     console.rule()
 
@@ -147,6 +148,27 @@ def _stop_when_cluster_gone(child: subprocess.Popen, stop: threading.Event, gone
             child.terminate()
             threading.Timer(15, lambda: child.poll() is None and child.kill()).start()
             return
+
+
+def _start_ray_head(num_cpus: int, env: dict[str, str]) -> bool:
+    """`ray start --head` with the dashboard; without it when the dashboard alone keeps the head
+    from starting (its port taken, or it does not come up in time on a loaded machine): serving
+    matters more than the dashboard, and the user is told which it was."""
+    base = ["ray", "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+    first = subprocess.run([*base, "--include-dashboard=true"], capture_output=True, text=True, check=False, env=env)
+    if first.returncode == 0:
+        return True
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False, env=env)
+    second = subprocess.run([*base, "--include-dashboard=false"], capture_output=True, text=True, check=False, env=env)
+    if second.returncode != 0:
+        _fail("`ray start --head` failed:\n" + _tail(second.stderr or second.stdout), code=1)
+    console.print("[yellow]warning:[/yellow] the Ray head did not start with its dashboard, so it runs without "
+                  "one (metrics stay on /metrics). Ray said:\n" + _tail(first.stderr or first.stdout, 12))
+    return False
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 @app.command("serve")
@@ -168,16 +190,15 @@ def serve_cmd(
             console.print(f"Made a CA and this node's certificate in {directory}")
         env.update(tls_env(directory))
         console.print(f"Ray mutual TLS on (certificates in {directory}): processes without them cannot join.")
-    started_ray = False
+    started_ray, dashboard = False, True  # a running cluster's dashboard is its own business
     if not _ray_running(env):
         console.print(f"Starting a local Ray head with {num_cpus} logical CPUs…")
-        subprocess.run(["ray", "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-                        "--include-dashboard=true"], check=True, capture_output=True, env=env)
+        dashboard = _start_ray_head(num_cpus, env)
         started_ray = True
     console.print(f"Deploying {len(apps)} application(s) from {config}; the first start builds the demo model "
                   "and starts vLLM (about a minute on a CPU)…")
     stop = threading.Event()
-    threading.Thread(target=_announce_when_ready, args=(port, stop), daemon=True).start()
+    threading.Thread(target=_announce_when_ready, args=(port, stop, dashboard), daemon=True).start()
     # The child gets a default SIGINT even if ours is ignored (as under `nohup` or `&`).
     child = subprocess.Popen([shutil.which("serve") or "serve", "run", "--address", "auto", str(config)],
                              env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one signal call, nothing that takes a lock

@@ -91,13 +91,19 @@ def machine(tmp_path: Path) -> Iterator[dict]:
 
 
 def _start_helios(machine: dict) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "helios"), "serve", str(machine["config"])], env=machine["env"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log_path = machine["config"].with_name("helios-serve.log")
+    with log_path.open("ab") as log:  # what it printed, for the assertion messages
+        proc = subprocess.Popen([str(BIN / "helios"), "serve", str(machine["config"])], env=machine["env"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{machine['port']}"
     deadline = time.monotonic() + 600
+
+    def said() -> str:
+        return "; helios serve printed:\n" + log_path.read_text(errors="replace")[-6000:]
+
     while True:
-        assert proc.poll() is None, "helios serve exited before it was ready"
-        assert time.monotonic() < deadline, "helios serve did not become ready"
+        assert proc.poll() is None, f"helios serve exited ({proc.returncode}) before it was ready{said()}"
+        assert time.monotonic() < deadline, f"helios serve did not become ready{said()}"
         try:
             if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
                 break
