@@ -14,7 +14,9 @@ Cold-start seconds are counted as the simulation counts them: each request that 
 fetch waits size / bandwidth for every blob it took from NVMe or the remote, at the tier
 bandwidths both share (the remote here is a local directory, so its wall time would not
 show a slow link; wall seconds are recorded too). The same trace runs through the
-simulation (`helios_evict_only`, i.e. the cost policy without prefetch, and `lru`).
+simulation (`helios_evict_only`, i.e. the cost policy without prefetch, and `lru`), and through
+Belady's offline policy (each tier evicts the blob used again farthest in the future), the
+floor no online policy can go below: `sim.belady_over_lru` says how much room the trace leaves.
 
 Three live runs: `cost` and `lru` through the node cache (one policy per tier per node),
 and `cost` with `storage.node_cache: false` (each process keeps its own policy, as before
@@ -159,6 +161,10 @@ def replay_model(models: list[cache_policy.Model], trace: list[tuple[float, int]
     if policy == "cost":
         nvme = cache_policy.SimTier("nvme", caps["nvme"], CostAwarePolicy("remote", bw, clock=clock), clock)
         ram_policy = CostAwarePolicy("nvme", bw, locate=lambda d: "nvme" if nvme.has(d) else "remote", clock=clock)
+    elif policy == "belady":  # offline: what no online policy can beat on this trace
+        next_use = _next_use(models, trace, clock)
+        nvme = cache_policy.SimTier("nvme", caps["nvme"], cache_policy.BeladyPolicy(next_use), clock)
+        ram_policy = cache_policy.BeladyPolicy(next_use)
     else:
         nvme = cache_policy.SimTier("nvme", caps["nvme"], LRUPolicy(), clock)
         ram_policy = LRUPolicy()
@@ -190,11 +196,31 @@ def replay_model(models: list[cache_policy.Model], trace: list[tuple[float, int]
     return {"cold_start_s": cold_s, "cold_starts": cold_starts, "requests": len(trace)}
 
 
+def _next_use(models: list[cache_policy.Model], trace: list[tuple[float, int]], clock: cache_policy.Clock) -> Any:
+    """When a blob's model is next requested after `clock.now` (inf if never): Belady's key."""
+    import bisect
+    import math
+
+    times: dict[str, list[float]] = {}
+    for t, i in trace:
+        for digest, _ in models[i].shards:
+            times.setdefault(digest, []).append(t)
+
+    def next_use(digest: str) -> float:
+        ts = times.get(digest, [])
+        k = bisect.bisect_right(ts, clock.now + 1e-3)  # past this request's own accesses
+        return ts[k] if k < len(ts) else math.inf
+
+    return next_use
+
+
 def simulate(models: list[cache_policy.Model], trace: list[tuple[float, int]], caps: dict[str, int]) -> dict[str, Any]:
     """The prediction the live run is held to (`replay_model`), and for context `cache_policy`'s own
     timed simulation of the same trace (transfers take their time, requests queue behind them)."""
-    out: dict[str, Any] = {p: replay_model(models, trace, caps, p) for p in ("cost", "lru")}
+    out: dict[str, Any] = {p: replay_model(models, trace, caps, p) for p in ("cost", "lru", "belady")}
     out["cost_over_lru"] = out["cost"]["cold_start_s"] / out["lru"]["cold_start_s"]
+    # The floor for any policy under the same steps: how much room below LRU the trace leaves.
+    out["belady_over_lru"] = out["belady"]["cold_start_s"] / out["lru"]["cold_start_s"]
     storage = StorageConfig.model_validate({"tiers": [
         {"kind": "ram", "capacity": caps["ram"], "bandwidth": BANDWIDTH["ram"]},
         {"kind": "nvme", "capacity": caps["nvme"], "bandwidth": BANDWIDTH["nvme"]},
@@ -247,7 +273,8 @@ def main() -> int:
         remote = work / "remote"
         publish(models, remote, work)
         sim = simulate(models, trace, caps)
-        log(f"simulation: cost/lru {sim['cost_over_lru']:.3f} (timed simulation {sim['timed']['cost_over_lru']:.3f})")
+        log(f"simulation: cost/lru {sim['cost_over_lru']:.3f}, offline optimum (Belady)/lru "
+            f"{sim['belady_over_lru']:.3f} (timed simulation {sim['timed']['cost_over_lru']:.3f})")
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         live: dict[str, Any] = {}
         for name, eviction, shared in (("cost", "cost", True), ("lru", "lru", True), ("cost_per_process", "cost", False)):
