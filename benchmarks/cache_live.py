@@ -162,7 +162,7 @@ def replay_model(models: list[cache_policy.Model], trace: list[tuple[float, int]
         nvme = cache_policy.SimTier("nvme", caps["nvme"], CostAwarePolicy("remote", bw, clock=clock), clock)
         ram_policy = CostAwarePolicy("nvme", bw, locate=lambda d: "nvme" if nvme.has(d) else "remote", clock=clock)
     elif policy == "belady":  # offline: what no online policy can beat on this trace
-        next_use = _next_use(models, trace, clock)
+        next_use = cache_policy.next_use(models, trace, clock)
         nvme = cache_policy.SimTier("nvme", caps["nvme"], cache_policy.BeladyPolicy(next_use), clock)
         ram_policy = cache_policy.BeladyPolicy(next_use)
     else:
@@ -194,24 +194,6 @@ def replay_model(models: list[cache_policy.Model], trace: list[tuple[float, int]
                 if not nvme.has(digest) and nvme.policy.admit(digest, size, nvme.used + size - nvme.capacity):
                     nvme.commit(digest, size, protected)
     return {"cold_start_s": cold_s, "cold_starts": cold_starts, "requests": len(trace)}
-
-
-def _next_use(models: list[cache_policy.Model], trace: list[tuple[float, int]], clock: cache_policy.Clock) -> Any:
-    """When a blob's model is next requested after `clock.now` (inf if never): Belady's key."""
-    import bisect
-    import math
-
-    times: dict[str, list[float]] = {}
-    for t, i in trace:
-        for digest, _ in models[i].shards:
-            times.setdefault(digest, []).append(t)
-
-    def next_use(digest: str) -> float:
-        ts = times.get(digest, [])
-        k = bisect.bisect_right(ts, clock.now + 1e-3)  # past this request's own accesses
-        return ts[k] if k < len(ts) else math.inf
-
-    return next_use
 
 
 def simulate(models: list[cache_policy.Model], trace: list[tuple[float, int]], caps: dict[str, int]) -> dict[str, Any]:

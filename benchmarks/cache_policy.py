@@ -188,6 +188,21 @@ class Link:
     demand_until: float = 0.0
 
 
+def next_use(models: list[Model], trace: list[tuple[float, int]], clock: Clock) -> Callable[[str], float]:
+    """Belady's key: when a shard's model is next requested after `clock.now` (inf if never)."""
+    model_of = {d: i for i, m in enumerate(models) for d, _ in m.shards}
+    times: list[list[float]] = [[] for _ in models]
+    for t, i in trace:
+        times[i].append(t)
+
+    def key(digest: str) -> float:
+        ts = times[model_of[digest]]
+        k = bisect.bisect_right(ts, clock.now)
+        return ts[k] if k < len(ts) else math.inf
+
+    return key
+
+
 class BeladyPolicy(EvictionPolicy):
     """Evict the shard whose model is requested next farthest in the future (offline)."""
 
@@ -264,7 +279,6 @@ class Simulation:
         self.clock = Clock()
         self.bw = {t.kind: float(t.bytes_per_s()) for t in storage.tiers}
         caps = {t.kind: int(t.capacity) for t in storage.tiers if t.kind != "remote"}
-        self.model_of = {d: i for i, m in enumerate(models) for d, _ in m.shards}
         self.links = {"nvme": Link(), "remote": Link()}
         self.prefetched: set[str] = set()
         self.inflight: dict[str, float] = {}  # digest -> when its transfer into RAM lands
@@ -280,11 +294,8 @@ class Simulation:
         elif policy == "lru":
             ram_policy, nvme_policy = LRUPolicy(), LRUPolicy()
         elif policy == "belady":
-            times: list[list[float]] = [[] for _ in models]
-            for t, i in trace:
-                times[i].append(t)
-            self._times = times
-            ram_policy, nvme_policy = BeladyPolicy(self._next_use), BeladyPolicy(self._next_use)
+            key = next_use(models, trace, self.clock)
+            ram_policy, nvme_policy = BeladyPolicy(key), BeladyPolicy(key)
         else:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICY_NAMES}")
         self.ram = SimTier("ram", caps["ram"], ram_policy, self.clock)
@@ -295,10 +306,6 @@ class Simulation:
         """The RAM policy's `locate` hook: a shard evicted from RAM comes back from NVMe if it is there."""
         return "nvme" if self.nvme.has(digest) else "remote"
 
-    def _next_use(self, digest: str) -> float:
-        times = self._times[self.model_of[digest]]
-        k = bisect.bisect_right(times, self.clock.now)
-        return times[k] if k < len(times) else math.inf
 
     def run(self, progress: tqdm | None = None, interval_s: float = 30.0) -> dict:
         next_tick = 0.0
