@@ -60,9 +60,9 @@ async def throughput(base: str, requests: int, concurrency: int, max_tokens: int
     return total / wall
 
 
-async def ttfts(base: str, n: int) -> list[float]:
+async def ttfts(base: str, n: int, first: int = 0) -> list[float]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-        return [(await stream_one(http, base, f"Latency probe {i}", 1))[0] for i in range(n)]
+        return [(await stream_one(http, base, f"Latency probe {i}", 1))[0] for i in range(first, first + n)]
 
 
 def cpu_seconds(root_pid: int) -> dict[str, float]:
@@ -114,6 +114,26 @@ def frozen(root_pids: list[int]) -> Iterator[None]:
                 proc.resume()
             except psutil.Error:
                 pass
+
+
+def bracketed_ratios(sequence: list[tuple[str, float]], reference: str) -> dict[str, list[float]]:
+    """Each round's tokens/s over the geometric mean of the reference system's rounds just
+    before and just after it in the run (the nearest one at either end): the host's speed
+    drifts over minutes (successive rounds correlate), and a baseline taken on both sides
+    cancels a drift that is linear over the span, which a baseline from one side does not."""
+    import math
+
+    at = [i for i, (s, _) in enumerate(sequence) if s == reference]
+    out: dict[str, list[float]] = {}
+    for i, (system, rate) in enumerate(sequence):
+        if system == reference or not at:
+            continue
+        before = [j for j in at if j < i][-1:]
+        after = [j for j in at if j > i][:1]
+        sides = [sequence[j][1] for j in before + after]
+        baseline = math.exp(statistics.fmean(math.log(v) for v in sides))
+        out.setdefault(system, []).append(rate / baseline)
+    return out
 
 
 def ratio_interval(ratios: list[float], resamples: int = 10000, seed: int = 0) -> dict[str, float]:
@@ -175,11 +195,12 @@ async def measure(system: str, model_dir: Path, port: int, args: argparse.Namesp
 
 
 async def measure_interleaved(systems: list[str], model_dir: Path, port: int, args: argparse.Namespace,
-                              work: Path) -> tuple[dict, dict]:
-    """Every system up at once, then rounds in turn (A, B, C, A, B, C, ...): each round of one
+                              work: Path) -> tuple[dict, dict, dict, dict]:
+    """Every system up at once, then rounds in turn (A, B, C, B, C, A, ...): each round of one
     system runs while the others are stopped (SIGSTOP), so a drift of the host's speed (this machine's swings
     exceed the costs measured) falls on all of them alike. Returns (results per system,
-    each system's tokens/s over the first's in the same cycle, per cycle)."""
+    each system's tokens/s over the first's in the same cycle, the same from CPU per token,
+    each round over the first system's rounds on both sides: `bracketed_ratios`)."""
     procs = {}
     try:
         for i, system in enumerate(systems):
@@ -195,6 +216,7 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
         tokens = args.requests * args.max_tokens
         cpu_before = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}
         order = list(procs)
+        sequence: list[tuple[str, float]] = []  # (system, tokens/s) of every round, in the order run
         for r in range(args.rounds):
             # Each cycle starts with the next system (A B C, B C A, ...): no system always runs
             # first after a pause, nor always right after another's load.
@@ -205,14 +227,26 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
                 # its wake-ups land on whichever system is measured.
                 others = [p.pid for s, (p, _) in procs.items() if s != system]
                 with frozen(others):
+                    # The measured tree was stopped through the rounds before: its timers, health
+                    # reports and metric pushes catch up now, outside the timed span.
+                    await asyncio.sleep(args.settle_s)
                     before = sum(cpu_seconds(proc.pid).values())
                     rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
                     cpu_rounds[system].append((sum(cpu_seconds(proc.pid).values()) - before) / tokens)
+                sequence.append((system, rates[system][-1]))
             log(f"cycle {r + 1}/{args.rounds}: " + ", ".join(f"{SYSTEM_NAMES[s]} {rates[s][-1]:.0f}" for s in systems)
                 + " tok/s")
         cpu_after = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}  # all at once, before the probes
-        results = {s: summarize(rates[s], await ttfts(base, args.ttft_requests), cpu_before[s], cpu_after[s], args)
-                   for s, (_, base) in procs.items()}
+        latencies: dict[str, list[float]] = {s: [] for s in systems}
+        batches = 4  # the probes too alternate between systems, each batch with the others stopped
+        for b in range(batches):
+            for system in order[b % len(order):] + order[:b % len(order)]:
+                proc, base = procs[system]
+                with frozen([p.pid for s, (p, _) in procs.items() if s != system]):
+                    await asyncio.sleep(args.settle_s)
+                    per_batch = args.ttft_requests // batches
+                    latencies[system] += await ttfts(base, per_batch, b * per_batch)
+        results = {s: summarize(rates[s], latencies[s], cpu_before[s], cpu_after[s], args) for s in systems}
         first = systems[0]
         paired = {s: [a / b for a, b in zip(rates[s], rates[first], strict=True)] for s in systems[1:]}
         # The same cost read from CPU time: the first system's CPU per token over this one's, per
@@ -221,7 +255,7 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
         paired_cpu = {s: [b / a for a, b in zip(cpu_rounds[s], cpu_rounds[first], strict=True)] for s in systems[1:]}
         for s in systems:
             results[s]["cpu_us_per_token_rounds"] = [c * 1e6 for c in cpu_rounds[s]]
-        return results, paired, paired_cpu
+        return results, paired, paired_cpu, bracketed_ratios(sequence, first)
     finally:
         for proc, _ in procs.values():
             servers.stop(proc)
@@ -254,23 +288,35 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="One round and fewer latency probes (under 5 minutes).")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Default benchmarks/results/overhead.json (observability_overhead.json with "
+                        "--observability).")
     parser.add_argument("--systems", default=None,
                         help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios; "
                         "also helios_metrics_off, helios_tracing and helios_token_latency, for what observability "
                         "costs).")
     parser.add_argument("--observability", action="store_true",
-                        help="What metrics and tracing cost: Helios with metrics off, on, tracing every request, and "
-                        "with vLLM's per-token histogram on too, all up at once and measured in alternating rounds "
-                        "(replaces --systems).")
+                        help="What metrics and tracing cost: Helios with metrics off, on, and tracing every request "
+                        "(with --systems, another set that starts with helios_metrics_off, e.g. adding "
+                        "helios_token_latency: vLLM's per-token histogram on too), all up at once and measured in "
+                        "alternating rounds.")
+    parser.add_argument("--cycles", type=int, default=None,
+                        help="With --observability: cycles of alternating rounds (default 6 with --quick, else 48).")
     parser.add_argument("--port", type=int, default=8321)
     args = parser.parse_args()
+    if args.out is None:
+        name = "observability_overhead.json" if args.observability else "overhead.json"
+        args.out = ROOT / "benchmarks" / "results" / name
     args.requests, args.concurrency, args.max_tokens = 64, 16, 64
     # Tokens/s on a small shared machine swings between rounds; the median of several is reported.
     args.rounds = 3 if args.quick else 7
-    if args.observability:  # small costs under this host's swings: many cycles, paired per cycle
-        args.rounds = 4 if args.quick else 20
-        args.requests = 64 if args.quick else 128
+    args.settle_s = 0.0
+    if args.observability:
+        # Small costs under this host's swings: many short cycles, paired within each cycle and
+        # against the metrics-off rounds on both sides. Short rounds sit closer in time, where
+        # the host's speed has drifted less, so pairs cancel more of it.
+        args.rounds = args.cycles or (6 if args.quick else 48)
+        args.settle_s = 1.0
     args.ttft_requests = 30 if args.quick else 100
 
     from helios.storage.demo_model import resolve_source
@@ -279,8 +325,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_source("demo://tiny", work / "cache")
     default = "raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios"
-    if args.observability:
-        args.systems = "helios_metrics_off,helios,helios_tracing,helios_token_latency"
+    if args.observability and not args.systems:
+        args.systems = "helios_metrics_off,helios,helios_tracing"
     systems = [s.strip() for s in (args.systems or default).split(",") if s.strip()]
     started = time.monotonic()
     receiver = None
@@ -292,8 +338,10 @@ def main() -> None:
         os.environ["HELIOS_BENCH_OTLP"] = receiver.endpoint
     paired: dict[str, list[float]] = {}
     paired_cpu: dict[str, list[float]] = {}
+    bracketed: dict[str, list[float]] = {}
     if args.observability:
-        results, paired, paired_cpu = asyncio.run(measure_interleaved(systems, model_dir, args.port, args, work))
+        results, paired, paired_cpu, bracketed = asyncio.run(
+            measure_interleaved(systems, model_dir, args.port, args, work))
     else:
         results = {s: asyncio.run(measure(s, model_dir, args.port + i, args, work)) for i, s in enumerate(systems)}
     if receiver is not None:
@@ -326,6 +374,9 @@ def main() -> None:
             cpu_key = key + "_from_cpu"  # off CPU per token over on: a tokens/s ratio
             intervals[cpu_key] = ratio_interval(paired_cpu[system])
             ratios[cpu_key] = intervals[cpu_key]["geomean"]
+            bracketed_key = key + "_bracketed"  # against the metrics-off rounds on both sides
+            intervals[bracketed_key] = ratio_interval(bracketed[system])
+            ratios[bracketed_key] = statistics.median(bracketed[system])
         elif system in results and "helios_metrics_off" in results:
             ratios[key] = results[system]["tok_s"] / results["helios_metrics_off"]["tok_s"]
     report = {
@@ -338,8 +389,8 @@ def main() -> None:
         "systems": results,
         "ratios": ratios,
         **({"paired_ratios_per_cycle": paired, "paired_cpu_ratios_per_cycle": paired_cpu,
-            "paired_intervals": intervals, "interleaved": True,
-            "others_frozen_during_a_round": True} if paired else {}),
+            "bracketed_ratios": bracketed, "paired_intervals": intervals, "interleaved": True,
+            "others_frozen_during_a_round": True, "settle_s": args.settle_s} if paired else {}),
         "seconds": time.monotonic() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,8 @@ def _process_report() -> str:
 
 def _stat_loggers(stats: EngineStats) -> list[Any]:
     """The scheduler-stats sink for routing, and vLLM's own metrics through Ray's pipeline
-    (`ray_vllm:*`, as Ray Serve LLM exports them) when the engine runs in a Ray worker."""
+    (`ray_vllm:*`, as Ray Serve LLM exports them) when the engine runs in a Ray worker; with
+    metrics off, a stand-in that keeps vLLM from adding its in-process Prometheus logger."""
     import ray
 
     from helios.observability.metrics import metrics_enabled
@@ -144,6 +145,10 @@ def _stat_loggers(stats: EngineStats) -> list[Any]:
         from helios.engine.vllm_metrics import HeliosRayStatLogger
 
         loggers.append(HeliosRayStatLogger)
+    elif not metrics_enabled():
+        from helios.engine.vllm_metrics import DisabledPrometheusStatLogger
+
+        loggers.append(DisabledPrometheusStatLogger)
     return loggers
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 from vllm.v1.metrics.ray_wrappers import (
     RayCounterWrapper,
     RayGaugeWrapper,
@@ -113,3 +114,34 @@ class HeliosRayStatLogger(_BoundClasses, RayPrometheusStatLogger):
         super().__init__(*args, **kwargs)
         if not engine_token_latency():
             self.histogram_inter_token_latency = {i: _Unrecorded() for i in self.histogram_inter_token_latency}
+
+
+class DisabledPrometheusStatLogger(PrometheusStatLogger):
+    """Stands in for vLLM's in-process Prometheus logger when metrics are off (`HELIOS_METRICS=0`).
+
+    vLLM adds its own `PrometheusStatLogger` whenever stats are on and no Prometheus logger is
+    passed in, and Helios keeps stats on for routing (the scheduler-stats sink): without this,
+    "metrics off" still recorded every vLLM metric on every engine step into a registry that
+    nothing serves. Being a `PrometheusStatLogger`, it takes that default's place; it records nothing."""
+
+    def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+        self.engine_indexes = engine_indexes if engine_indexes is not None else [0]
+        self.vllm_config = vllm_config
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_admission_rejection(self, reason: str) -> None:
+        pass
+
+    def log_metrics_info(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass

@@ -35,3 +35,22 @@ def test_an_engine_with_no_requests_is_idle_whatever_its_last_step_said() -> Non
     stats = EngineStats()
     SchedulerStatsSink.factory(stats)(None, 0).record(_step(1, 0, 0.3), None)
     assert stats.routing(unfinished=0) == {"unfinished": 0, "running": 0, "waiting": 0, "kv_cache_usage": 0.0}
+
+
+def test_metrics_off_keeps_routing_stats_and_records_no_vllm_metric(monkeypatch) -> None:
+    """`HELIOS_METRICS=0`: vLLM's stat loggers, as its engine builds them from what Helios passes,
+    still feed the router's numbers but record nothing into vLLM's in-process Prometheus registry
+    (vLLM adds its own Prometheus logger unless one is passed in)."""
+    import prometheus_client
+    from vllm.config import VllmConfig
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    from helios.engine.llm_engine import _stat_loggers
+
+    monkeypatch.setenv("HELIOS_METRICS", "0")
+    stats = EngineStats()
+    manager = StatLoggerManager(VllmConfig(), custom_stat_loggers=_stat_loggers(stats), enable_default_loggers=False)
+    manager.record(_step(2, 1, 0.4, hits=5), None)
+    manager.log()
+    assert stats.routing(unfinished=3) == {"unfinished": 3, "running": 2, "waiting": 1, "kv_cache_usage": 0.4}
+    assert not [name for name in prometheus_client.REGISTRY._names_to_collectors if name.startswith("vllm:")]
