@@ -7,7 +7,8 @@ after the other in one run. For each: output tokens/s at 16 concurrent streamed 
 sent one at a time. Writes JSON (and a PNG bar chart beside it); the last line printed
 gives Helios's tokens/s as ratios of the two baselines.
 
-    python benchmarks/overhead.py [--quick] [--out PATH]
+    python benchmarks/overhead.py [--quick] [--out PATH] [--systems A,B,...]
+    python benchmarks/overhead.py --observability [--cycles N] [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -117,10 +118,11 @@ def frozen(root_pids: list[int]) -> Iterator[None]:
 
 
 def bracketed_ratios(sequence: list[tuple[str, float]], reference: str) -> dict[str, list[float]]:
-    """Each round's tokens/s over the geometric mean of the reference system's rounds just
-    before and just after it in the run (the nearest one at either end): the host's speed
-    drifts over minutes (successive rounds correlate), and a baseline taken on both sides
-    cancels a drift that is linear over the span, which a baseline from one side does not."""
+    """Each round's tokens/s over the reference system's tokens/s interpolated to its place in
+    the run, in log space, from the reference rounds just before and just after it (weighted by
+    how many rounds away each is; the nearest one alone at either end): the host's speed drifts
+    over minutes (successive rounds correlate), and the interpolation cancels a drift that is
+    linear between the two, which a baseline from one side does not."""
     import math
 
     at = [i for i, (s, _) in enumerate(sequence) if s == reference]
@@ -130,23 +132,39 @@ def bracketed_ratios(sequence: list[tuple[str, float]], reference: str) -> dict[
             continue
         before = [j for j in at if j < i][-1:]
         after = [j for j in at if j > i][:1]
-        sides = [sequence[j][1] for j in before + after]
-        baseline = math.exp(statistics.fmean(math.log(v) for v in sides))
+        if before and after:
+            b, a = before[0], after[0]
+            w = (i - b) / (a - b)  # the later round's weight grows as the round sits closer to it
+            baseline = math.exp((1 - w) * math.log(sequence[b][1]) + w * math.log(sequence[a][1]))
+        else:
+            baseline = sequence[(before or after)[0]][1]
         out.setdefault(system, []).append(rate / baseline)
     return out
 
 
-def ratio_interval(ratios: list[float], resamples: int = 10000, seed: int = 0) -> dict[str, float]:
+def ratio_interval(ratios: list[float], resamples: int = 10000, seed: int = 0, block: int = 1) -> dict[str, float]:
     """Geometric mean of paired per-cycle ratios with a 95 % bootstrap interval over cycles:
-    how precisely the runs pin the cost down, not only where its middle is."""
+    how precisely the runs pin the cost down, not only where its middle is. With `block` > 1,
+    a moving-block bootstrap (runs of `block` successive cycles), for ratios whose neighbours
+    share a baseline round (`bracketed_ratios`)."""
     import math
     import random
 
     logs = [math.log(r) for r in ratios]
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    n, rng = len(logs), random.Random(seed)
+    block = max(1, min(block, n))
+    starts = range(n - block + 1)
+
+    def resample() -> float:
+        picked: list[float] = []
+        while len(picked) < n:
+            k = rng.choice(starts)
+            picked += logs[k:k + block]
+        return statistics.fmean(picked[:n])
+
+    means = sorted(resample() for _ in range(resamples))
     return {"geomean": math.exp(statistics.fmean(logs)), "ci95_low": math.exp(means[int(0.025 * resamples)]),
-            "ci95_high": math.exp(means[int(0.975 * resamples) - 1]), "cycles": len(ratios)}
+            "ci95_high": math.exp(means[int(0.975 * resamples) - 1]), "cycles": n, "bootstrap_block": block}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -244,8 +262,8 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
                 proc, base = procs[system]
                 with frozen([p.pid for s, (p, _) in procs.items() if s != system]):
                     await asyncio.sleep(args.settle_s)
-                    per_batch = args.ttft_requests // batches
-                    latencies[system] += await ttfts(base, per_batch, b * per_batch)
+                    first, count = b * args.ttft_requests // batches, (b + 1) * args.ttft_requests // batches
+                    latencies[system] += await ttfts(base, count - first, first)
         results = {s: summarize(rates[s], latencies[s], cpu_before[s], cpu_after[s], args) for s in systems}
         first = systems[0]
         paired = {s: [a / b for a, b in zip(rates[s], rates[first], strict=True)] for s in systems[1:]}
@@ -287,7 +305,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="One round and fewer latency probes (under 5 minutes).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Fewer rounds (3; 6 cycles with --observability) and 30 latency probes.")
     parser.add_argument("--out", type=Path, default=None,
                         help="Default benchmarks/results/overhead.json (observability_overhead.json with "
                         "--observability).")
@@ -328,6 +347,14 @@ def main() -> None:
     if args.observability and not args.systems:
         args.systems = "helios_metrics_off,helios,helios_tracing"
     systems = [s.strip() for s in (args.systems or default).split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEM_NAMES]
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(SYSTEM_NAMES)})")
+    if args.observability and (systems[0] != "helios_metrics_off" or len(systems) < 2):
+        parser.error("--observability compares with metrics off: --systems must start with helios_metrics_off "
+                     "and name at least one more")
+    if args.cycles is not None and args.cycles < 1:
+        parser.error("--cycles must be at least 1")
     started = time.monotonic()
     receiver = None
     if "helios_tracing" in systems:  # a real OTLP receiver takes the spans, as a collector would
@@ -375,7 +402,7 @@ def main() -> None:
             intervals[cpu_key] = ratio_interval(paired_cpu[system])
             ratios[cpu_key] = intervals[cpu_key]["geomean"]
             bracketed_key = key + "_bracketed"  # against the metrics-off rounds on both sides
-            intervals[bracketed_key] = ratio_interval(bracketed[system])
+            intervals[bracketed_key] = ratio_interval(bracketed[system], block=2)
             ratios[bracketed_key] = statistics.median(bracketed[system])
         elif system in results and "helios_metrics_off" in results:
             ratios[key] = results[system]["tok_s"] / results["helios_metrics_off"]["tok_s"]

@@ -47,8 +47,10 @@ def engine_kwargs(
         "tensor_parallel_size": e.tensor_parallel_size,
         "enforce_eager": e.enforce_eager,
         "seed": e.seed,
-        # On: the scheduler's stats feed routing (engine_stats) and vLLM's metrics.
-        "disable_log_stats": False,
+        # vLLM's default stat loggers off: its periodic log line is printed by its server's
+        # lifespan, which Helios does not run, yet the logger still tallied every step. Stats
+        # stay on: AsyncLLM keeps them for the loggers Helios passes (routing, metrics).
+        "disable_log_stats": True,
         "runner": e.runner,
     }
     if e.reasoning_parser:

@@ -37,20 +37,33 @@ def test_an_engine_with_no_requests_is_idle_whatever_its_last_step_said() -> Non
     assert stats.routing(unfinished=0) == {"unfinished": 0, "running": 0, "waiting": 0, "kv_cache_usage": 0.0}
 
 
-def test_metrics_off_keeps_routing_stats_and_records_no_vllm_metric(monkeypatch) -> None:
-    """`HELIOS_METRICS=0`: vLLM's stat loggers, as its engine builds them from what Helios passes,
-    still feed the router's numbers but record nothing into vLLM's in-process Prometheus registry
-    (vLLM adds its own Prometheus logger unless one is passed in)."""
+def test_metrics_off_keeps_routing_stats_and_records_no_vllm_metric(monkeypatch, tmp_path, caplog) -> None:
+    """`HELIOS_METRICS=0`: vLLM's stat loggers, built as its AsyncLLM builds them from Helios's
+    engine arguments and loggers, still feed the router's numbers but leave out vLLM's own
+    loggers (its in-process Prometheus one is added unless one is passed in)."""
+    import logging
+
     import prometheus_client
     from vllm.config import VllmConfig
-    from vllm.v1.metrics.loggers import StatLoggerManager
+    from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerManager
 
-    from helios.engine.llm_engine import _stat_loggers
+    from helios.config import parse_args
+    from helios.engine.llm_engine import _stat_loggers, engine_kwargs
+    from helios.engine.vllm_metrics import DisabledPrometheusStatLogger
 
     monkeypatch.setenv("HELIOS_METRICS", "0")
+    # vLLM adds its periodic log line's logger only when its module logs at INFO, as in a server.
+    caplog.set_level(logging.INFO, logger="vllm.v1.metrics.loggers")
+    model = parse_args({"models": [{"id": "m", "source": "demo://tiny"}]}).models[0]
+    log_stats = not engine_kwargs(model, tmp_path)["disable_log_stats"]  # AsyncLLM's enable_default_loggers
     stats = EngineStats()
-    manager = StatLoggerManager(VllmConfig(), custom_stat_loggers=_stat_loggers(stats), enable_default_loggers=False)
+    manager = StatLoggerManager(VllmConfig(), custom_stat_loggers=_stat_loggers(stats),
+                                enable_default_loggers=log_stats)
     manager.record(_step(2, 1, 0.4, hits=5), None)
     manager.log()
     assert stats.routing(unfinished=3) == {"unfinished": 3, "running": 2, "waiting": 1, "kv_cache_usage": 0.4}
+    prometheus = [type(lg) for lg in manager.stat_loggers if isinstance(lg, PrometheusStatLogger)]
+    assert prometheus == [DisabledPrometheusStatLogger]
+    per_engine = [lg for lg in manager.stat_loggers if not isinstance(lg, PrometheusStatLogger)]
+    assert [type(lg.per_engine_stat_loggers[0]) for lg in per_engine] == [SchedulerStatsSink]  # no LoggingStatLogger
     assert not [name for name in prometheus_client.REGISTRY._names_to_collectors if name.startswith("vllm:")]
