@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -130,8 +131,8 @@ def bracketed_ratios(sequence: list[tuple[str, float]], reference: str) -> dict[
     for i, (system, rate) in enumerate(sequence):
         if system == reference or not at:
             continue
-        before = [j for j in at if j < i][-1:]
-        after = [j for j in at if j > i][:1]
+        k = bisect.bisect(at, i)  # at[k - 1] < i < at[k]
+        before, after = at[max(k - 1, 0):k], at[k:k + 1]
         if before and after:
             b, a = before[0], after[0]
             w = (i - b) / (a - b)  # the later round's weight grows as the round sits closer to it
@@ -140,6 +141,24 @@ def bracketed_ratios(sequence: list[tuple[str, float]], reference: str) -> dict[
             baseline = sequence[(before or after)[0]][1]
         out.setdefault(system, []).append(rate / baseline)
     return out
+
+
+def rotated(order: list[str], k: int) -> list[str]:
+    """`order` starting at its `k`-th entry (modulo its length): cycle k's order of systems."""
+    k %= len(order)
+    return order[k:] + order[:k]
+
+
+@contextlib.asynccontextmanager
+async def alone(procs: dict, system: str, settle_s: float) -> AsyncIterator[None]:
+    """Every other system's whole process tree stopped for the block: an idle Ray cluster
+    (GCS, raylet, agents, Serve's controller loop) still wakes up, and on two cores its
+    wake-ups land on whichever system is measured. The measured tree was stopped through the
+    rounds before: its timers, health reports and metric pushes catch up during `settle_s`,
+    before the block's clock starts."""
+    with frozen([p.pid for s, (p, _) in procs.items() if s != system]):
+        await asyncio.sleep(settle_s)
+        yield
 
 
 def ratio_interval(ratios: list[float], resamples: int = 10000, seed: int = 0, block: int = 1) -> dict[str, float]:
@@ -238,16 +257,9 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
         for r in range(args.rounds):
             # Each cycle starts with the next system (A B C, B C A, ...): no system always runs
             # first after a pause, nor always right after another's load.
-            for system in order[r % len(order):] + order[:r % len(order)]:
+            for system in rotated(order, r):
                 proc, base = procs[system]
-                # The others' whole process trees are stopped for the round: an idle Ray cluster
-                # (GCS, raylet, agents, Serve's controller loop) still wakes up, and on two cores
-                # its wake-ups land on whichever system is measured.
-                others = [p.pid for s, (p, _) in procs.items() if s != system]
-                with frozen(others):
-                    # The measured tree was stopped through the rounds before: its timers, health
-                    # reports and metric pushes catch up now, outside the timed span.
-                    await asyncio.sleep(args.settle_s)
+                async with alone(procs, system, args.settle_s):
                     before = sum(cpu_seconds(proc.pid).values())
                     rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
                     cpu_rounds[system].append((sum(cpu_seconds(proc.pid).values()) - before) / tokens)
@@ -258,12 +270,10 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
         latencies: dict[str, list[float]] = {s: [] for s in systems}
         batches = 4  # the probes too alternate between systems, each batch with the others stopped
         for b in range(batches):
-            for system in order[b % len(order):] + order[:b % len(order)]:
-                proc, base = procs[system]
-                with frozen([p.pid for s, (p, _) in procs.items() if s != system]):
-                    await asyncio.sleep(args.settle_s)
-                    first, count = b * args.ttft_requests // batches, (b + 1) * args.ttft_requests // batches
-                    latencies[system] += await ttfts(base, count - first, first)
+            for system in rotated(order, b):
+                async with alone(procs, system, args.settle_s):
+                    first, end = b * args.ttft_requests // batches, (b + 1) * args.ttft_requests // batches
+                    latencies[system] += await ttfts(procs[system][1], end - first, first)
         results = {s: summarize(rates[s], latencies[s], cpu_before[s], cpu_after[s], args) for s in systems}
         first = systems[0]
         paired = {s: [a / b for a, b in zip(rates[s], rates[first], strict=True)] for s in systems[1:]}

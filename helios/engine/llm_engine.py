@@ -143,14 +143,14 @@ def _stat_loggers(stats: EngineStats) -> list[Any]:
     from helios.observability.metrics import metrics_enabled
 
     loggers: list[Any] = [SchedulerStatsSink.factory(stats)]
-    if ray.is_initialized() and metrics_enabled():
-        from helios.engine.vllm_metrics import HeliosRayStatLogger
-
-        loggers.append(HeliosRayStatLogger)
-    elif not metrics_enabled():
+    if not metrics_enabled():
         from helios.engine.vllm_metrics import DisabledPrometheusStatLogger
 
         loggers.append(DisabledPrometheusStatLogger)
+    elif ray.is_initialized():
+        from helios.engine.vllm_metrics import HeliosRayStatLogger
+
+        loggers.append(HeliosRayStatLogger)
     return loggers
 
 
