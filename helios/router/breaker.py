@@ -2,7 +2,10 @@
 
 A replica that fails `failures` requests in a row (5xx answers) is opened: the request
 router stops choosing it. After `cooldown_s` one request is let through as a probe
-(half-open); its success closes the breaker, its failure opens it again. When every
+(half-open); its success closes the breaker, its failure opens it again. A replica whose
+engine has died (it says so: `EngineUnavailable` naming it) is opened at once: it cannot
+recover, and every request sent there until Serve's health check replaces it would pay a
+retry. When every
 replica of a model is open the router answers 503 with Retry-After at once instead of
 queueing requests for replicas that fail them. A dead replica needs no breaker: Serve
 drops it from routing and the router retries its requests.
@@ -53,6 +56,11 @@ class CircuitBreaker:
         if self.state == "half_open" or self.consecutive >= self.failures:
             self.state, self.opened_at, self.probe_sent = "open", self.clock(), None
 
+    def trip(self) -> None:
+        """Open now, whatever the count: the replica's engine is dead, not failing now and then."""
+        self.consecutive += 1
+        self.state, self.opened_at, self.probe_sent = "open", self.clock(), None
+
     def retry_after_s(self) -> float:
         return max(self.cooldown_s - (self.clock() - self.opened_at), 0.0)
 
@@ -86,9 +94,12 @@ class Breakers:
     def routed(self, replica: str) -> None:
         self.of(replica).routed()
 
-    def report(self, replica: str, ok: bool) -> None:
+    def report(self, replica: str, ok: bool, dead: bool = False) -> None:
+        """One answer of `replica`: ok, failed, or failed because its engine is dead (opens at once)."""
         breaker = self.of(replica)
-        if ok:
+        if dead:
+            breaker.trip()
+        elif ok:
             breaker.success()
         else:
             breaker.failure()

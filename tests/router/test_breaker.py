@@ -85,7 +85,7 @@ class FailingFakeEngine(FakeEngine):
         return EngineHTTPResponse(200, [*JSON, (REPLICA_HEADER, replica)], b'{"r": "good"}')
 
 
-def test_a_dead_engine_is_retried_elsewhere_and_its_breaker_opens() -> None:
+def test_a_dead_engine_is_retried_elsewhere_and_its_breaker_opens_at_once() -> None:
     engine = FailingFakeEngine()
     breakers_for(engine.key).track(["bad", "good"])
     core = RouterCore({"m": ModelRoute(engine)}, retry=RetryPolicy(deadline_s=5, first_backoff_s=0.001),
@@ -94,7 +94,7 @@ def test_a_dead_engine_is_retried_elsewhere_and_its_breaker_opens() -> None:
     assert all(a.status == 200 and json.loads(a.body) == {"r": "good"} for a in answers)
     assert all(a.headers[REPLICA_HEADER] == "good" for a in answers)
     assert breakers_for(engine.key).replicas["bad"].state == "open"
-    assert len(engine.seen) == 8  # two dead-engine answers were retried, then `bad` got no more requests
+    assert len(engine.seen) == 7  # one dead-engine answer was retried, then `bad` got no more requests
 
 
 def test_a_5xx_answer_counts_against_the_breaker_but_is_not_retried() -> None:
@@ -109,6 +109,14 @@ def test_a_5xx_answer_counts_against_the_breaker_but_is_not_retried() -> None:
     core = RouterCore({"m": ModelRoute(engine)}, breaker={"failures": 2, "cooldown_s": 60})
     assert asyncio.run(core.forward("/v1/completions", {}, b'{"model": "m"}', "a")).status == 500
     assert len(engine.seen) == 1 and breakers_for(engine.key).replicas["r1"].consecutive == 1
+
+
+def test_a_dead_engine_opens_its_breaker_below_the_failure_count() -> None:
+    breakers = Breakers(failures=3, cooldown_s=10, clock=FakeClock(0.0))
+    breakers.report("a", ok=False)
+    assert breakers.of("a").state == "closed"
+    breakers.report("a", ok=False, dead=True)
+    assert breakers.of("a").state == "open" and breakers.available(["a", "b"]) == ["b"]
 
 
 def test_every_replica_open_is_503_at_once() -> None:
