@@ -166,6 +166,47 @@ def test_admission_refuses_a_blob_that_would_push_out_more_used_ones_until_it_is
     assert tries > 1
 
 
+def test_admission_counts_uses_of_a_blob_the_tier_does_not_hold() -> None:
+    """A model served from RAM is used while NVMe lacks it: those uses count when its copy is offered."""
+    cost = CostAwarePolicy("remote", BW)
+    cost.on_insert("resident", GB, now=0.0)
+    cost.on_hit("resident", now=1.0)
+    assert not cost.admit("busy", GB, need=GB)  # offered once, used twice already here
+    for t in range(2, 6):
+        cost.on_hit("busy", now=float(t))  # its RAM copy's uses reach this tier too
+    assert cost.recent_uses("busy") > cost.recent_uses("resident")
+    assert cost.admit("busy", GB, need=GB)
+
+
+def test_a_past_burst_does_not_freeze_the_tier() -> None:
+    """Residents' recent uses decay with the tier's accesses: 40 uses long ago do not keep out a
+    blob offered now, where comparing eviction priorities (which only rise with use, while the
+    inflation value stands still as long as nothing is evicted) refused it about 40 times."""
+    cost = CostAwarePolicy("remote", BW, memory=2.0)
+    cost.on_insert("old_burst", GB, now=0.0)
+    for t in range(40):
+        cost.on_hit("old_burst", now=float(t))
+    for t in range(30):  # the node goes on loading other models (served from RAM, not held here)
+        cost.on_hit(f"other-{t % 3}", now=100.0 + t)
+    assert cost.recent_uses("old_burst") < 0.01
+    assert cost.admit("new", GB, need=GB)
+
+
+def test_recent_uses_survive_a_restart() -> None:
+    cost = CostAwarePolicy("remote", BW)
+    cost.on_insert("a", GB, now=0.0)
+    for t in range(3):
+        cost.on_hit("a", now=float(t))
+        cost.on_hit("absent", now=float(t))
+    again = CostAwarePolicy("remote", BW)
+    assert again.restore(cost.state())
+    assert again.recent_uses("a") == pytest.approx(cost.recent_uses("a"))
+    assert again.recent_uses("absent") == pytest.approx(cost.recent_uses("absent"))
+    assert again.recent_uses("absent") > 2
+    old_state = {k: v for k, v in cost.state().items() if k not in ("accesses", "recent")}
+    assert CostAwarePolicy("remote", BW).restore(old_state)  # a state saved before recent uses were kept
+
+
 def test_measured_bandwidth_moves_the_refetch_cost_and_small_fetches_are_ignored() -> None:
     cost = CostAwarePolicy("remote", BW)
     cost.on_insert("a", GB, now=0.0)
