@@ -115,15 +115,18 @@ class EngineUnavailable(ServiceUnavailable):
     """The replica that took a request died, or its engine did, before any output: safe to retry.
 
     `replica`: the replica's id when it is known (its engine died under a live replica), so
-    the router can count the failure against that replica's circuit breaker."""
+    the router can count the failure against that replica's circuit breaker; `dead`: the
+    engine is known to be gone for good (not a transient, unreachable actor), so the breaker
+    opens at once."""
 
     def __init__(self, message: str = "", *, param: str | None = None, retry_after_s: int | None = None,
-                 replica: str | None = None) -> None:
+                 replica: str | None = None, dead: bool = False) -> None:
         super().__init__(message, param=param, retry_after_s=retry_after_s)
         self.replica = replica
+        self.dead = dead
 
     def __reduce__(self):
-        return (_rebuild_engine_unavailable, (self.message, self.replica))
+        return (_rebuild_engine_unavailable, (self.message, self.replica, self.dead))
 
 
 class EngineError(HeliosError):
@@ -162,8 +165,8 @@ def _rebuild_rate_limited(message: str, retry_after_s: int, code: str) -> RateLi
     return RateLimited(message, retry_after_s=retry_after_s, code=code)
 
 
-def _rebuild_engine_unavailable(message: str, replica: str | None) -> EngineUnavailable:
-    return EngineUnavailable(message, replica=replica)
+def _rebuild_engine_unavailable(message: str, replica: str | None, dead: bool = False) -> EngineUnavailable:
+    return EngineUnavailable(message, replica=replica, dead=dead)
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -127,6 +127,9 @@ def test_a_failing_replica_is_skipped_once_its_breaker_opens(base_url: str) -> N
 
     replicas = _replica_pids(base_url)
     bad = min(replicas)
+    known = requests.get(f"{base_url}/admin/routing", headers={"Authorization": f"Bearer {ADMIN}"},
+                         timeout=30).json()["models"][MODEL_ID]["breakers"]
+    assert set(known) == set(replicas), known  # the router's breakers name the replicas we kill one of
     (core,) = [p for p in psutil.Process(replicas[bad]).children(recursive=True)
                if "VLLM::EngineCore" in " ".join(p.cmdline())]
     core.kill()

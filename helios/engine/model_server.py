@@ -149,7 +149,7 @@ class ModelServer:
         """A replica whose engine died answers no request: the router retries elsewhere, counts it against
         this replica's breaker, and Serve's health check replaces the replica."""
         if self.engine.engine.errored:
-            raise EngineUnavailable("the replica's engine has died", replica=self.replica)
+            raise EngineUnavailable("the replica's engine has died", replica=self.replica, dead=True)
 
     def openapi(self) -> dict[str, Any]:
         """vLLM's OpenAPI schema of the routes this replica answers."""

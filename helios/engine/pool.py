@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.engine.memory_reserve import MemoryReserve
@@ -443,8 +443,9 @@ class PooledServer:
 
         try:
             return await ref
-        except RayActorError:
-            raise EngineUnavailable("the replica's engine host has died", replica=self.replica) from None
+        except RayActorError as exc:  # died for good, or (ActorUnavailableError) unreachable for now
+            raise EngineUnavailable("the replica's engine host has died", replica=self.replica,
+                                    dead=isinstance(exc, ActorDiedError)) from None
         except Exception as exc:  # Ray wraps errors: the HeliosError inside keeps its status
             inner = unwrap(exc)
             if isinstance(inner, HeliosError):

@@ -3,9 +3,10 @@
 A replica that fails `failures` requests in a row (5xx answers) is opened: the request
 router stops choosing it. After `cooldown_s` one request is let through as a probe
 (half-open); its success closes the breaker, its failure opens it again. A replica whose
-engine has died (it says so: `EngineUnavailable` naming it) is opened at once: it cannot
-recover, and every request sent there until Serve's health check replaces it would pay a
-retry. When every
+engine has died (it says so: `EngineUnavailable` naming it, `dead`) is opened at once: it
+cannot recover, and every request sent there until Serve's health check replaces it would
+pay a retry. The request router tells the breakers whenever the replica set changes, so a
+replacement is available at once, not after the dead one's cooldown. When every
 replica of a model is open the router answers 503 with Retry-After at once instead of
 queueing requests for replicas that fail them. A dead replica needs no breaker: Serve
 drops it from routing and the router retries its requests.

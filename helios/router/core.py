@@ -301,8 +301,8 @@ class RouterCore:
         answering) until the retry deadline; then 503 with Retry-After.
 
         Every answer and every dead engine is reported to that replica's breaker (a 5xx answer
-        counts as a failure but is not retried: it may be the request's own fault; a dead engine
-        opens the breaker at once); with every replica's breaker open the answer is 503 at once."""
+        counts as a failure but is not retried: it may be the request's own fault; an engine known
+        to be dead opens the breaker at once); with every replica's breaker open the answer is 503 at once."""
         breakers = breakers_for(engine.key, **self.breaker) if engine.key else None
         backoffs: AsyncIterator[float] | None = None
         tries = 0
@@ -316,7 +316,7 @@ class RouterCore:
             except EngineUnavailable as exc:
                 error = exc.message
                 if breakers is not None and exc.replica:
-                    breakers.report(exc.replica, ok=False, dead=True)
+                    breakers.report(exc.replica, ok=False, dead=exc.dead)
             else:
                 resp = head(result)
                 replica = resp.header(REPLICA_HEADER)

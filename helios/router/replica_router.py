@@ -41,6 +41,15 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
         self.in_flight: dict[ReplicaID, int] = {}
         self.requests: dict[str, ReplicaID] = {}  # internal request id -> its replica
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Serve's new replica set: the breakers forget gone replicas and know new ones now (with
+        every known breaker open the router answers 503 without asking here, so waiting for the
+        next `choose_replicas` would keep a replacement idle until the dead one's cooldown ends)."""
+        super().update_replicas(replicas)
+        breakers = getattr(self, "breakers", None)  # None: called before initialize_state
+        if breakers is not None:
+            breakers.track(r.replica_id.unique_id for r in replicas)
+
     def _load(self, replica: RunningReplica) -> float:
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         stats = replica.routing_stats or {}

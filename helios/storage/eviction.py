@@ -207,7 +207,9 @@ class CostAwarePolicy(EvictionPolicy):
         self._planned: dict[str, float] = {}
         self.memory = memory
         self.accesses = 0  # uses of model blobs seen by this tier: the clock recent uses decay on
-        self._recent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # digest -> (uses, at access)
+        self._blobs = 0  # model blobs held (KV blocks not counted): the half-life's unit
+        self._recent: dict[str, tuple[float, int]] = {}  # held digest -> (recent uses, at access)
+        self._absent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # model blobs not held, newest `history`
 
     @classmethod
     def for_tier(
@@ -218,9 +220,13 @@ class CostAwarePolicy(EvictionPolicy):
     # -- accounting ---------------------------------------------------------------------
 
     def on_insert(self, digest: str, size: int, now: float) -> None:
+        if digest not in self._size and not digest.startswith("kv:"):
+            self._blobs += 1
         self._size[digest] = size
         self._freq[digest] = self._ghost.pop(digest, 0.0) + 1
         self._base[digest] = self.inflation
+        if digest in self._absent:
+            self._recent[digest] = self._absent.pop(digest)
         self._used(digest)
 
     def on_hit(self, digest: str, now: float) -> None:
@@ -232,21 +238,26 @@ class CostAwarePolicy(EvictionPolicy):
         self._used(digest)
 
     def _half_life(self) -> float:
-        return self.memory * max(len(self._size), 1)
+        return self.memory * max(self._blobs, 1)
 
     def _used(self, digest: str) -> None:
-        """Count one recent use (model blobs only: KV churn would age every blob's count)."""
-        if digest.startswith("kv:"):
-            return
-        self.accesses += 1
-        self._recent[digest] = (self.recent_uses(digest) + 1, self.accesses)
-        self._recent.move_to_end(digest)
-        while len(self._recent) > self._history + len(self._size):
-            self._recent.popitem(last=False)
+        """Count one recent use. Only model blobs advance the clock (KV churn would age every blob's
+        count) and are remembered once gone; a KV block's uses count while it is held."""
+        kv = digest.startswith("kv:")
+        if not kv:
+            self.accesses += 1
+        uses = (self.recent_uses(digest) + 1, self.accesses)
+        if digest in self._size:
+            self._recent[digest] = uses
+        elif not kv:
+            self._absent[digest] = uses
+            self._absent.move_to_end(digest)
+            while len(self._absent) > self._history:
+                self._absent.popitem(last=False)
 
     def recent_uses(self, digest: str) -> float:
         """Uses of `digest`, each weighing half as much for every half-life of accesses since."""
-        uses, at = self._recent.get(digest, (0.0, self.accesses))
+        uses, at = self._recent.get(digest) or self._absent.get(digest) or (0.0, self.accesses)
         return uses * 0.5 ** ((self.accesses - at) / self._half_life())
 
     def on_remove(self, digest: str) -> None:
@@ -254,6 +265,14 @@ class CostAwarePolicy(EvictionPolicy):
             self.inflation = max(self.inflation, self._planned.pop(digest))
         if digest in self._freq and not digest.startswith("kv:"):  # KV churn must not crowd out blobs' history
             self._remember(digest, self._freq[digest])
+        recent = self._recent.pop(digest, None)
+        if digest in self._size and not digest.startswith("kv:"):
+            self._blobs -= 1
+            if recent is not None:
+                self._absent[digest] = recent
+                self._absent.move_to_end(digest)
+                while len(self._absent) > self._history:
+                    self._absent.popitem(last=False)
         self._size.pop(digest, None)
         self._freq.pop(digest, None)
         self._base.pop(digest, None)
@@ -302,7 +321,8 @@ class CostAwarePolicy(EvictionPolicy):
 
     def admit(self, digest: str, size: int, need: int) -> bool:
         """Only if its recent uses, this one included, are worth more per byte than those of every
-        blob it would push out (in eviction order, until `need` bytes are freed); kept-alive
+        blob it would push out (lowest eviction priority first, until `need` bytes are freed; a KV
+        block's worth is its recent uses times its own cost, `kv_weight` included); kept-alive
         blobs are never pushed out for it. A refused offer counts as a use, so a blob that keeps
         being asked for gets in, and the residents' counts decay meanwhile: the tier cannot freeze."""
         if need <= 0:
@@ -364,7 +384,7 @@ class CostAwarePolicy(EvictionPolicy):
             "ghost": [[d, f] for d, f in self._ghost.items()],
             "bandwidths": dict(self.bandwidths),
             "accesses": self.accesses,
-            "recent": [[d, uses, at] for d, (uses, at) in self._recent.items()],
+            "recent": [[d, uses, at] for table in (self._absent, self._recent) for d, (uses, at) in table.items()],
         }
 
     def restore(self, state: Mapping) -> bool:
@@ -385,8 +405,16 @@ class CostAwarePolicy(EvictionPolicy):
             self._remember(digest, uses)
         self.bandwidths.update(bandwidths)
         self.accesses = accesses
+        self._blobs = sum(1 for d in self._size if not d.startswith("kv:"))
         for digest, uses, at in recent:
-            self._recent[digest] = (uses, min(at, accesses))
+            if digest in self._size:
+                self._recent[digest] = (uses, min(at, accesses))
+            elif not digest.startswith("kv:"):
+                self._absent[digest] = (uses, min(at, accesses))
+        for digest in self._size:  # a state saved before recent uses were kept: start from the counts
+            self._recent.setdefault(digest, (self._freq[digest], accesses))
+        while len(self._absent) > self._history:
+            self._absent.popitem(last=False)
         return True
 
 

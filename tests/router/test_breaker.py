@@ -81,7 +81,7 @@ class FailingFakeEngine(FakeEngine):
         replica = "bad" if "bad" in breakers.available(["bad"]) and self.turn % 2 else "good"
         breakers.routed(replica)
         if replica == "bad":
-            raise EngineUnavailable("the replica's engine has died", replica="bad")
+            raise EngineUnavailable("the replica's engine has died", replica="bad", dead=True)
         return EngineHTTPResponse(200, [*JSON, (REPLICA_HEADER, replica)], b'{"r": "good"}')
 
 
@@ -117,6 +117,19 @@ def test_a_dead_engine_opens_its_breaker_below_the_failure_count() -> None:
     assert breakers.of("a").state == "closed"
     breakers.report("a", ok=False, dead=True)
     assert breakers.of("a").state == "open" and breakers.available(["a", "b"]) == ["b"]
+
+
+def test_only_an_engine_known_dead_trips_the_breaker_and_the_flag_crosses_ray() -> None:
+    import pickle
+
+    dead = pickle.loads(pickle.dumps(EngineUnavailable("gone", replica="r", dead=True)))
+    unreachable = pickle.loads(pickle.dumps(EngineUnavailable("unreachable for now", replica="r")))
+    assert (dead.replica, dead.dead, unreachable.dead) == ("r", True, False)
+    breakers = Breakers(failures=3, cooldown_s=10, clock=FakeClock(0.0))
+    breakers.report("r", ok=False, dead=unreachable.dead)
+    assert breakers.of("r").state == "closed"
+    breakers.report("r", ok=False, dead=dead.dead)
+    assert breakers.of("r").state == "open"
 
 
 def test_every_replica_open_is_503_at_once() -> None:

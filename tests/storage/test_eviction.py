@@ -203,8 +203,37 @@ def test_recent_uses_survive_a_restart() -> None:
     assert again.recent_uses("a") == pytest.approx(cost.recent_uses("a"))
     assert again.recent_uses("absent") == pytest.approx(cost.recent_uses("absent"))
     assert again.recent_uses("absent") > 2
+
+
+def test_kv_blocks_neither_age_blob_counts_nor_are_free_to_push_out() -> None:
+    """KV blocks share the tier: their churn does not advance the clock blobs' uses decay on (nor
+    lengthen the half-life), and a block in use is weighed by its own cost, not taken as worthless."""
+    cost = CostAwarePolicy("remote", BW)
+    cost.on_insert("blob", GB, now=0.0)
+    cost.on_hit("blob", now=1.0)
+    before = cost.recent_uses("blob")
+    for i in range(500):
+        cost.on_insert(f"kv:{i}", 1 << 20, now=2.0)
+        cost.on_hit(f"kv:{i}", now=2.0)
+    assert cost.recent_uses("blob") == before
+    assert cost.recent_uses("kv:0") == pytest.approx(2.0)
+    kv = CostAwarePolicy("nvme", {**BW, "recompute": 1e6})  # recomputing a block is slow: it is worth keeping
+    kv.on_insert("kv:hot", GB, now=0.0)
+    for t in range(5):
+        kv.on_hit("kv:hot", now=float(t))
+    assert not kv.admit("cold-blob", GB, need=GB)
+
+
+def test_a_state_saved_before_recent_uses_starts_from_the_use_counts() -> None:
+    cost = CostAwarePolicy("remote", BW)
+    cost.on_insert("hot", GB, now=0.0)
+    for t in range(6):
+        cost.on_hit("hot", now=float(t))
     old_state = {k: v for k, v in cost.state().items() if k not in ("accesses", "recent")}
-    assert CostAwarePolicy("remote", BW).restore(old_state)  # a state saved before recent uses were kept
+    again = CostAwarePolicy("remote", BW)
+    assert again.restore(old_state)
+    assert again.recent_uses("hot") == 7  # not zero: the first fill after an upgrade does not push it out
+    assert not again.admit("newcomer", GB, need=GB)
 
 
 def test_measured_bandwidth_moves_the_refetch_cost_and_small_fetches_are_ignored() -> None:
