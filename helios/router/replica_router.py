@@ -46,9 +46,14 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
         every known breaker open the router answers 503 without asking here, so waiting for the
         next `choose_replicas` would keep a replacement idle until the dead one's cooldown ends)."""
         super().update_replicas(replicas)
+        self._track_breakers()
+
+    def _track_breakers(self) -> None:
+        """The breakers follow the replica set where it changes (here and when an actor dies), not
+        on every request."""
         breakers = getattr(self, "breakers", None)  # None: called before initialize_state
         if breakers is not None:
-            breakers.track(r.replica_id.unique_id for r in replicas)
+            breakers.track(r.replica_id.unique_id for r in self.curr_replicas.values())
 
     def _load(self, replica: RunningReplica) -> float:
         cached = self.replica_queue_len_cache.get(replica.replica_id)
@@ -60,7 +65,6 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        self.breakers.track(r.replica_id.unique_id for r in self.curr_replicas.values())
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = {rid: self._load(by_id[rid]) for rid in self.breakers.available(by_id)}
         ranks = self.policy.rank(loads, _hints(pending_request))
@@ -78,6 +82,7 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
+        self._track_breakers()
         self.policy.forget(replica_id.unique_id)
         self.in_flight.pop(replica_id, None)
 

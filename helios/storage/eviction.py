@@ -19,6 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 from helios.config import DEFAULT_BANDWIDTH
 
@@ -250,10 +251,7 @@ class CostAwarePolicy(EvictionPolicy):
         if digest in self._size:
             self._recent[digest] = uses
         elif not kv:
-            self._absent[digest] = uses
-            self._absent.move_to_end(digest)
-            while len(self._absent) > self._history:
-                self._absent.popitem(last=False)
+            self._keep_newest(self._absent, digest, uses)
 
     def recent_uses(self, digest: str) -> float:
         """Uses of `digest`, each weighing half as much for every half-life of accesses since."""
@@ -269,20 +267,21 @@ class CostAwarePolicy(EvictionPolicy):
         if digest in self._size and not digest.startswith("kv:"):
             self._blobs -= 1
             if recent is not None:
-                self._absent[digest] = recent
-                self._absent.move_to_end(digest)
-                while len(self._absent) > self._history:
-                    self._absent.popitem(last=False)
+                self._keep_newest(self._absent, digest, recent)
         self._size.pop(digest, None)
         self._freq.pop(digest, None)
         self._base.pop(digest, None)
 
     def _remember(self, digest: str, uses: float) -> None:
         """Keep the use count of a blob that is not (or no longer) here, the newest `history` of them."""
-        self._ghost[digest] = uses
-        self._ghost.move_to_end(digest)
-        while len(self._ghost) > self._history:
-            self._ghost.popitem(last=False)
+        self._keep_newest(self._ghost, digest, uses)
+
+    def _keep_newest(self, table: OrderedDict[str, Any], digest: str, value: Any) -> None:
+        """`table[digest] = value` as its newest entry, dropping the oldest past `history` entries."""
+        table[digest] = value
+        table.move_to_end(digest)
+        while len(table) > self._history:
+            table.popitem(last=False)
 
     def set_keepalive(self, digests: Collection[str], until: float) -> None:
         for digest in digests:
@@ -410,11 +409,9 @@ class CostAwarePolicy(EvictionPolicy):
             if digest in self._size:
                 self._recent[digest] = (uses, min(at, accesses))
             elif not digest.startswith("kv:"):
-                self._absent[digest] = (uses, min(at, accesses))
+                self._keep_newest(self._absent, digest, (uses, min(at, accesses)))
         for digest in self._size:  # a state saved before recent uses were kept: start from the counts
             self._recent.setdefault(digest, (self._freq[digest], accesses))
-        while len(self._absent) > self._history:
-            self._absent.popitem(last=False)
         return True
 
 
