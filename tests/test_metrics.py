@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, local_storage, run_app, tiny_args
+from tests.conftest import TINY_ENGINE, free_port, local_storage, run_app, tiny_args
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +26,8 @@ APP = "helios-metrics"
 # Its own model id: the session's Ray cluster keeps exporting other modules' series under theirs.
 MODEL_ID = "helios-metrics-tiny"
 MISSING = "no-such-model-metrics"
+# A copy of the model pushed to the store late in the module: its first request starts it on demand.
+ON_DEMAND = "helios-metrics-on-demand"
 DASHBOARD = Path(__file__).resolve().parents[1] / "observability" / "helios-dashboard.json"
 PLAIN, STREAMED = 5, 3
 
@@ -37,12 +39,18 @@ def app(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFact
     tiers = tmp_path_factory.mktemp("metrics-tiers")
     args = {**tiny_args(cache_root), "storage": local_storage(tiers)}
     args["models"][0]["id"] = MODEL_ID
-    args["registry"] = {"state_dir": str(tiers / "registry")}  # later modules' registries must not list it
+    # Its own state dir: later modules' registries must not list its models. A request for a model
+    # started on demand waits 1 s, then gets 503 (a refusal before any engine) while the start goes on.
+    args["registry"] = {"state_dir": str(tiers / "registry"), "start_timeout_s": 1, "retry_after_s": 2,
+                        "prefetch_interval_s": 0, "defaults": {"engine": TINY_ENGINE}}
     # With a KV store the unified engine runs Helios's KV connector (kv_both): its counters are exported too.
     # No directories of its own: its blocks live in the node cache's tiers (placement auto).
     args["models"][0]["kv_cache"] = {}
     url = run_app(args, APP, serve_port)
-    yield {"url": url, "port": serve_port, "tiers": tiers}
+    yield {"url": url, "port": serve_port, "tiers": tiers, "storage": args["storage"]}
+    for name in list(serve.status().applications):
+        if name.startswith("helios-model-"):
+            serve.delete(name)
     serve.delete(APP)
 
 
@@ -210,23 +218,47 @@ def test_vllms_per_request_histograms_are_exported_and_its_per_token_one_is_not(
     assert value(prometheus, f'sum(ray_helios_router_inter_token_latency_seconds_count{{model="{MODEL_ID}"}})')
 
 
-# Panels of events this module does not cause (a Ray counter appears only once it counts): refusals
-# (tests/test_auth.py causes them) and on-demand starts (tests/test_registry_serving.py).
-EVENT_PANELS = {"Refused before an engine", "On-demand start seconds"}
+@pytest.fixture(scope="module")
+def events(app: dict, traffic: dict, cache_root: Path, tiny_model_dir: Path) -> dict:
+    """What the event panels draw, caused last (the counting tests above see none of it): a model
+    pushed to the store is started on demand; its first request is refused with 503 while it starts."""
+    from helios.config import StorageConfig
+    from helios.storage.store import ModelStore
+
+    store = ModelStore.from_config(StorageConfig.model_validate(app["storage"]), cache_root)
+    store.push(tiny_model_dir, ON_DEMAND, "v1")  # what `helios models push` does; its blobs are there already
+    body = {"model": ON_DEMAND, "prompt": "on demand", "max_tokens": 3}
+    statuses: list[int] = []
+    deadline = time.monotonic() + 300
+    while True:
+        r = requests.post(f"{app['url']}/v1/completions", json=body, timeout=120)
+        statuses.append(r.status_code)
+        if r.status_code == 200:
+            break
+        # 404 until the registry lists the store again (it does so at most every 5 s), then 503 while it starts.
+        assert r.status_code in (404, 503) and time.monotonic() < deadline, (statuses, r.text)
+        time.sleep(2 if r.status_code == 503 else 1)
+    assert 503 in statuses, statuses
+    return {"refused": statuses.count(503)}
 
 
-def test_every_dashboard_panel_queries_a_metric_prometheus_saw(prometheus: str, traffic: dict) -> None:
+def test_every_dashboard_panel_queries_a_metric_prometheus_saw(prometheus: str, traffic: dict, events: dict) -> None:
     """The committed dashboard is drawn from series that exist: each panel names at least one that
-    this module's Prometheus scraped (EVENT_PANELS aside), the KV connector's included."""
+    this module's Prometheus scraped, the KV connector's and the event panels' (refusals, on-demand
+    start seconds) included."""
     from helios.observability.dashboard import _panels, promql_metric_names
 
     eventually(prometheus, f'sum(ray_helios_router_requests_total{{model="{MISSING}",status="404"}})', 1)
+    eventually(prometheus, f'sum(ray_helios_router_rejected_requests_total{{model="{ON_DEMAND}",reason="unavailable"}})',
+               events["refused"])
+    eventually(prometheus, f'sum(ray_helios_router_on_demand_starts_total{{model="{ON_DEMAND}",outcome="started"}})', 1)
+    eventually(prometheus, f'sum(ray_helios_router_on_demand_start_seconds_count{{model="{ON_DEMAND}"}})', 1)
     deadline = time.monotonic() + 60
     seen: set[str] = set()
     while True:
         seen = set(requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
         dashboard = json.loads(DASHBOARD.read_text())
-        blind = [p["title"] for p in _panels(dashboard["panels"]) if p.get("targets") and p["title"] not in EVENT_PANELS
+        blind = [p["title"] for p in _panels(dashboard["panels"]) if p.get("targets")
                  and not set().union(*(promql_metric_names(t["expr"]) for t in p["targets"])) & seen]
         if not blind or time.monotonic() > deadline:
             break
