@@ -75,6 +75,13 @@ class EngineConfig(_Strict):
         "so every replica of this model on a node shares one copy (costs some tokens/s). Needs a `storage:` "
         "section (the model is loaded from a local tier).",
     )
+    layout_cache: bool = Field(
+        False,
+        description="CPU: after a start, keep the weights in vLLM's parameter layout (fused, in the engine's "
+        "dtype) as a derived blob beside the tier the model loaded from; later starts on the node map it "
+        "instead of loading the checkpoint (vLLM's own repack still runs, serving is unchanged). Costs the "
+        "weights' size in that tier once per model, dtype and vLLM version. Needs a `storage:` section.",
+    )
     runner: Literal["auto", "generate", "pooling"] = Field(
         "auto", description="vLLM's runner: `pooling` serves /v1/embeddings (a decoder converted to an embedder)."
     )
@@ -614,8 +621,9 @@ class HeliosArgs(_Strict):
         for i, m in enumerate(self.models):
             if m.source.startswith("store://") and self.storage is None:
                 raise ValueError(f"models.{i}.source: store:// needs a `storage:` section")
-            if m.engine.share_weights and self.storage is None:
-                raise ValueError(f"models.{i}.engine.share_weights: needs a `storage:` section")
+            for option in ("share_weights", "layout_cache"):
+                if getattr(m.engine, option) and self.storage is None:
+                    raise ValueError(f"models.{i}.engine.{option}: needs a `storage:` section")
         return self
 
     def resolved_cache_root(self) -> Path:

@@ -354,6 +354,7 @@ def _loader_options(config: ModelConfig, tier_root: Path) -> tuple[dict[str, Any
     # Derived (fused-layout) blobs live beside the tier the model loads from: in RAM they are shared pages.
     options = {
         "share_weights": config.engine.share_weights,
+        "layout_cache": config.engine.layout_cache,
         "report_path": str(report),
         "derived_dir": str(tier_root / "derived"),
     }

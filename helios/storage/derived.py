@@ -172,10 +172,11 @@ def write_blob(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     return 8 + len(header_bytes) + offset
 
 
-def open_blob(path: Path, key: DerivedKey) -> MappedSafetensors | None:
-    """The blob mapped shared and read-only, or None when absent or written for another key."""
+def open_blob(path: Path, key: DerivedKey, shared: bool = True) -> MappedSafetensors | None:
+    """The blob mapped (shared and read-only, else copy-on-write), or None when absent or written
+    for another key."""
     try:
-        blob = MappedSafetensors(path, shared=True)
+        blob = MappedSafetensors(path, shared=shared)
     except FileNotFoundError:
         return None
     except ValueError as e:  # not safetensors (damaged): treat as absent, the writer replaces it
@@ -194,6 +195,9 @@ def writer_lock(path: Path) -> Iterator[None]:
     with open(path.with_name(path.name + ".lock"), "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
+            # A writer killed mid-write left its temp file; nobody else writes it while we hold the lock.
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -174,7 +174,7 @@ def iter_mapped_weights(
 
 
 READAHEAD_THREADS = 2  # bench model, cold NVMe tier, 10 rotated rounds: 1 thread 1.13-1.18 GB/s, 2: 1.18-1.20, 4: 1.18
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is Python 3.12+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is Python 3.12+
 
 
 class ReadAhead:
@@ -252,9 +252,9 @@ class ReadAhead:
                     return True
                 n = min(self._BLOCK, size - done)
                 if pool is None:
-                    mm.madvise(_MADV_POPULATE_READ, done, n)
+                    mm.madvise(MADV_POPULATE_READ, done, n)
                 else:  # `threads` blocks in flight, handed out in order
-                    pending.append(pool.submit(mm.madvise, _MADV_POPULATE_READ, done, n))
+                    pending.append(pool.submit(mm.madvise, MADV_POPULATE_READ, done, n))
                     if len(pending) >= self.threads:
                         pending.popleft().result()
                 done += n
@@ -355,6 +355,7 @@ class LoaderOptions:
     """`model_loader_extra_config` keys the Helios loader understands."""
 
     share_weights: bool = False
+    layout_cache: bool = False
     derived_dir: str | None = None
     report_path: str | None = None
     pinned_chunk_mib: int = 32
@@ -366,8 +367,9 @@ class LoaderOptions:
         if unknown:
             raise ValueError(f"unknown model_loader_extra_config keys for load_format=helios: {sorted(unknown)}")
         options = cls(**extra)
-        if not isinstance(options.share_weights, bool):
-            raise TypeError("share_weights must be a bool")
+        for name in ("share_weights", "layout_cache"):
+            if not isinstance(getattr(options, name), bool):
+                raise TypeError(f"{name} must be a bool")
         return options
 
 
@@ -415,9 +417,15 @@ class HeliosModelLoader(BaseModelLoader):
 
             model, derived_status, shared_bytes = load_shared_model(self, vllm_config, model_config, prefix)
             self.stats.bytes = self.stats.bytes or shared_bytes
+        elif self.options.layout_cache and _can_share(vllm_config, model_config, "layout_cache"):
+            from helios.storage.layout_cache import load_with_layout_cache
+
+            model, derived_status, layout_bytes = load_with_layout_cache(self, vllm_config, model_config, prefix)
+            self.stats.bytes = self.stats.bytes or layout_bytes
         else:
-            model = super().load_model(vllm_config, model_config, prefix)
-        gc.collect()
+            model = super().load_model(vllm_config, model_config, prefix)  # collects its own garbage
+        if share:
+            gc.collect()  # the private copies load_weights made before the blob was bound
         self._report(time.perf_counter() - started, share, derived_status)
         return model
 
@@ -456,8 +464,9 @@ def _tp_rank() -> int:
         return 0
 
 
-def _can_share(vllm_config: VllmConfig, model_config: ModelConfig) -> bool:
-    """Sharing needs CPU-resident, unquantized weights; otherwise load normally and say why."""
+def _can_share(vllm_config: VllmConfig, model_config: ModelConfig, option: str = "share_weights") -> bool:
+    """Derived blobs (`share_weights`, `layout_cache`) need CPU-resident, unquantized weights;
+    otherwise load normally and say why."""
     device = vllm_config.load_config.device or vllm_config.device_config.device
     reason = None
     if torch.device(device).type != "cpu":
@@ -465,6 +474,6 @@ def _can_share(vllm_config: VllmConfig, model_config: ModelConfig) -> bool:
     elif model_config.quantization is not None:
         reason = "quantized models repack weights"
     if reason:
-        log_event(logger, "share_weights_ignored", reason=reason)
+        log_event(logger, f"{option}_ignored", reason=reason)
         return False
     return True

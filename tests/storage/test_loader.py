@@ -369,6 +369,18 @@ def test_greedy_outputs_equal_the_default_loader(tiny_model_dir: Path, tmp_path:
         assert json.loads(report.read_text())["derived"] == expected
     assert len(list((tmp_path / "derived").glob("*.safetensors"))) == 1
 
+    # The layout cache: the first start loads the checkpoint and writes vLLM's layout after it
+    # started (before its process exits); the next maps that blob and runs vLLM's repack on it.
+    layout = tmp_path / "layout"
+    extra = {"layout_cache": True, "derived_dir": str(layout), "report_path": str(report)}
+    for expected in ("writing", "hit"):
+        cached = run_probe(tiny_model_dir, {**TINY, "load_format": "helios", "model_loader_extra_config": extra}, PROMPTS)
+        assert cached["tokens"] == reference, expected
+        assert json.loads(report.read_text())["derived"] == expected
+    [blob] = layout.glob("*.safetensors")
+    assert MappedSafetensors(blob).metadata["dtype"] == TINY["dtype"]
+    assert not list(layout.glob(".*.tmp"))
+
 
 def _header_bytes(model_dir: Path) -> int:
     return sum(MappedSafetensors(p).data_start for p in safetensors_files(model_dir))
@@ -465,7 +477,7 @@ def test_read_ahead_brings_every_byte_with_or_without_populate_read(
     from helios.storage import loader
 
     if advice == "fallback":
-        monkeypatch.setattr(loader, "_MADV_POPULATE_READ", 0x7FFF)  # no such advice: EINVAL
+        monkeypatch.setattr(loader, "MADV_POPULATE_READ", 0x7FFF)  # no such advice: EINVAL
     monkeypatch.setattr(loader.ReadAhead, "_BLOCK", 64 << 10)
     monkeypatch.setattr(loader, "READAHEAD_THREADS", threads)
     files = []
