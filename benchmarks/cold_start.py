@@ -18,7 +18,10 @@ a local S3 server (s3rver, Node.js, on loopback) standing in for the remote tier
   from process spawn to its first generated token.
 * first_token_s.helios_pool_ram / helios_pool_s3: Helios with a warm pool (`engine_pool`), the
   bench model started on demand into a pooled engine host that imported vLLM ahead, its blobs in
-  the RAM tier or only in S3: from the request to its first streamed token; `start_split_s`
+  the RAM tier or only in S3: from the request to its first streamed token. The bench model runs
+  with `engine.layout_cache`: the S3 start (run first, nothing of the model on the node, no layout
+  blob) writes its weights in vLLM's layout beside the RAM tier, and the RAM start maps them, as a
+  model that served on the node before does (`layout_cache_hit` per run says so); `start_split_s`
   sets the phases of a fresh start (helios_ram) beside a pooled one (imports, weights, KV
   allocation with warm-up, engine process start).
 * share_weights: private memory (USS of the engine's process tree) of a second engine on
@@ -706,8 +709,9 @@ def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: flo
         "models": [{"id": "tiny", "source": "demo://tiny", "engine": {**engine, "max_num_seqs": 4}}],
         "storage": storage,
         "cache_root": str(cache_root),
+        # The bench model keeps its weights in vLLM's layout beside the tier after a start (layout_cache).
         "registry": {"state_dir": str(state_dir), "max_dynamic_models": 1, "start_timeout_s": 600,
-                     "prefetch_interval_s": 0, "defaults": {"engine": engine}},
+                     "prefetch_interval_s": 0, "defaults": {"engine": {**engine, "layout_cache": True}}},
         "engine_pool": {"size_per_node": 1, "reserve_gib": reserve_gib},
     }
 
@@ -735,11 +739,17 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
     from helios.router.on_demand import app_name
 
     store, ctl = helios_controller(storage, cache_root, port, "helios_pool.log")
-    runs: dict[str, list[dict]] = {"ram": [], "s3": []}
+    # S3 first: that start finds nothing of the model on the node and leaves its blobs and its layout
+    # blob in the RAM tier, where the RAM start after it finds them (a model that served here before).
+    runs: dict[str, list[dict]] = {"s3": [], "ram": []}
     try:
         ctl.expect("ready", timeout=180)
         for rep in range(repeats):
             for tier, tier_runs in runs.items():
+                if tier == "s3":  # nothing derived from the model either
+                    for t in storage["tiers"]:
+                        if "path" in t:
+                            shutil.rmtree(Path(t["path"]) / "derived", ignore_errors=True)
                 holders = place_model(store, storage, tier)
                 warm(server_files)
                 state = WORK / f"pool_registry_{tier}_{rep}"
@@ -765,6 +775,7 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                 info = ctl.expect("info")["info"]
                 r = {"first_token_s": first - t0, "held_by_before": holders, "pooled": "host_pid" in info,
                      "reserve_handed_over_bytes": info.get("timings", {}).get("host_reserve_handed_over_bytes", 0),
+                     "layout_cache_hit": bool(info.get("timings", {}).get("layout_cache_hit")),
                      **start_split(info.get("timings", {}))}
                 tier_runs.append(r)
                 log(f"Helios pooled from {tier}: first token after {r['first_token_s']:.1f}s (pooled host: "

@@ -58,6 +58,8 @@ def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPat
         "observability": {"tracing": {"endpoint": otlp.endpoint, "sample_ratio": 1.0}},
     }
     args["models"][0]["deployment"] = {"max_replicas": 2}
+    # The first replica writes the weights in vLLM's layout beside the RAM tier; the scale-up maps them.
+    args["models"][0]["engine"] = {**TINY_ENGINE, "layout_cache": True}
     url = run_app(args, APP, serve_port)
     yield url
     for name in list(serve.status().applications):
@@ -160,6 +162,8 @@ def test_a_scale_up_takes_a_pooled_host(base_url: str) -> None:
         time.sleep(1)
     pooled = next(i for i in infos.values() if _pooled(i))
     assert pooled["scheduler"]["unfinished"] == 0
+    assert pooled["timings"]["layout_cache_hit"] == 1.0  # the first replica's layout blob, mapped
+    assert all(i["timings"]["layout_cache_hit"] == 0.0 for i in infos.values() if not _pooled(i))
     assert _tokens(base_url, MODEL_ID) == _tokens(base_url, PUSHED)
 
 
