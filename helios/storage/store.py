@@ -9,7 +9,10 @@ this node needs no network.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -342,9 +345,33 @@ class ModelStore:
             CACHE_EVICTED_BYTES.inc(tier_freed, tier=t.kind, reason="admin")
             for m in drop:
                 t.delete_manifest(m.model_id, m.version)
+            freed += _drop_derived(t.root / "derived", {manifest_digest(m) for m in drop}, everything=model_id is None)
         self.flush_accounts()
         log_event(logger, "cache_evicted", model=model_id, version=version, tier=tier, bytes=freed)
         return freed
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """The model digest a derived blob of this version carries (`derived.model_digest` of its snapshot)."""
+    return "manifest:" + hashlib.sha256(manifest.to_json()).hexdigest()
+
+
+def _drop_derived(root: Path, digests: set[str], everything: bool = False) -> int:
+    """Delete the derived blobs (`share_weights`, `layout_cache`) made from the evicted versions;
+    returns bytes freed. An engine that maps one keeps its pages until it exits."""
+    freed = 0
+    for path in root.glob("*.safetensors") if root.is_dir() else []:
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+            size = path.stat().st_size
+        except (OSError, ValueError, struct.error):
+            continue  # being replaced, or not ours to judge
+        if everything or metadata.get("model_digest") in digests:
+            path.unlink(missing_ok=True)
+            freed += size
+    return freed
 
 
 def _in_ray() -> bool:

@@ -168,6 +168,29 @@ def test_evict_keeps_blobs_another_version_uses(store: ModelStore, tmp_path: Pat
     assert store.tier("ram").has_all(v2)
 
 
+def test_evict_drops_the_derived_blobs_of_the_versions_it_drops(store: ModelStore, tmp_path: Path) -> None:
+    """A layout or shared-weights blob is made from a version's snapshot; it goes with the version."""
+    import torch
+
+    from helios.storage.derived import model_digest, write_blob
+
+    weights = random_bytes(1 << 20)
+    store.push(write_model(tmp_path / "v1", weights, '{"v": 1}'), "m", "v1")
+    store.push(write_model(tmp_path / "v2", weights, '{"v": 2}'), "m", "v2")
+    derived = store.tier("ram").root / "derived"
+    blobs = {}
+    for version in ("v1", "v2"):
+        local = store.ensure_local("m", version)
+        blobs[version] = derived / f"{version}.safetensors"
+        write_blob(blobs[version], {"w": torch.ones(256)}, {"model_digest": model_digest(local.path)})
+    size = blobs["v1"].stat().st_size
+    freed = store.evict("m", "v1", tier="ram")
+    assert not blobs["v1"].exists() and blobs["v2"].exists()
+    assert freed == len('{"v": 1}') + size  # v1's own config blob and its derived blob
+    store.evict(tier="ram")
+    assert not list(derived.glob("*.safetensors"))
+
+
 def test_missing_model_and_version_give_clear_errors(store: ModelStore, tmp_path: Path) -> None:
     with pytest.raises(ModelVersionNotFound, match="'nope' is not in the store"):
         store.ensure_local("nope")
