@@ -582,8 +582,8 @@ class RemoteTier(Tier):
         return BlobInfo(digest, int(info["size"]))
 
     def read_range(self, digest: str, start: int, end: int) -> bytes:
-        if self._ranges is not None:
-            return self._ranges(f"{self._range_prefix}blobs/{digest}", start, end)
+        if self._ranges is not None:  # obstore's buffer, copied: callers parse it (json.loads takes no memoryview)
+            return bytes(self._ranges(f"{self._range_prefix}blobs/{digest}", start, end))
         with self.errors():
             return self.fs.cat_file(self._blob(digest), start=start, end=end)
 

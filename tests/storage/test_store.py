@@ -191,6 +191,26 @@ def test_evict_drops_the_derived_blobs_of_the_versions_it_drops(store: ModelStor
     assert not list(derived.glob("*.safetensors"))
 
 
+def test_a_sharded_model_only_in_s3_is_profiled_from_its_ranged_reads(tiny_model_dir: Path, tmp_path: Path,
+                                                                         s3: S3Server) -> None:
+    """The registry profiles a version it finds in the store before any tier holds it: config, index
+    and shard headers come as ranged S3 reads (obstore's buffers), which must parse as bytes do."""
+    import shutil
+
+    from helios.registry.profile import profile_from_dir, profile_from_store
+    from helios.storage.loader import MappedSafetensors
+
+    src = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, src)
+    names = MappedSafetensors(src / "model.safetensors").names()
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    store = ModelStore.from_config(storage_config(tmp_path, s3.url(), s3.options), tmp_path)
+    manifest = store.push(src, "org/sharded", "v1")
+    assert store.holders(manifest) == ["remote"]
+    assert profile_from_store(store, manifest) == profile_from_dir(src)
+
+
 def test_missing_model_and_version_give_clear_errors(store: ModelStore, tmp_path: Path) -> None:
     with pytest.raises(ModelVersionNotFound, match="'nope' is not in the store"):
         store.ensure_local("nope")
