@@ -369,7 +369,7 @@ def _load_report(report: Path | None) -> dict[str, float]:
     data = json.loads(report.read_text())
     report.unlink(missing_ok=True)
     timings = {"load_s": float(data["load_seconds"]), "load_bytes": float(data["bytes"])}
-    if data.get("derived") in ("hit", "writing", "unchanged") and not data.get("share_weights"):
+    if data.get("derived") in ("hit", "writing", "unusable") and not data.get("share_weights"):
         timings["layout_cache_hit"] = 1.0 if data["derived"] == "hit" else 0.0  # engine.layout_cache is on
     return timings
 

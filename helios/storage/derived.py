@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 logger = get_logger("storage.derived")
 
-FORMAT_VERSION = 1  # bump when the blob's layout or the key's meaning changes
+FORMAT_VERSION = 2  # bump when the blob's layout or the key's meaning changes
 _SAMPLE_BYTES = 1 << 16
 
 
@@ -97,6 +97,13 @@ class DerivedKey:
     tp_size: int
     pp_rank: int
     pp_size: int
+    # What else decides which modules vLLM builds and how it fills them: the resolved architecture,
+    # runner and conversion (a pooling model has no lm_head), the implementation, and the config
+    # after hf_overrides (hashed).
+    model_class: str = ""
+    runner: str = ""
+    model_impl: str = ""
+    hf_config: str = ""
     format_version: int = FORMAT_VERSION
 
     def file_name(self) -> str:
@@ -125,7 +132,18 @@ def derived_key(model_dir: str, model_config: ModelConfig) -> DerivedKey:
         tp_size=get_tensor_model_parallel_world_size(),
         pp_rank=get_pipeline_model_parallel_rank(),
         pp_size=get_pp_group().world_size,
+        model_class=str(getattr(model_config, "architecture", "")),
+        runner=f"{getattr(model_config, 'runner_type', '')}/{getattr(model_config, 'convert_type', '')}",
+        model_impl=str(getattr(model_config, "model_impl", "")),
+        hf_config=_config_digest(model_config.hf_config),
     )
+
+
+def _config_digest(hf_config: object) -> str:
+    """The model's config as vLLM built it (overrides applied), without where it was read from."""
+    to_dict = getattr(hf_config, "to_dict", None)
+    data = {k: v for k, v in (to_dict() if to_dict else vars(hf_config)).items() if k != "_name_or_path"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------- blob I/O

@@ -13,8 +13,12 @@ changes (same kernels, same private packed weights); only the load does.
 
 The blob must hold the state *before* post-processing, which is re-run on every load. The
 snapshot is taken before it and written only if post-processing left every snapshotted tensor
-as it was (same storage, version counter and sampled bytes); otherwise the start logs that
-the model cannot use the cache and nothing is written.
+as it was (version counter, shape and bytes sampled across it) and loading filled no buffer
+(the blob holds parameters only); otherwise the start logs that the model cannot use the
+cache and nothing is written. Until the blob is written the process holds the loaded
+parameters beside vLLM's packed copy: twice the weights, for the seconds the write takes.
+A blob that does not fit the model being built (a parameter missing or shaped otherwise) is
+logged as stale and the checkpoint is loaded instead.
 """
 
 from __future__ import annotations
@@ -51,16 +55,17 @@ if TYPE_CHECKING:
 logger = get_logger("storage.layout_cache")
 
 WRITER_NICE = 19  # the blob is written while the engine allocates its KV cache and warms up
-EXIT_WAIT_S = 120.0  # a clean shutdown lets a write in flight finish, at most this long
-_SAMPLE = 4096  # bytes compared at each end of a tensor to see that post-processing left it alone
+EXIT_WAIT_S = 120.0  # an interpreter exit waits this long for a write in flight (vLLM kills a slow engine
+# core 5 s after SIGTERM: that write is lost, its temp file removed by the next writer)
+_SAMPLES, _SAMPLE = 64, 64  # runs of bytes compared across a tensor (and at its end) to see it left alone
 
 
 def load_with_layout_cache(
     loader: HeliosModelLoader, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str
 ) -> tuple[nn.Module, str, int]:
     """Build the model from the node's layout blob ("hit"), or load it normally and write the blob
-    in the background ("writing"; "unchanged" when post-processing changes the loaded tensors).
-    Returns (model, status, bytes bound or loaded)."""
+    in the background ("writing"; "unusable" when loading fills buffers or post-processing changes
+    the loaded tensors). Returns (model, status, bytes bound or loaded)."""
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.utils.torch_utils import set_default_torch_dtype
 
@@ -71,20 +76,32 @@ def load_with_layout_cache(
         model = loader.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
         blob = open_blob(path, key, shared=False)
         if blob is not None:
-            bound = bind_parameters(model, blob)
-            model._helios_layout_blob = blob  # parameters left after the repack still view its pages
-            _populate(blob)
-            process_weights_after_loading(model, model_config, device)
-            log_event(logger, "layout_cache_hit", path=str(path), bytes=bound)
-            return model.eval(), "hit", bound
+            try:
+                bound = bind_parameters(model, blob)
+            except (KeyError, ValueError) as e:  # a blob this build does not fit: load as if it were absent
+                log_event(logger, "layout_cache_stale", level=logging.WARNING, path=str(path), error=str(e))
+                model = loader.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+            else:
+                model._helios_layout_blob = blob  # parameters left after the repack still view its pages
+                _populate(blob)
+                process_weights_after_loading(model, model_config, device)
+                log_event(logger, "layout_cache_hit", path=str(path), bytes=bound)
+                return model.eval(), "hit", bound
+        buffers = {name: _fingerprint(b) for name, b in model.named_buffers()}
         loader.load_weights(model, model_config)
+        # The blob holds parameters only, as they were before post-processing, which every hit re-runs.
+        filled = any(_fingerprint(b) != buffers.get(name) for name, b in model.named_buffers())
         snapshot = {name: p.detach() for name, p in model.named_parameters()}
         before = {name: _fingerprint(t) for name, t in snapshot.items()}
         process_weights_after_loading(model, model_config, device)
-    if any(_fingerprint(t) != before[name] for name, t in snapshot.items()):
-        log_event(logger, "layout_cache_unusable", level=logging.WARNING, path=str(path),
-                  reason="vLLM's post-processing changed loaded tensors in place")
-        return model.eval(), "unchanged", loader.stats.bytes
+    why = None
+    if filled:
+        why = "loading the checkpoint filled buffers, which the blob does not hold"
+    elif any(_fingerprint(t) != before[name] for name, t in snapshot.items()):
+        why = "vLLM's post-processing changed loaded tensors in place"
+    if why is not None:
+        log_event(logger, "layout_cache_unusable", level=logging.WARNING, path=str(path), reason=why)
+        return model.eval(), "unusable", loader.stats.bytes
     _start_writer(path, key, snapshot)
     return model.eval(), "writing", loader.stats.bytes
 
@@ -96,14 +113,16 @@ def _populate(blob: MappedSafetensors) -> None:
         blob.mm.madvise(MADV_POPULATE_READ)
 
 
-def _fingerprint(t: torch.Tensor) -> tuple[int, int, bytes]:
-    """Storage, version counter and the bytes at both ends: enough to see an in-place change
-    (a write through `.data` does not move the version counter, hence the bytes)."""
-    flat = t.reshape(-1).view(torch.uint8) if t.is_contiguous() and t.numel() else None
-    if flat is None:
-        return t.data_ptr(), t._version, b""
-    ends = bytes(flat[:_SAMPLE].numpy()) + bytes(flat[-_SAMPLE:].numpy())
-    return t.data_ptr(), t._version, ends
+def _fingerprint(t: torch.Tensor) -> tuple[int, tuple[int, ...], bytes]:
+    """Version counter, shape and bytes sampled across the tensor: enough to see an in-place
+    change (a write through `.data` does not move the version counter, hence the bytes)."""
+    if not t.is_contiguous() or not t.numel() or t.device.type != "cpu":
+        return t._version, tuple(t.shape), b""
+    flat = t.reshape(-1).view(torch.uint8)
+    step = max(len(flat) // _SAMPLES, 1)
+    picks = torch.arange(0, len(flat), step)[:_SAMPLES]
+    offsets = (picks.unsqueeze(1) + torch.arange(_SAMPLE)).clamp_(max=len(flat) - 1).reshape(-1)
+    return t._version, tuple(t.shape), bytes(flat[offsets].numpy()) + bytes(flat[-_SAMPLE:].numpy())
 
 
 def _start_writer(path: Path, key: DerivedKey, tensors: dict[str, torch.Tensor]) -> None:
@@ -112,14 +131,16 @@ def _start_writer(path: Path, key: DerivedKey, tensors: dict[str, torch.Tensor])
     def write() -> None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)  # this thread only
+            # vLLM pins its worker to its cores before loading; at nice 19 this thread may use any core.
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
         try:
             with writer_lock(path):
                 if open_blob(path, key, shared=False) is not None:  # another engine on the node wrote it
                     return
                 written = write_blob(path, tensors, key.metadata())
             log_event(logger, "layout_cache_written", path=str(path), bytes=written)
-        except OSError as e:  # a full or read-only tier: the next start loads normally again
-            log_event(logger, "layout_cache_unavailable", level=logging.WARNING, path=str(path), error=str(e))
+        except Exception as e:  # noqa: BLE001 - a full or read-only tier, or a dtype safetensors lacks: load normally next time
+            log_event(logger, "layout_cache_unavailable", level=logging.WARNING, path=str(path), error=repr(e))
         finally:
             tensors.clear()
 

@@ -308,6 +308,27 @@ def test_derived_dir_defaults_under_the_cache_root(monkeypatch: pytest.MonkeyPat
     assert derived.derived_dir("/x/y") == Path("/x/y")
 
 
+def test_the_layout_fingerprint_sees_writes_anywhere_but_not_replaced_data() -> None:
+    """The layout cache writes a parameter only if post-processing left it as loaded: transforms
+    through `.data` (no version bump) of the whole tensor or of a span of it must show; a parameter
+    whose `.data` was swapped for a new tensor (vLLM's repacks) leaves the snapshot as it was.
+    (Sampled, so a change of a few scattered bytes could pass unseen.)"""
+    from helios.storage.layout_cache import _fingerprint
+
+    param = torch.nn.Parameter(torch.arange(1 << 20, dtype=torch.float32), requires_grad=False)
+    snapshot = param.detach()
+    before = _fingerprint(snapshot)
+    param.data = torch.zeros(4)  # replaced, as vLLM's CPU repack does
+    assert _fingerprint(snapshot) == before
+    param.data = snapshot
+    param.data[300_000:600_000] = -1.0  # a span, in place, through .data
+    assert _fingerprint(snapshot) != before
+    param.data.copy_(torch.arange(1 << 20, dtype=torch.float32))
+    assert _fingerprint(snapshot)[1:] == before[1:]  # the bytes are back (the version moved)
+    param.data.mul_(2)  # a whole-tensor transform
+    assert _fingerprint(snapshot)[2] != before[2]
+
+
 def test_plain_cpu_gemm_skips_the_repack_and_restores_vllm() -> None:
     import vllm.model_executor.layers.utils as layer_utils
 
