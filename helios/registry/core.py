@@ -8,6 +8,7 @@ its lock and a slow S3 listing never stalls the router's calls.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,6 +79,12 @@ class RegistryCore:
                 raise
             return None, f"{type(exc).__name__}: {exc}"
         except (HeliosError, OSError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a fault of ours on one version must not hide every other one from a sync
+            if strict:
+                raise
+            log_event(logger, "registry_profile_failed", level=logging.ERROR, model=model_id, version=version,
+                      error=repr(exc))
             return None, f"{type(exc).__name__}: {exc}"
 
     def _profile(self, model_id: str, version: str, source: str, manifest: Manifest | None) -> ResourceProfile:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from helios.config import StorageConfig
 from helios.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from helios.registry.core import RegistryCore
+from helios.storage.manifest import Manifest
 from helios.storage.store import ModelStore
 from tests.registry.conftest import store_section
 
@@ -70,6 +72,31 @@ def test_store_versions_are_discovered_once_and_deletions_stick(
     assert core.unknown(core.store_manifests()) == []  # still in the store, but deleted here
     with pytest.raises(ModelNotFound):
         core.version_dict("org/pushed")
+
+
+def test_a_version_whose_profile_fails_unexpectedly_still_syncs_with_the_others(
+    tiny_model_dir: Path, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One version's profile failing on a fault of Helios's own (here a TypeError) is recorded on
+    that version; the sync still registers it and every other version."""
+    import helios.registry.core as core_module
+
+    real = core_module.profile_from_store
+
+    def failing(store: ModelStore, manifest: Manifest, *a: Any, **kw: Any) -> Any:
+        if manifest.model_id == "org/bad":
+            raise TypeError("the JSON object must be str, bytes or bytearray, not memoryview")
+        return real(store, manifest, *a, **kw)
+
+    monkeypatch.setattr(core_module, "profile_from_store", failing)
+    store.push(tiny_model_dir, "org/bad", "v1")
+    store.push(tiny_model_dir, "org/good", "v1")
+    core = RegistryCore(store=store, sync_interval_s=0)
+    found = [(m, core.synced_record(m)) for m in core.unknown(core.store_manifests())]
+    assert sum(core.add_synced(m, r) for m, r in found) == 2
+    assert core.version_dict("org/good")["profile"]["weight_bytes"] == TINY_WEIGHT_BYTES
+    bad = core.version_dict("org/bad")
+    assert bad["profile"] is None and "TypeError" in bad["profile_error"]
 
 
 def test_a_store_source_without_version_uses_the_registered_one(tiny_model_dir: Path, store: ModelStore) -> None:
