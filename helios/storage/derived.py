@@ -34,7 +34,7 @@ from torch import nn
 from helios.config import default_cache_root
 from helios.observability.logs import get_logger, log_event
 from helios.storage.loader import DTYPE_CODES, MappedSafetensors, safetensors_files
-from helios.storage.manifest import MANIFEST_NAME
+from helios.storage.manifest import MANIFEST_NAME, snapshot_digest
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig, VllmConfig
@@ -65,7 +65,7 @@ def model_digest(model_dir: str | os.PathLike[str]) -> str:
     root = Path(model_dir)
     manifest = root / MANIFEST_NAME
     if manifest.is_file():
-        return "manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+        return snapshot_digest(manifest.read_bytes())
     h = hashlib.sha256()
     config = root / "config.json"
     if config.is_file():

@@ -131,7 +131,7 @@ def _start_writer(path: Path, key: DerivedKey, tensors: dict[str, torch.Tensor])
     def write() -> None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)  # this thread only
-            # vLLM pins its worker to its cores before loading; at nice 19 this thread may use any core.
+        with contextlib.suppress(OSError):  # vLLM pins its worker to its cores; at nice 19 this thread may use any
             os.sched_setaffinity(0, range(os.cpu_count() or 1))
         try:
             with writer_lock(path):

@@ -9,7 +9,6 @@ this node needs no network.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import struct
@@ -34,7 +33,7 @@ from helios.observability.metrics import (
     CACHE_WRITTEN_BYTES,
 )
 from helios.storage.eviction import POLICIES
-from helios.storage.manifest import Manifest, build_manifest
+from helios.storage.manifest import Manifest, build_manifest, snapshot_digest
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier, is_kv
 from helios.storage.transfer import Progress, TransferResult, fetch_blob
 
@@ -345,15 +344,11 @@ class ModelStore:
             CACHE_EVICTED_BYTES.inc(tier_freed, tier=t.kind, reason="admin")
             for m in drop:
                 t.delete_manifest(m.model_id, m.version)
-            freed += _drop_derived(t.root / "derived", {manifest_digest(m) for m in drop}, everything=model_id is None)
+            digests = {snapshot_digest(m.to_json()) for m in drop}  # the snapshot's manifest file holds to_json()
+            freed += _drop_derived(t.root / "derived", digests, everything=model_id is None)
         self.flush_accounts()
         log_event(logger, "cache_evicted", model=model_id, version=version, tier=tier, bytes=freed)
         return freed
-
-
-def manifest_digest(manifest: Manifest) -> str:
-    """The model digest a derived blob of this version carries (`derived.model_digest` of its snapshot)."""
-    return "manifest:" + hashlib.sha256(manifest.to_json()).hexdigest()
 
 
 def _drop_derived(root: Path, digests: set[str], everything: bool = False) -> int:
