@@ -416,6 +416,9 @@ class TransferConfig(_Strict):
     lock_timeout_s: float = Field(
         3600, gt=0, description="How long a process waits for another one fetching the same blob."
     )
+    direct_io: bool = Field(
+        True, description="Write blobs fetched into a disk tier (nvme, ssd) with O_DIRECT, around the page cache "
+        "(falls back to buffered writes where the filesystem refuses it); the RAM tier is always written buffered.")
 
 
 class KVBlocksConfig(_Strict):

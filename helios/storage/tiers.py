@@ -94,6 +94,11 @@ class Tier(ABC):
     def read_range(self, digest: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a blob."""
 
+    def read_buffer(self, digest: str, start: int, end: int) -> bytes | memoryview:
+        """`read_range` for callers that only write or hash the bytes: a tier may hand over its
+        client's buffer instead of copying it into `bytes`."""
+        return self.read_range(digest, start, end)
+
     @abstractmethod
     def open(self, digest: str) -> BinaryIO: ...
 
@@ -582,8 +587,11 @@ class RemoteTier(Tier):
         return BlobInfo(digest, int(info["size"]))
 
     def read_range(self, digest: str, start: int, end: int) -> bytes:
-        if self._ranges is not None:  # obstore's buffer, copied: callers parse it (json.loads takes no memoryview)
-            return bytes(self._ranges(f"{self._range_prefix}blobs/{digest}", start, end))
+        return bytes(self.read_buffer(digest, start, end))  # callers parse it (json.loads takes no memoryview)
+
+    def read_buffer(self, digest: str, start: int, end: int) -> bytes | memoryview:
+        if self._ranges is not None:  # obstore's own buffer: no copy of each chunk on the transfer path
+            return self._ranges(f"{self._range_prefix}blobs/{digest}", start, end)
         with self.errors():
             return self.fs.cat_file(self._blob(digest), start=start, end=end)
 

@@ -26,6 +26,7 @@ from helios.config import TransferConfig
 from helios.errors import CorruptBlob, StorageError
 from helios.observability.logs import get_logger, log_event
 from helios.observability.metrics import CACHE_TRANSFER_SECONDS
+from helios.storage.direct_write import ChunkWriter
 from helios.storage.tiers import LocalTier, Tier
 
 logger = get_logger("storage.transfer")
@@ -99,19 +100,20 @@ def _copy_ranges(
             start -= start % chunk if start < size else 0
             f.truncate(start)
             _rehash_prefix(f.fileno(), start, h)
-            hasher = HashThread(h)
-            if progress and start:
-                progress(start)
-            f.seek(start)
+        hasher = HashThread(h)
+        if progress and start:
+            progress(start)
+        direct = cfg.direct_io and dst.kind != "ram"  # the RAM tier is page cache by design
+        with dst.disk_errors(), ChunkWriter(part, start, chunk, direct) as f:
             offsets = iter(range(start, size, chunk))
-            window: deque[tuple[int, Future[bytes]]] = deque()
+            window: deque[tuple[int, Future[bytes | memoryview]]] = deque()
             with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="helios-fetch") as pool:
 
                 def submit_next() -> None:
                     off = next(offsets, None)
                     if off is not None:
                         end = min(off + chunk, size)
-                        window.append((off, pool.submit(src.read_range, digest, off, end)))
+                        window.append((off, pool.submit(src.read_buffer, digest, off, end)))
 
                 for _ in range(cfg.concurrency):
                     submit_next()
@@ -134,7 +136,6 @@ def _copy_ranges(
                     for _, pending in window:
                         pending.cancel()
                     raise
-            f.flush()
         digest_hex = hasher.hexdigest()
     finally:
         if hasher is not None:

@@ -1,0 +1,91 @@
+"""Blobs fetched into a disk tier are written with O_DIRECT: the same bytes, resumable, around the page cache."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+from helios.storage.direct_write import ChunkWriter
+from helios.storage.manifest import hash_file
+from helios.storage.store import ModelStore
+from tests.storage.conftest import S3Server, random_bytes, storage_config, write_model
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (mincore)."""
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:  # writable for ctypes, never written
+        start = ctypes.c_char.from_buffer(m)  # the mapping's first byte, for its address
+        vec = (ctypes.c_ubyte * pages)()
+        ok = _libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec) == 0
+        del start  # the mapping can close only once nothing points into it
+        if not ok:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_fetch_into_the_nvme_tier_keeps_its_bytes_out_of_the_page_cache(
+    tmp_path: Path, s3: S3Server, direct_io: bool
+) -> None:
+    tiers = [{"kind": "nvme", "path": str(tmp_path / "nvme"), "capacity": "1GiB"}]
+    cfg = storage_config(tmp_path, s3.url(), s3.options, tiers=tiers,
+                         transfer={"chunk_mib": 1, "concurrency": 3, "direct_io": direct_io})
+    store = ModelStore.from_config(cfg, tmp_path)
+    weights = random_bytes((5 << 20) + 12345)  # a tail that is not a whole block
+    manifest = store.push(write_model(tmp_path / "src", weights), "m", "v1")
+    digest = next(f.sha256 for f in manifest.files if f.size == len(weights))
+
+    local = store.ensure_local("m", tier="nvme")
+
+    blob = store.tier("nvme").blob_path(digest)
+    assert blob.stat().st_size == len(weights)
+    cached_while_written = resident_pages(blob)
+    assert hash_file(local.path / "model.safetensors") == digest
+    assert (local.path / "model.safetensors").read_bytes() == weights
+    if direct_io:
+        assert cached_while_written == 0
+    else:
+        assert cached_while_written > 0  # what O_DIRECT saves: the buffered write left the blob in memory
+    assert not list((tmp_path / "nvme" / "partial").glob("*.part"))
+
+
+def test_a_resumed_write_keeps_the_prefix_and_ends_at_the_true_length(tmp_path: Path) -> None:
+    chunk = 1 << 20
+    data = random_bytes(3 * chunk + 777)
+    part = tmp_path / "blob.part"
+    part.write_bytes(data[:chunk])  # an interrupted transfer got one chunk in
+    with ChunkWriter(part, chunk, chunk, direct=True) as w:
+        for off in range(chunk, len(data), chunk):
+            w.write(memoryview(data)[off : off + chunk])
+    assert part.read_bytes() == data
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):  # as tmpfs on older kernels and some network filesystems
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    data = random_bytes((2 << 20) + 5)
+    part = tmp_path / "blob.part"
+    part.touch()
+    with ChunkWriter(part, 0, 1 << 20, direct=True) as w:
+        assert not w.direct
+        for off in range(0, len(data), 1 << 20):
+            w.write(data[off : off + (1 << 20)])
+    assert part.read_bytes() == data
