@@ -20,6 +20,7 @@ import errno
 import mmap
 import os
 from pathlib import Path
+from typing import Self
 
 from helios.observability.logs import get_logger, log_event
 
@@ -89,7 +90,7 @@ class ChunkWriter:
             self._buf.close()
             self._buf = None
 
-    def __enter__(self) -> ChunkWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
