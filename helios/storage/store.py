@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,10 +36,11 @@ from helios.observability.metrics import (
 from helios.storage.eviction import POLICIES
 from helios.storage.manifest import Manifest, build_manifest, snapshot_digest
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier, is_kv
-from helios.storage.transfer import Progress, TransferResult, fetch_blob
+from helios.storage.transfer import Progress, ReadBudget, TransferResult, fetch_blob
 
 logger = get_logger("storage.store")
 _UPLOAD_BLOCK = 16 << 20
+BLOBS_SIDE_BY_SIDE = 2  # blobs of one version fetched at once, sharing `transfer.concurrency` reads
 
 
 @dataclass
@@ -227,8 +229,12 @@ class ModelStore:
         protected = {f.sha256 for f in manifest.files}
         sources: dict[str, int] = {}
         fetched = resumed = 0
-        for f in manifest.files:
-            src, result = self._bring(f.sha256, f.size, target, protected, progress, manifest.model_id)
+        budget = ReadBudget(self.transfer.concurrency)  # shared: a blob's tail overlaps the next one's head
+        with ThreadPoolExecutor(BLOBS_SIDE_BY_SIDE, thread_name_prefix="helios-blob") as pool:
+            brought = list(pool.map(
+                lambda f: self._bring(f.sha256, f.size, target, protected, progress, manifest.model_id, budget),
+                manifest.files))
+        for f, (src, result) in zip(manifest.files, brought, strict=True):
             sources[src.kind] = sources.get(src.kind, 0) + f.size
             if result is not None:
                 fetched += result.fetched
@@ -262,7 +268,7 @@ class ModelStore:
 
     def _bring(
         self, digest: str, size: int, target: LocalTier, protected: set[str], progress: Progress | None,
-        model: str = "",
+        model: str = "", budget: ReadBudget | None = None,
     ) -> tuple[Tier, TransferResult | None]:
         """Get one blob into `target` from the fastest tier holding a good copy: (that tier, the transfer)."""
         if target.stat(digest) is not None:
@@ -277,7 +283,7 @@ class ModelStore:
             if src is target or src.stat(digest) is None:
                 continue
             try:
-                result = fetch_blob(src, target, digest, size, self.transfer, progress, protected)
+                result = fetch_blob(src, target, digest, size, self.transfer, progress, protected, budget)
             except CorruptBlob as exc:
                 if src is self.remote:
                     raise

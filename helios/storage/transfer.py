@@ -52,8 +52,12 @@ def fetch_blob(
     cfg: TransferConfig,
     progress: Progress | None = None,
     protected: Collection[str] = (),
+    budget: ReadBudget | None = None,
 ) -> TransferResult:
-    """Copy a blob from `src` into `dst` (no-op if another process already did), verified."""
+    """Copy a blob from `src` into `dst` (no-op if another process already did), verified.
+
+    `budget`: the ranged reads in flight shared with the other blobs fetched beside this one
+    (default: this blob's own `cfg.concurrency`)."""
     started = time.monotonic()
     from filelock import Timeout
 
@@ -73,7 +77,7 @@ def fetch_blob(
                 progress(size)
             return TransferResult(digest, size, 0, 0, time.monotonic() - started, waited)
         dst.make_room(size, set(protected) | {digest})
-        resumed_from = _copy_ranges(src, dst, digest, size, cfg, progress)
+        resumed_from = _copy_ranges(src, dst, digest, size, cfg, progress, budget or ReadBudget(cfg.concurrency))
         dst.commit(digest, dst.partial_path(digest), protected)
     finally:
         lock.release()
@@ -87,7 +91,8 @@ def fetch_blob(
 
 
 def _copy_ranges(
-    src: Tier, dst: LocalTier, digest: str, size: int, cfg: TransferConfig, progress: Progress | None
+    src: Tier, dst: LocalTier, digest: str, size: int, cfg: TransferConfig, progress: Progress | None,
+    budget: ReadBudget,
 ) -> int:
     """Fill dst's partial file from where it stopped; returns the offset it resumed from."""
     chunk = cfg.chunk_mib << 20
@@ -105,29 +110,40 @@ def _copy_ranges(
             progress(start)
         direct = cfg.direct_io and dst.kind != "ram"  # the RAM tier is page cache by design
         with dst.disk_errors(), ChunkWriter(part, start, chunk, direct) as f:
-            offsets = iter(range(start, size, chunk))
             window: deque[tuple[int, Future[bytes | memoryview]]] = deque()
+            next_off = start
             with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="helios-fetch") as pool:
 
-                def submit_next() -> None:
-                    off = next(offsets, None)
-                    if off is not None:
-                        end = min(off + chunk, size)
-                        window.append((off, pool.submit(src.read_buffer, digest, off, end)))
+                def submit_next() -> bool:
+                    """Request the next range if the budget has room; wait for room only when this blob
+                    has nothing in flight (so two blobs sharing a budget never wait on each other)."""
+                    nonlocal next_off
+                    if next_off >= size or len(window) >= cfg.concurrency:
+                        return False
+                    if not budget.take(wait=not window):
+                        return False
+                    end = min(next_off + chunk, size)
+                    window.append((next_off, pool.submit(src.read_buffer, digest, next_off, end)))
+                    next_off = end
+                    return True
 
-                for _ in range(cfg.concurrency):
-                    submit_next()
                 try:
+                    while submit_next():
+                        pass
                     while window:
                         off, fut = window.popleft()
-                        data = fut.result()
+                        try:
+                            data = fut.result()
+                        finally:
+                            budget.give()
                         expected = min(chunk, size - off)
                         if len(data) != expected:
                             raise StorageError(
                                 f"blob {digest[:12]} from {src.describe()}: short read at {off} "
                                 f"({len(data)} of {expected} B); the source changed or is truncated"
                             )
-                        submit_next()
+                        while submit_next():
+                            pass
                         f.write(data)
                         hasher.update(data)  # in order, on its own thread: the write and the next read go on
                         if progress:
@@ -135,6 +151,7 @@ def _copy_ranges(
                 except BaseException:
                     for _, pending in window:
                         pending.cancel()
+                        budget.give()
                     raise
         digest_hex = hasher.hexdigest()
     finally:
@@ -144,6 +161,21 @@ def _copy_ranges(
         part.unlink(missing_ok=True)
         raise CorruptBlob(f"blob {digest[:12]} from {src.describe()} does not match its digest")
     return start
+
+
+class ReadBudget:
+    """Ranged reads in flight, shared by the blobs of a model fetched side by side: one blob's tail
+    drains while the next one's first ranges are already on the wire, and together they never
+    hold more than `transfer.concurrency` chunks in memory."""
+
+    def __init__(self, reads: int) -> None:
+        self._slots = threading.Semaphore(reads)
+
+    def take(self, wait: bool) -> bool:
+        return self._slots.acquire(blocking=wait)
+
+    def give(self) -> None:
+        self._slots.release()
 
 
 class HashThread:

@@ -1,18 +1,26 @@
-"""Blobs fetched into a disk tier are written with O_DIRECT: the same bytes, resumable, around the page cache."""
+"""Blobs fetched into a disk tier are written with O_DIRECT (the same bytes, resumable, around the page cache),
+and the blobs of a version are fetched side by side within one budget of reads."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import mmap
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from helios.config import TransferConfig
 from helios.storage.direct_write import ChunkWriter
 from helios.storage.manifest import hash_file
 from helios.storage.store import ModelStore
+from helios.storage.tiers import LocalTier
+from helios.storage.transfer import ReadBudget, fetch_blob
 from tests.storage.conftest import S3Server, random_bytes, storage_config, write_model
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -89,3 +97,39 @@ def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(
         for off in range(0, len(data), 1 << 20):
             w.write(data[off : off + (1 << 20)])
     assert part.read_bytes() == data
+
+
+class CountingTier(LocalTier):
+    """A real local tier that records how many ranged reads are in flight at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_flight = self.most = 0
+        self._count = threading.Lock()
+
+    def read_buffer(self, digest: str, start: int, end: int) -> bytes:
+        with self._count:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            time.sleep(0.01)  # a network's latency, so reads overlap
+            return super().read_buffer(digest, start, end)
+        finally:
+            with self._count:
+                self.in_flight -= 1
+
+
+def test_blobs_fetched_side_by_side_share_one_budget_of_reads(tmp_path: Path) -> None:
+    src = CountingTier("ssd", tmp_path / "ssd", capacity=1 << 30)
+    dst = LocalTier("nvme", tmp_path / "nvme", capacity=1 << 30)
+    blobs = [random_bytes((6 << 20) + n) for n in (1, 4097)]
+    digests = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for b, d in zip(blobs, digests, strict=True):
+        src.write(d, [b])
+    cfg = TransferConfig(chunk_mib=1, concurrency=3)
+    budget = ReadBudget(cfg.concurrency)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: fetch_blob(src, dst, digests[i], len(blobs[i]), cfg, budget=budget), (0, 1)))
+    assert [r.fetched for r in results] == [len(b) for b in blobs]
+    assert [dst.blob_path(d).read_bytes() for d in digests] == blobs
+    assert src.most == cfg.concurrency  # both blobs together, never more than the budget
