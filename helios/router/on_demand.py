@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus
 
 from helios.config import ModelConfig, RegistryConfig, StorageConfig
 from helios.errors import HeliosError, ModelNotFound, ServiceUnavailable
@@ -36,6 +37,31 @@ def app_name(model_id: str) -> str:
 def _serve_apps() -> dict[str, str]:
     """Serve application name -> status (RUNNING, DEPLOYING, DEPLOY_FAILED, ...)."""
     return {name: str(app.status) for name, app in serve.status().applications.items()}
+
+
+APP_POLL_S = 0.1  # how often a start asks whether its application is running
+
+
+async def _deploy_and_wait(app: Any, name: str) -> None:
+    """Deploy an application and return once it is RUNNING (raise if its deploy fails).
+
+    `serve.run` checks for RUNNING once a second (Ray's CLIENT_POLLING_INTERVAL_S), up to a
+    second added to every on-demand start, most of what a pooled start spends outside the
+    replica; this asks every `APP_POLL_S` instead. Where Ray lacks the non-blocking deploy,
+    `serve.run` waits as before."""
+    deploy = getattr(serve, "_run", None)
+    try:
+        await asyncio.to_thread(deploy, app, name=name, route_prefix=None, _blocking=False)  # type: ignore[misc]
+    except TypeError:  # another Ray: no `_blocking`
+        await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
+        return
+    while True:
+        app_status = await asyncio.to_thread(lambda: serve.status().applications.get(name))
+        if app_status is not None and app_status.status == ApplicationStatus.RUNNING:
+            return
+        if app_status is not None and app_status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"Deploying application {name} failed: {app_status.message}")
+        await asyncio.sleep(APP_POLL_S)
 
 
 def model_config(model_id: str, record: dict[str, Any], defaults: dict[str, Any]) -> ModelConfig:
@@ -128,7 +154,7 @@ class OnDemandModels:
             app = engine_deployment(config, self.cache_root, self.storage, pinned=False, hints=hints,
                                     env=inherited_env())
             try:
-                await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
+                await _deploy_and_wait(app, name)
             except Exception as exc:  # noqa: BLE001 - whatever failed, the half-deployed app is removed
                 log_event(logger, "model_start_failed", flush=True, model=model_id, error=repr(exc))
                 await asyncio.to_thread(serve.delete, name)
