@@ -287,33 +287,3 @@ def test_deleting_a_model_while_it_starts_undoes_the_start(base_url: str) -> Non
     listed = {m["id"] for m in requests.get(f"{base_url}/v1/models", timeout=60).json()["data"]}
     assert OTHER not in listed and PUSHED not in listed
 
-
-def test_a_start_that_fails_to_deploy_is_removed_and_counted(base_url: str, tiny_model_dir: Path) -> None:
-    """A version whose engine cannot start (its max_model_len is beyond the model's): Serve gives up on
-    the replica, the start sees the application fail, removes it and counts the failure."""
-    from ray import serve
-
-    from helios.router.on_demand import app_name
-
-    broken = "helios-broken"
-    r = admin(base_url, "post", "/models", json={
-        "model": broken, "version": "v1", "source": str(tiny_model_dir),
-        "deploy": {"engine": {"max_model_len": 1_000_000}}})
-    assert r.status_code == 201, r.text
-    first = complete(base_url, broken)
-    assert first.status_code == 503 and "starting" in first.json()["error"]["message"], first.text
-
-    def start_over() -> bool:
-        return broken not in admin(base_url, "get", "/registry").json()["on_demand"]["starting"]
-
-    _wait(start_over, 600, f"the failing start of {broken} never ended")
-    assert broken not in admin(base_url, "get", "/registry").json()["on_demand"]["ready"]
-    _wait(lambda: app_name(broken) not in serve.status().applications, 60, "the failed start left its app deployed")
-
-    def failure_counted() -> bool:  # Ray exports metrics every few seconds
-        text = requests.get(f"{base_url}/metrics", timeout=60).text
-        return any(line.startswith("ray_helios_router_on_demand_starts_total{") and f'model="{broken}"' in line
-                   and 'outcome="failed"' in line for line in text.splitlines())
-
-    _wait(failure_counted, 60, "no failed start counted")
-    assert admin(base_url, "delete", "/models", params={"model": broken}).status_code == 200
