@@ -695,10 +695,11 @@ def measure_helios(storage: dict, cache_root: Path, port: int, server_files: lis
 
 def pool_reserve_gib(model_bytes: int) -> float:
     """The pooled host's memory reserve (`engine_pool.reserve_gib`) sized as the README says: the bench
-    model's weights in the engine's dtype (stored in bf16), its KV cache, its checkpoint (the S3 run
-    fetches it into the RAM tier during the start) and 1 GiB for the new replica's and engine's processes."""
+    model's weights in the engine's dtype (stored in bf16) twice (a checkpoint load on the CPU holds the
+    loaded parameters beside vLLM's oneDNN-packed copy), its KV cache, its checkpoint (the S3 run fetches
+    it into the RAM tier during the start) and 1 GiB for the new replica's and engine's processes."""
     width = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE["dtype"]]
-    return round((model_bytes * width / 2 + model_bytes) / (1 << 30) + ENGINE["kv_cache_space_gib"] + 1.0, 2)
+    return round((2 * model_bytes * width / 2 + model_bytes) / (1 << 30) + ENGINE["kv_cache_space_gib"] + 1.0, 2)
 
 
 def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: float = 0.0) -> dict:

@@ -578,7 +578,9 @@ class EnginePoolConfig(_Strict):
         "at a time, just ahead of its engine's allocations once taken (helios.engine.memory_reserve). On VMs that "
         "return free memory to the host (virtio-balloon free page reporting) a page's first touch costs a host "
         "fault, 6-14 s per GiB measured here, so a CPU engine's weights and KV cache dominate its start; set it to "
-        "the largest model's weights in its dtype plus its KV cache. Held by every idle host. 0: off.")
+        "the largest model's weights in its dtype (twice on the CPU when its checkpoint is loaded: the loaded and "
+        "the packed copy) plus its KV cache, plus its checkpoint when it may be fetched into the RAM tier. Held by "
+        "every idle host. 0: off.")
 
     @model_validator(mode="after")
     def _max_not_below_size(self) -> EnginePoolConfig:
