@@ -12,6 +12,7 @@ config's application (and so never restarts the router).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import time
 from typing import Any
@@ -50,16 +51,17 @@ async def _deploy_and_wait(app: Any, name: str) -> None:
     replica; this asks every `APP_POLL_S` instead. Where Ray lacks the non-blocking deploy,
     `serve.run` waits as before."""
     deploy = getattr(serve, "_run", None)
-    try:
-        await asyncio.to_thread(deploy, app, name=name, route_prefix=None, _blocking=False)  # type: ignore[misc]
-    except TypeError:  # another Ray: no `_blocking`
+    if deploy is None or "_blocking" not in inspect.signature(deploy).parameters:  # another Ray
         await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
         return
+    await asyncio.to_thread(deploy, app, name=name, route_prefix=None, _blocking=False)
     while True:
         app_status = await asyncio.to_thread(lambda: serve.status().applications.get(name))
-        if app_status is not None and app_status.status == ApplicationStatus.RUNNING:
+        if app_status is None:  # deleted meanwhile (or the controller lost it): as serve.run says it
+            raise RuntimeError(f"Waiting for application {name} to be RUNNING, but application doesn't exist.")
+        if app_status.status == ApplicationStatus.RUNNING:
             return
-        if app_status is not None and app_status.status == ApplicationStatus.DEPLOY_FAILED:
+        if app_status.status == ApplicationStatus.DEPLOY_FAILED:
             raise RuntimeError(f"Deploying application {name} failed: {app_status.message}")
         await asyncio.sleep(APP_POLL_S)
 

@@ -16,6 +16,7 @@ the partial file's length stays "how far it got" for resuming. Filesystems that 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -44,6 +45,7 @@ class ChunkWriter:
                 self._buf = mmap.mmap(-1, _round_up(chunk))  # page-aligned, reused for every chunk
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    self.close()
                     raise
                 self._fall_back(exc)
         if not self.direct:
@@ -87,7 +89,10 @@ class ChunkWriter:
             os.close(self._fd)
             self._fd = -1
         if self._buf is not None:
-            self._buf.close()
+            # A write that failed (ENOSPC, EIO) may still hold a view of the buffer in its traceback:
+            # then the mapping goes with the last view, and the write's own error is what the caller sees.
+            with contextlib.suppress(BufferError):
+                self._buf.close()
             self._buf = None
 
     def __enter__(self) -> Self:

@@ -76,7 +76,7 @@ def fetch_blob(
             if progress:
                 progress(size)
             return TransferResult(digest, size, 0, 0, time.monotonic() - started, waited)
-        dst.make_room(size, set(protected) | {digest})
+        dst.make_room(size, set(protected) | {digest}, digest)  # held for it: blobs of a version come side by side
         resumed_from = _copy_ranges(src, dst, digest, size, cfg, progress, budget or ReadBudget(cfg.concurrency))
         dst.commit(digest, dst.partial_path(digest), protected)
     finally:

@@ -73,9 +73,22 @@ def test_a_resumed_write_keeps_the_prefix_and_ends_at_the_true_length(tmp_path: 
     part = tmp_path / "blob.part"
     part.write_bytes(data[:chunk])  # an interrupted transfer got one chunk in
     with ChunkWriter(part, chunk, chunk, direct=True) as w:
+        assert w.direct  # the test's filesystem takes O_DIRECT, so the padded tail is what is tested
         for off in range(chunk, len(data), chunk):
             w.write(memoryview(data)[off : off + chunk])
     assert part.read_bytes() == data
+
+
+def test_a_full_disk_reaches_the_caller_as_its_own_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    part = tmp_path / "blob.part"
+    part.touch()
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as err, ChunkWriter(part, 0, 1 << 20, direct=True) as w:
+        w.write(random_bytes(1 << 20))
+    assert err.value.errno == errno.ENOSPC  # not a BufferError from closing the aligned buffer
 
 
 def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(
