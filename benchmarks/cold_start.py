@@ -698,8 +698,8 @@ def pool_reserve_gib(model_bytes: int) -> float:
     model's weights in the engine's dtype (stored in bf16) twice (a checkpoint load on the CPU holds the
     loaded parameters beside vLLM's oneDNN-packed copy), its KV cache, its checkpoint (the S3 run fetches
     it into the RAM tier during the start) and 1 GiB for the new replica's and engine's processes."""
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE["dtype"]]
-    return round((2 * model_bytes * width / 2 + model_bytes) / (1 << 30) + ENGINE["kv_cache_space_gib"] + 1.0, 2)
+    weights = model_bytes * {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE["dtype"]] / 2
+    return round((2 * weights + model_bytes) / (1 << 30) + ENGINE["kv_cache_space_gib"] + 1.0, 2)
 
 
 def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: float = 0.0) -> dict:

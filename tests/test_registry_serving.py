@@ -286,4 +286,3 @@ def test_deleting_a_model_while_it_starts_undoes_the_start(base_url: str) -> Non
     assert complete(base_url, OTHER).status_code == 404
     listed = {m["id"] for m in requests.get(f"{base_url}/v1/models", timeout=60).json()["data"]}
     assert OTHER not in listed and PUSHED not in listed
-

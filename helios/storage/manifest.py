@@ -21,10 +21,10 @@ MANIFEST_NAME = "helios-manifest.json"
 _HASH_BLOCK = 8 << 20
 
 
-
 def snapshot_digest(manifest_json: bytes) -> str:
     """The model digest of a snapshot holding this manifest file: what derived blobs are keyed by."""
     return "manifest:" + hashlib.sha256(manifest_json).hexdigest()
+
 
 class FileEntry(BaseModel):
     """One file of a model version."""
