@@ -160,6 +160,13 @@ def _merge(acc: Any, new: Any, key: str = "") -> Any:
     """Fold one streamed piece into what came before, as a client assembling the stream does."""
     if new is None:
         return acc
+    if key == "tool_calls" and isinstance(new, list):
+        # Folded by index, also within one piece: vLLM's last delta appends what the tool parser flushes
+        # at the end, so a stream whose whole output arrives in one engine step carries two pieces of call 0.
+        calls = {call["index"]: call for call in acc or []}
+        for call in new:
+            calls[call["index"]] = _merge(calls.get(call["index"]), call)
+        return [calls[i] for i in sorted(calls)]
     if acc is None:
         return new
     if isinstance(acc, str) and isinstance(new, str) and key in TEXT_KEYS:
@@ -167,12 +174,7 @@ def _merge(acc: Any, new: Any, key: str = "") -> Any:
     if isinstance(acc, dict) and isinstance(new, dict):
         return {**acc, **{k: _merge(acc.get(k), v, k) for k, v in new.items()}}
     if isinstance(acc, list) and isinstance(new, list):
-        if key != "tool_calls":
-            return acc + new
-        calls = {call["index"]: call for call in acc}
-        for call in new:
-            calls[call["index"]] = _merge(calls.get(call["index"]), call)
-        return [calls[i] for i in sorted(calls)]
+        return acc + new
     return new
 
 
