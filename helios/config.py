@@ -419,6 +419,9 @@ class TransferConfig(_Strict):
     direct_io: bool = Field(
         True, description="Write blobs fetched into a disk tier (nvme, ssd) with O_DIRECT, around the page cache "
         "(falls back to buffered writes where the filesystem refuses it); the RAM tier is always written buffered.")
+    overlap_engine_start: bool = Field(
+        True, description="Start a model's engine as soon as its small files (config, tokenizer) are local and fetch "
+        "its weight files meanwhile; the loader waits for each weight file it reaches (off: every file first).")
 
 
 class KVBlocksConfig(_Strict):

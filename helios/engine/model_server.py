@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,7 +60,7 @@ class ModelServer:
 
             os.environ[SECRET_ENV] = cluster_secret("kv-blocks")
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
-        await self.engine.start_app()
+        await _start_beside_arrivals(self.engine, prepared.local.arriving if prepared.local else None)
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
         timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
@@ -206,6 +207,23 @@ class ModelServer:
 
     def __del__(self) -> None:
         self.shutdown()
+
+
+async def _start_beside_arrivals(engine: Any, arriving: Future[None] | None) -> None:
+    """Start the engine while its weights may still be arriving; a failed fetch is the error raised.
+
+    The loader fails with the fetch's message when the fetch fails; the fetch's own exception
+    (BlobNotFound, CorruptBlob, TierFull...) is what the caller knows how to report, so it wins."""
+    try:
+        await engine.start_app()
+    except Exception:
+        if arriving is not None:
+            await asyncio.wait([asyncio.wrap_future(arriving)], timeout=1.0)  # its thread may be a moment behind
+            if arriving.done() and arriving.exception() is not None:
+                raise arriving.exception() from None
+        raise
+    if arriving is not None:
+        await asyncio.wrap_future(arriving)  # a start that needed no weights (layout cache hit) waits here
 
 
 def _restore_engine_cache(config: ModelConfig, prepared: Any, cache_root: str) -> tuple[Any, Path, Any, float] | None:
@@ -369,6 +387,8 @@ def _load_report(report: Path | None) -> dict[str, float]:
     data = json.loads(report.read_text())
     report.unlink(missing_ok=True)
     timings = {"load_s": float(data["load_seconds"]), "load_bytes": float(data["bytes"])}
+    if data.get("waited_s"):  # the load reached weights a fetch was still bringing (part of load_s)
+        timings["weights_wait_s"] = float(data["waited_s"])
     if data.get("derived") in ("hit", "writing", "unusable") and not data.get("share_weights"):
         timings["layout_cache_hit"] = 1.0 if data["derived"] == "hit" else 0.0  # engine.layout_cache is on
     return timings

@@ -36,6 +36,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from helios.observability.logs import get_logger, log_event
+from helios.storage.arrivals import wait_for
 from helios.storage.tiers import atomic_write_bytes
 
 logger = get_logger("storage.loader")
@@ -138,6 +139,7 @@ class LoadStats:
 
     bytes: int = 0
     tensors: int = 0
+    waited_s: float = 0.0  # for weight files still being fetched when the load reached them
 
 
 def iter_mapped_weights(
@@ -396,9 +398,14 @@ class HeliosModelLoader(BaseModelLoader):
         if getattr(model, "_helios_derived_blob", None) is not None:
             # Its parameters are read-only shared pages: writing into them would crash every replica's view.
             raise RuntimeError("cannot reload weights in place into a model loaded with share_weights")
-        weights: Iterable[tuple[str, torch.Tensor]] = iter_mapped_weights(
-            safetensors_files(self._model_dir(model_config)), self.stats
-        )
+        root = self._model_dir(model_config)
+        files = safetensors_files(root)
+        missing = [f.name for f in files if not f.exists()]
+        if missing:  # a fetch is still bringing them (helios.storage.arrivals): the engine started early
+            log_event(logger, "waiting_for_weights", files=missing)
+            self.stats.waited_s += sum(wait_for(f, Path(root)) for f in files)
+            log_event(logger, "weights_arrived", waited_s=round(self.stats.waited_s, 3))
+        weights: Iterable[tuple[str, torch.Tensor]] = iter_mapped_weights(files, self.stats)
         device = _param_device(model)
         if device.type == "cuda":
             weights = stream_to_device(weights, device, self.options.pinned_chunk_mib)
@@ -437,13 +444,15 @@ class HeliosModelLoader(BaseModelLoader):
             seconds=round(seconds, 3),
             bytes=self.stats.bytes,
             tensors=self.stats.tensors,
+            waited_for_fetch_s=round(self.stats.waited_s, 3),
             share_weights=share,
             derived=derived,
             rank=rank,
         )
         if not self.options.report_path:
             return
-        report = {"load_seconds": seconds, "bytes": self.stats.bytes, "share_weights": share, "derived": derived}
+        report = {"load_seconds": seconds, "bytes": self.stats.bytes, "share_weights": share, "derived": derived,
+                  "waited_s": self.stats.waited_s}
         path = Path(self.options.report_path if rank == 0 else f"{self.options.report_path}.rank{rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, (json.dumps(report) + "\n").encode())

@@ -12,6 +12,7 @@ from pathlib import Path
 from helios.config import ModelConfig, StorageConfig
 from helios.errors import ModelVersionNotFound
 from helios.observability.logs import get_logger, log_event
+from helios.storage.arrivals import is_weight_file
 from helios.storage.demo_model import resolve_source
 from helios.storage.manifest import Manifest, parse_ref
 from helios.storage.store import LocalModel, ModelStore
@@ -54,11 +55,15 @@ def store_manifest(model: ModelConfig, store: ModelStore, cache_root: Path) -> M
 
 
 def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path) -> PreparedModel:
-    """Make `model` loadable on this node; slower local tiers are filled in the background."""
+    """Make `model` loadable on this node; slower local tiers are filled in the background.
+
+    With `transfer.overlap_engine_start`, weight files may still be arriving when this returns
+    (`prepared.local.arriving`): the engine can start meanwhile, and its loader waits for them."""
     if storage is None or not model.uses_store():
         return PreparedModel(resolve_source(model.source, cache_root), via_store=False)
     store = ModelStore.from_config(storage, cache_root)
     manifest = store_manifest(model, store, cache_root)
     progress = LogProgress(manifest.total_bytes, manifest.ref)
-    local = store.localize(manifest, progress=progress, background_fill=True)
-    return PreparedModel(local.path, True, dict(local.timings), local, store)
+    defer = is_weight_file if storage.transfer.overlap_engine_start else None
+    local = store.localize(manifest, progress=progress, background_fill=True, defer=defer)
+    return PreparedModel(local.path, True, local.timings, local, store)

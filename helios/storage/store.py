@@ -15,7 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,8 +33,9 @@ from helios.observability.metrics import (
     CACHE_USED_BYTES,
     CACHE_WRITTEN_BYTES,
 )
+from helios.storage.arrivals import mark_arrived, mark_failed, marker_name
 from helios.storage.eviction import POLICIES
-from helios.storage.manifest import Manifest, build_manifest, snapshot_digest
+from helios.storage.manifest import FileEntry, Manifest, build_manifest, snapshot_digest
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier, is_kv
 from helios.storage.transfer import Progress, ReadBudget, TransferResult, fetch_blob
 
@@ -55,6 +56,7 @@ class LocalModel:
     fetched_bytes: int = 0  # bytes this call moved (0 when another process fetched them first)
     resumed_bytes: int = 0  # bytes an interrupted earlier transfer had already moved
     fill: threading.Thread | None = None  # filling slower local tiers, if run in the background
+    arriving: Future[None] | None = None  # deferred files still being fetched (`localize(defer=...)`)
 
     @property
     def tier_root(self) -> Path:
@@ -220,31 +222,70 @@ class ModelStore:
         tier: str | None = None,
         progress: Progress | None = None,
         background_fill: bool = False,
+        defer: Callable[[str], bool] | None = None,
     ) -> LocalModel:
-        """`ensure_local` for a manifest the caller already resolved (no second catalog lookup)."""
+        """`ensure_local` for a manifest the caller already resolved (no second catalog lookup).
+
+        `defer`: file names that may still be arriving when this returns. When some of them are
+        missing, the rest are brought first, the snapshot is linked with an arrivals marker and
+        those files follow in a thread; `LocalModel.arriving` resolves (or raises) when they are in,
+        and only then are the timings, sources and fill set (see `helios.storage.arrivals`)."""
         started = time.monotonic()
         target = self.tier(tier) if tier else self.local[0]
         if not isinstance(target, LocalTier):
             raise StorageError("models load from a local tier (ram, nvme or ssd)")
         protected = {f.sha256 for f in manifest.files}
-        sources: dict[str, int] = {}
-        fetched = resumed = 0
         budget = ReadBudget(self.transfer.concurrency)  # shared: a blob's tail overlaps the next one's head
-        with ThreadPoolExecutor(BLOBS_SIDE_BY_SIDE, thread_name_prefix="helios-blob") as pool:
-            brought = list(pool.map(
-                lambda f: self._bring(f.sha256, f.size, target, protected, progress, manifest.model_id, budget),
-                manifest.files))
-        for f, (src, result) in zip(manifest.files, brought, strict=True):
-            sources[src.kind] = sources.get(src.kind, 0) + f.size
+        later = [f for f in manifest.files if defer is not None and defer(f.name) and target.stat(f.sha256) is None]
+        deferred = {f.name for f in later}
+        now = [f for f in manifest.files if f.name not in deferred]
+
+        def bring(files: list[FileEntry]) -> list[tuple[Tier, TransferResult | None]]:
+            with ThreadPoolExecutor(BLOBS_SIDE_BY_SIDE, thread_name_prefix="helios-blob") as pool:
+                return list(pool.map(
+                    lambda f: self._bring(f.sha256, f.size, target, protected, progress, manifest.model_id, budget),
+                    files))
+
+        brought = bring(now)
+        if not later:
+            local = LocalModel(manifest, target.snapshot(manifest), target.kind)
+            self._arrived(local, target, list(zip(now, brought, strict=True)), started, background_fill)
+            return local
+        marker = marker_name()
+        local = LocalModel(manifest, target.snapshot(manifest, marker), target.kind)
+        log_event(logger, "model_weights_arriving", model=manifest.model_id, version=manifest.version,
+                  tier=target.kind, files=len(later), bytes=sum(f.size for f in later))
+
+        def rest() -> None:
+            try:
+                arrived = bring(later)
+            except BaseException as exc:
+                mark_failed(local.path / marker, f"{type(exc).__name__}: {exc}")
+                raise
+            mark_arrived(local.path / marker)
+            self._arrived(local, target, list(zip(now + later, brought + arrived, strict=True)), started,
+                          background_fill)
+
+        local.arriving = Future()
+        threading.Thread(target=_settle, args=(local.arriving, rest), name="helios-arriving", daemon=True).start()
+        return local
+
+    def _arrived(
+        self, local: LocalModel, target: LocalTier, brought: list[tuple[FileEntry, tuple[Tier, TransferResult | None]]],
+        started: float, background_fill: bool,
+    ) -> None:
+        """Every blob of `local` is in `target`: record where they came from, fill slower tiers, log it."""
+        manifest = local.manifest
+        for f, (src, result) in brought:
+            local.sources[src.kind] = local.sources.get(src.kind, 0) + f.size
             if result is not None:
-                fetched += result.fetched
-                resumed += result.resumed_from
+                local.fetched_bytes += result.fetched
+                local.resumed_bytes += result.resumed_from
         target.put_manifest(manifest)
-        path = target.snapshot(manifest)
         fetch_s = time.monotonic() - started
-        local = LocalModel(manifest, path, target.kind, {"fetch_s": fetch_s}, sources, fetched, resumed)
+        local.timings["fetch_s"] = fetch_s
         fill_tiers = [t for t in self.local if self.tiers.index(t) > self.tiers.index(target)]
-        if set(sources) != {target.kind} and fill_tiers:
+        if set(local.sources) != {target.kind} and fill_tiers:
             if background_fill:
                 args = (manifest, target, fill_tiers)
                 local.fill = threading.Thread(target=self._fill, args=args, name="helios-fill", daemon=True)
@@ -255,9 +296,8 @@ class ModelStore:
         self.report_usage()
         log_event(
             logger, "model_local", model=manifest.model_id, version=manifest.version, tier=target.kind,
-            seconds=round(fetch_s, 3), sources=sources, bytes=manifest.total_bytes,
+            seconds=round(fetch_s, 3), sources=local.sources, bytes=manifest.total_bytes,
         )
-        return local
 
     def report_usage(self) -> None:
         """Each local tier's bytes held and capacity, as gauges of this node."""
@@ -373,6 +413,16 @@ def _drop_derived(root: Path, digests: set[str], everything: bool = False) -> in
             path.unlink(missing_ok=True)
             freed += size
     return freed
+
+
+def _settle(future: Future[None], work: Callable[[], None]) -> None:
+    """Run `work` and resolve `future` with its outcome (a thread's result, for whoever waits on it)."""
+    try:
+        work()
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits, who re-raises it
+        future.set_exception(exc)
+    else:
+        future.set_result(None)
 
 
 def _in_ray() -> bool:

@@ -473,8 +473,11 @@ class LocalTier(Tier):
     def has_all(self, manifest: Manifest) -> bool:
         return all(self.stat(f.sha256) is not None for f in manifest.files)
 
-    def snapshot(self, manifest: Manifest) -> Path:
-        """A model directory of symlinks into this tier's blobs, plus the manifest, for vLLM to load."""
+    def snapshot(self, manifest: Manifest, marker: str | None = None) -> Path:
+        """A model directory of symlinks into this tier's blobs, plus the manifest, for vLLM to load.
+
+        `marker`: a file to create in it from the start, saying that a fetch is still bringing some
+        of the blobs its links point at (see `helios.storage.arrivals`)."""
         final = self.snapshot_path(manifest.model_id, manifest.version)
         tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
@@ -484,6 +487,8 @@ class LocalTier(Tier):
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(self.blob_path(f.sha256))
             (tmp / MANIFEST_NAME).write_bytes(manifest.to_json())
+            if marker is not None:
+                (tmp / marker).touch()
             old = final.parent / f".{final.name}.old.{uuid.uuid4().hex}"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, old)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from helios.cpu_features import cpu_dtype
-from helios.storage import derived
+from helios.storage import arrivals, derived
 from helios.storage.loader import LoaderOptions, MappedSafetensors, iter_mapped_weights, safetensors_files
 from helios.storage.manifest import MANIFEST_NAME
 
@@ -363,10 +364,18 @@ def test_plugin_registers_the_load_format_idempotently() -> None:
 # --------------------------------------------------------------------------- engine tests
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> list[list[int]]:
+    """vLLM's own greedy tokens for PROMPTS on the tiny model, with its default loader."""
+    tokens = run_probe(tiny_model_dir, TINY, PROMPTS)["tokens"]
+    assert all(len(t) > 0 for t in tokens)
+    return tokens
+
+
 @pytest.mark.integration
-def test_greedy_outputs_equal_the_default_loader(tiny_model_dir: Path, tmp_path: Path) -> None:
-    reference = run_probe(tiny_model_dir, TINY, PROMPTS)["tokens"]
-    assert all(len(t) > 0 for t in reference)
+def test_greedy_outputs_equal_the_default_loader(
+    tiny_model_dir: Path, tmp_path: Path, reference: list[list[int]]
+) -> None:
 
     report = tmp_path / "report.json"
     plain = run_probe(
@@ -401,6 +410,67 @@ def test_greedy_outputs_equal_the_default_loader(tiny_model_dir: Path, tmp_path:
     [blob] = layout.glob("*.safetensors")
     assert MappedSafetensors(blob).metadata["dtype"] == TINY["dtype"]
     assert not list(layout.glob(".*.tmp"))
+
+
+@pytest.mark.integration
+def test_an_engine_started_before_its_weights_arrive_waits_for_them_and_answers_the_same(
+    tiny_model_dir: Path, tmp_path: Path, reference: list[list[int]]
+) -> None:
+    """What a cold start with `transfer.overlap_engine_start` does: the snapshot's weight links dangle
+    and a fetch is marked in progress; the engine starts, its loader waits, the weights land."""
+    snap, blobs = tmp_path / "snap", tmp_path / "blobs"
+    snap.mkdir()
+    blobs.mkdir()
+    weights = safetensors_files(tiny_model_dir)
+    for f in tiny_model_dir.iterdir():
+        if f not in weights and f.is_file():
+            shutil.copy(f, snap / f.name)
+    for w in weights:
+        (snap / w.name).symlink_to(blobs / w.name)
+    marker = snap / arrivals.marker_name()
+    marker.touch()
+    report = tmp_path / "report.json"
+    engine = {**TINY, "load_format": "helios", "model_loader_extra_config": {"report_path": str(report)}}
+    log = tmp_path / "probe.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(PROBE), str(snap), json.dumps(engine), json.dumps(PROMPTS)],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "waiting_for_weights" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-6000:]
+            assert time.monotonic() < deadline, "the engine never reached the weights"
+            time.sleep(0.2)
+        time.sleep(1.0)  # the loader keeps waiting while the marker says a fetch is on its way
+        assert proc.poll() is None
+        for w in weights:  # as the store lands a blob: whole, under its final name at once
+            shutil.copy(w, blobs / f".{w.name}.part")
+            os.replace(blobs / f".{w.name}.part", blobs / w.name)
+        arrivals.mark_arrived(marker)
+        proc.wait(timeout=300)
+    finally:
+        kill_tree(proc)
+    out = log.read_text()
+    [result] = [json.loads(line.removeprefix("RESULT ")) for line in out.splitlines() if line.startswith("RESULT ")]
+    assert result["tokens"] == reference
+    assert json.loads(report.read_text())["waited_s"] >= 1.0
+
+
+def test_a_loader_waiting_for_weights_gets_the_fetchs_error_or_a_missing_file(tmp_path: Path) -> None:
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(tmp_path / "blob")
+    with pytest.raises(FileNotFoundError, match="no fetch is bringing it"):
+        arrivals.wait_for(link, tmp_path)
+    marker = tmp_path / arrivals.marker_name()
+    marker.touch()
+    threading.Timer(0.3, arrivals.mark_failed, (marker, "BlobNotFound: blob 0123 is in no tier")).start()
+    started = time.monotonic()
+    with pytest.raises(arrivals.WeightsNotArrived, match="model.safetensors did not arrive: BlobNotFound"):
+        arrivals.wait_for(link, tmp_path)
+    assert time.monotonic() - started >= 0.3
+    assert not marker.exists()
 
 
 def _header_bytes(model_dir: Path) -> int:

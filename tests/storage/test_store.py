@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helios.errors import ModelVersionNotFound, RemoteUnavailable, TierFull
+from helios.errors import BlobNotFound, ModelVersionNotFound, RemoteUnavailable, TierFull
+from helios.storage import arrivals
+from helios.storage.arrivals import is_weight_file
 from helios.storage.manifest import hash_file
 from helios.storage.store import ModelStore
 from tests.storage.conftest import S3Server, random_bytes, storage_config, write_model
@@ -96,6 +98,43 @@ def _pull_process(cfg, root: Path) -> subprocess.Popen:
         [sys.executable, "-c", _PULL, cfg.model_dump_json(), str(root), "m"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2],
     )
+
+
+def test_weights_deferred_for_an_early_engine_start_arrive_behind_the_small_files(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    src = write_model(tmp_path / "src", random_bytes(9 << 20))
+    manifest = store.push(src, "m", "v1")
+
+    local = store.localize(manifest, defer=is_weight_file)
+    assert (local.path / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert local.arriving is not None  # the weights were in no local tier: they follow in a thread
+    assert arrivals.wait_for(local.path / "model.safetensors", local.path) >= 0
+    local.arriving.result(timeout=120)
+    assert (local.path / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert not [p.name for p in local.path.iterdir() if p.name.startswith(".helios-")]  # marker gone
+    assert local.sources == {"remote": manifest.total_bytes} and local.timings["fetch_s"] > 0
+    assert store.holders(manifest)[0] == "ram"
+
+    again = store.localize(manifest, defer=is_weight_file)
+    assert again.arriving is None and set(again.sources) == {"ram"}  # nothing to wait for
+
+
+def test_a_deferred_fetch_that_fails_reaches_the_waiting_loader_and_leaves_no_blob(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    manifest = store.push(write_model(tmp_path / "src", random_bytes(3 << 20)), "m", "v1")
+    weights = next(f for f in manifest.files if f.name == "model.safetensors")
+    store.remote.delete(weights.sha256)  # the bucket lost it after the manifest was written
+
+    local = store.localize(manifest, defer=is_weight_file)
+    assert local.arriving is not None
+    with pytest.raises(arrivals.WeightsNotArrived, match="BlobNotFound"):
+        arrivals.wait_for(local.path / "model.safetensors", local.path)
+    with pytest.raises(BlobNotFound):
+        local.arriving.result(timeout=60)
+    assert store.tier("ram").stat(weights.sha256) is None
+    assert not list((tmp_path / "ram").rglob("*.part"))
 
 
 def _result(proc: subprocess.Popen) -> dict:

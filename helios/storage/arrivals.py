@@ -1,0 +1,74 @@
+"""Weights still arriving: how an engine starts while its checkpoint is being fetched.
+
+A cold start from S3 used to fetch every blob, then start the engine. Most of an engine's start
+(its process, config, model construction) needs only the small files, so the store hands out
+the snapshot once those are in and brings the weight files behind it. The snapshot directory
+then holds a marker per fetch in progress; the loader, in the engine's own process, waits at
+the first weight it reads until each file's link resolves, and fails with the fetch's own
+error when a marker turns into a failure. Files on disk are the only channel because the
+engine core is another process than the one fetching.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from helios.storage.tiers import atomic_write_bytes
+
+ARRIVING = ".helios-arriving-"
+FAILED = ".helios-failed-"
+WEIGHT_SUFFIXES = (".safetensors",)  # what the Helios loader reads; everything else is needed to start
+
+
+class WeightsNotArrived(RuntimeError):
+    """The fetch bringing a weight file failed; the message is the fetch's own error."""
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
+def marker_name() -> str:
+    return f"{ARRIVING}{uuid.uuid4().hex}"
+
+
+def mark_failed(marker: Path, error: str) -> None:
+    """Turn a fetch's marker into a failure that a waiting loader reports."""
+    failed = marker.with_name(marker.name.replace(ARRIVING, FAILED, 1))
+    atomic_write_bytes(failed, error.encode())
+    marker.unlink(missing_ok=True)
+
+
+def mark_arrived(marker: Path) -> None:
+    marker.unlink(missing_ok=True)
+
+
+def _markers(root: Path, prefix: str) -> list[Path]:
+    try:
+        return [root / n for n in os.listdir(root) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(path: Path, root: Path, poll_s: float = 0.02) -> float:
+    """Block until `path`, a link in the snapshot directory `root`, resolves; seconds waited.
+
+    Raises `WeightsNotArrived` when the fetch failed, `FileNotFoundError` when no fetch is
+    bringing it. Waits as long as a fetch is in progress: the fetch has its own timeouts."""
+    started = time.monotonic()
+    while not path.exists():
+        for failed in _markers(root, FAILED):
+            try:
+                reason = failed.read_text()
+            except FileNotFoundError:
+                continue
+            raise WeightsNotArrived(f"{path.name} did not arrive: {reason}")
+        if not _markers(root, ARRIVING):
+            if path.exists():  # arrived between the two looks
+                break
+            raise FileNotFoundError(f"{path} is missing and no fetch is bringing it")
+        time.sleep(poll_s)
+    return time.monotonic() - started
