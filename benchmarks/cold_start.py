@@ -15,7 +15,9 @@ a local S3 server (s3rver, Node.js, on loopback) standing in for the remote tier
   S3, NVMe and RAM tiers (with its fetch / load / engine-start split), Ray Serve LLM
   downloading the same model from s3rver, and `engine_start`: a fresh Python process
   running `vllm.LLM(...)` on a local directory with the weights already in the page cache,
-  from process spawn to its first generated token.
+  from process spawn to its first generated token. Helios's S3 starts run twice, side by side:
+  as configured (the engine starts beside the weights' fetch, `transfer.overlap_engine_start`) and
+  as `*_s3_sequential` with every file fetched first; `ratios.*_s3_over_s3_sequential` is the gain.
 * first_token_s.helios_pool_ram / helios_pool_s3: Helios with a warm pool (`engine_pool`), the
   bench model started on demand into a pooled engine host that imported vLLM ahead, its blobs in
   the RAM tier or only in S3: from the request to its first streamed token. The bench model runs
@@ -653,7 +655,7 @@ def place_model(store: Any, storage: dict, tier: str) -> list[str]:
     """Leave the bench model where a start from `tier` finds it: only in S3 ("s3"), on NVMe with cold
     pages and not in RAM ("nvme"), or in the RAM tier ("ram"). Returns the tiers holding it."""
     manifest = store.resolve(STORE_ID, STORE_VERSION)
-    if tier == "s3":
+    if tier in ("s3", SEQUENTIAL):
         store.evict(STORE_ID, STORE_VERSION)
     elif tier == "nvme":
         if "nvme" not in store.holders(manifest):
@@ -666,14 +668,25 @@ def place_model(store: Any, storage: dict, tier: str) -> list[str]:
     return store.holders(manifest)
 
 
-HELIOS_SPLIT = ("fetch_s", "load_s", "engine_start_s", "engine_init_s", "total_s")
+# With transfer.overlap_engine_start the fetch runs beside the engine's start: weights_wait_s is the
+# part of load_s the loader spent waiting for weights still arriving.
+# The S3 start again with every file fetched before the engine starts (transfer.overlap_engine_start off),
+# side by side with the default, so the overlap's gain is measured in the same run.
+SEQUENTIAL = "s3_sequential"
+
+
+def sequential(storage: dict) -> dict:
+    return {**storage, "transfer": {**storage.get("transfer", {}), "overlap_engine_start": False}}
+
+
+HELIOS_SPLIT = ("fetch_s", "load_s", "weights_wait_s", "engine_start_s", "engine_init_s", "total_s")
 
 
 def measure_helios(storage: dict, cache_root: Path, port: int, server_files: list[Path], repeats: int) -> dict:
     from helios.engine.deployment import deployment_name
 
     store, ctl = helios_controller(storage, cache_root, port, "helios.log")
-    runs: dict[str, list[dict]] = {"s3": [], "nvme": [], "ram": []}
+    runs: dict[str, list[dict]] = {"s3": [], SEQUENTIAL: [], "nvme": [], "ram": []}
     try:
         ctl.expect("ready", timeout=180)
         for rep in range(repeats):
@@ -681,7 +694,8 @@ def measure_helios(storage: dict, cache_root: Path, port: int, server_files: lis
                 holders = place_model(store, storage, tier)
                 warm(server_files)
                 log(f"Helios from {tier} ({rep + 1}/{repeats}; model held by {holders}): deploying")
-                r = ctl.deploy("helios", helios_args(storage, cache_root), deployment_name(MODEL_NAME))
+                used = sequential(storage) if tier == SEQUENTIAL else storage
+                r = ctl.deploy("helios", helios_args(used, cache_root), deployment_name(MODEL_NAME))
                 r["held_by_before"] = holders
                 r.update(helios_split(r.get("info", {})))
                 tier_runs.append(r)
@@ -717,8 +731,8 @@ def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: flo
     }
 
 
-START_SPLIT = ("imports_s", "fetch_s", "engine_process_start_s", "load_s", "kv_alloc_warmup_s", "engine_init_s",
-               "total_s", "first_token_s")
+START_SPLIT = ("imports_s", "fetch_s", "engine_process_start_s", "load_s", "weights_wait_s", "kv_alloc_warmup_s",
+               "engine_init_s", "total_s", "first_token_s")
 
 
 def start_split(timings: dict) -> dict:
@@ -742,12 +756,12 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
     store, ctl = helios_controller(storage, cache_root, port, "helios_pool.log")
     # S3 first: that start finds nothing of the model on the node and leaves its blobs and its layout
     # blob in the RAM tier, where the RAM start after it finds them (a model that served here before).
-    runs: dict[str, list[dict]] = {"s3": [], "ram": []}
+    runs: dict[str, list[dict]] = {"s3": [], SEQUENTIAL: [], "ram": []}
     try:
         ctl.expect("ready", timeout=180)
         for rep in range(repeats):
             for tier, tier_runs in runs.items():
-                if tier == "s3":  # nothing derived from the model either
+                if tier in ("s3", SEQUENTIAL):  # nothing derived from the model either
                     for t in storage["tiers"]:
                         if "path" in t:
                             shutil.rmtree(Path(t["path"]) / "derived", ignore_errors=True)
@@ -755,7 +769,8 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                 warm(server_files)
                 state = WORK / f"pool_registry_{tier}_{rep}"
                 shutil.rmtree(state, ignore_errors=True)
-                ctl.send(cmd="deploy", system="helios", args=pool_args(storage, cache_root, state, reserve_gib))
+                used = sequential(storage) if tier == SEQUENTIAL else storage
+                ctl.send(cmd="deploy", system="helios", args=pool_args(used, cache_root, state, reserve_gib))
                 ctl.expect("running")
                 deadline = time.monotonic() + 600
                 while True:  # a pooled host on the node has finished importing and faulting in its reserve
@@ -1003,8 +1018,10 @@ def plot(report: dict, path: Path) -> None:
     ft = report.get("first_token_s") or {}
     split = report.get("first_token_split") or {}
     order = [("engine_start", "vLLM engine\n(warm cache)"), ("rayserve_llm_s3", "Ray Serve LLM\nfrom S3"),
-             ("helios_s3", "Helios\nfrom S3"), ("helios_nvme", "Helios\nfrom NVMe"), ("helios_ram", "Helios\nfrom RAM"),
-             ("helios_pool_s3", "Helios pooled\nfrom S3"), ("helios_pool_ram", "Helios pooled\nfrom RAM")]
+             ("helios_s3", "Helios\nfrom S3"), (f"helios_{SEQUENTIAL}", "Helios from S3,\nfetch first"),
+             ("helios_nvme", "Helios\nfrom NVMe"), ("helios_ram", "Helios\nfrom RAM"),
+             ("helios_pool_s3", "Helios pooled\nfrom S3"), (f"helios_pool_{SEQUENTIAL}", "pooled from S3,\nfetch first"),
+             ("helios_pool_ram", "Helios pooled\nfrom RAM")]
     # Which split key of each system is fetch, load and engine start.
     parts = [("fetch / download", "#55a868", ("fetch_s", "download_s")),
              ("weight load", "#c44e52", ("load_s", "load_weights_s")),
@@ -1180,6 +1197,9 @@ def main() -> None:
             ratios[f"{k}_over_rayserve_llm_s3"] = first[k] / first["rayserve_llm_s3"]
     if "helios_s3" in first and "runai_streamer_s3" in first:
         ratios["helios_s3_over_runai_streamer_s3"] = first["helios_s3"] / first["runai_streamer_s3"]
+    for k in ("helios", "helios_pool"):  # below 1: starting the engine beside the fetch is faster
+        if f"{k}_s3" in first and f"{k}_{SEQUENTIAL}" in first:
+            ratios[f"{k}_s3_over_{SEQUENTIAL}"] = first[f"{k}_s3"] / first[f"{k}_{SEQUENTIAL}"]
     report["ratios"] = ratios
     targets = {}
     if "helios_over_raw_read" in report:

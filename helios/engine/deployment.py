@@ -51,13 +51,21 @@ class EngineDeployment:
                 from helios.engine import warm_start
 
                 warm_start.start_zygote()  # imports vLLM in parallel with this replica's own imports
+            from pathlib import Path
+
+            from helios.storage.sources import prepare_in_background
+
+            # The model's small files (and, with transfer.overlap_engine_start, its weights) are
+            # fetched while this process imports vLLM.
+            preparing = prepare_in_background(config, StorageConfig.model_validate(storage) if storage else None,
+                                              Path(cache_root))
             imports = time.monotonic()
             from helios.engine.llm_engine import import_vllm
             from helios.engine.model_server import ModelServer
 
             import_vllm()
             self.server = await ModelServer.start(model, cache_root, storage, pinned, role, replica, started,
-                                                  imports_s=time.monotonic() - imports)
+                                                  imports_s=time.monotonic() - imports, preparing=preparing)
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         """One OpenAI request answered whole by vLLM's serving layer (status, headers, body bytes)."""

@@ -38,19 +38,23 @@ class ModelServer:
     @classmethod
     async def start(
         cls, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None, pinned: bool, role: Role,
-        replica: str, started: float, imports_s: float | None = None,
+        replica: str, started: float, imports_s: float | None = None, preparing: Future[Any] | None = None,
     ) -> ModelServer:
         """Prepare the model in the tiers, start its engine and vLLM's app, tell the registry.
 
         `started`: when the replica began (monotonic), so `total_s` covers the whole start;
-        `imports_s`: how long this process took to import vLLM, when it did so for this start."""
+        `imports_s`: how long this process took to import vLLM, when it did so for this start;
+        `preparing`: the model's `prepare` already under way (`prepare_in_background`)."""
         from helios.engine.llm_engine import LLMEngine
         from helios.storage.sources import prepare
 
         self = cls(replica, role)
         config = ModelConfig.model_validate(model)
         storage_cfg = StorageConfig.model_validate(storage) if storage else None
-        prepared = prepare(config, storage_cfg, Path(cache_root))
+        if preparing is not None:
+            prepared = await asyncio.wrap_future(preparing)
+        else:
+            prepared = prepare(config, storage_cfg, Path(cache_root))
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
         engine_cache = _restore_engine_cache(config, prepared, cache_root)
         kv_transfer, self.kv_metrics = _kv_connector(config, role, replica, storage_cfg, cache_root)

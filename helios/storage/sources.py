@@ -6,6 +6,8 @@ tier like any other model, so even the default run goes remote -> NVMe -> RAM ->
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,3 +69,17 @@ def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path)
     defer = is_weight_file if storage.transfer.overlap_engine_start else None
     local = store.localize(manifest, progress=progress, background_fill=True, defer=defer)
     return PreparedModel(local.path, True, local.timings, local, store)
+
+
+def prepare_in_background(model: ModelConfig, storage: StorageConfig | None, cache_root: Path) -> Future[PreparedModel]:
+    """`prepare` in a thread, so a fresh replica fetches while it imports vLLM (seconds of pure Python)."""
+    future: Future[PreparedModel] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(prepare(model, storage, cache_root))
+        except BaseException as exc:  # noqa: BLE001 - handed to the start, which raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="helios-prepare", daemon=True).start()
+    return future
