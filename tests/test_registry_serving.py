@@ -286,3 +286,35 @@ def test_deleting_a_model_while_it_starts_undoes_the_start(base_url: str) -> Non
     assert complete(base_url, OTHER).status_code == 404
     listed = {m["id"] for m in requests.get(f"{base_url}/v1/models", timeout=60).json()["data"]}
     assert OTHER not in listed and PUSHED not in listed
+
+
+def test_a_router_whose_on_demand_manager_is_gone_reaches_a_new_one(serve_port: int, root: Path) -> None:
+    """A router holding a handle to a manager that exited (its app deleted, this one redeployed under
+    the same name) gets one 503, then a new manager: it no longer answers 503 forever."""
+    import asyncio
+    import uuid
+
+    import ray
+
+    from helios.config import RegistryConfig
+    from helios.errors import ServiceUnavailable
+    from helios.router.on_demand import OnDemandClient
+
+    client = OnDemandClient(f"gone-{uuid.uuid4().hex[:8]}", str(root), None, RegistryConfig())
+
+    async def status() -> dict:
+        return await client._call(client._manager().status.remote())
+
+    assert asyncio.run(status()) is not None
+    ray.kill(client._manager(), no_restart=True)
+    with pytest.raises(ServiceUnavailable, match="not answering"):
+        asyncio.run(status())
+    deadline = time.monotonic() + 60
+    while True:  # the dead manager's name is freed within moments; the next lookup creates a new one
+        try:
+            assert asyncio.run(status()) is not None
+            break
+        except ServiceUnavailable:
+            assert time.monotonic() < deadline, "the router never reached a new manager"
+            time.sleep(0.5)
+    ray.kill(client._manager(), no_restart=True)

@@ -38,23 +38,19 @@ class ModelServer:
     @classmethod
     async def start(
         cls, model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None, pinned: bool, role: Role,
-        replica: str, started: float, imports_s: float | None = None, preparing: Future[Any] | None = None,
+        replica: str, started: float, imports_s: float | None = None,
     ) -> ModelServer:
         """Prepare the model in the tiers, start its engine and vLLM's app, tell the registry.
 
         `started`: when the replica began (monotonic), so `total_s` covers the whole start;
-        `imports_s`: how long this process took to import vLLM, when it did so for this start;
-        `preparing`: the model's `prepare` already under way (`prepare_in_background`)."""
+        `imports_s`: how long this process took to import vLLM, when it did so for this start."""
         from helios.engine.llm_engine import LLMEngine
         from helios.storage.sources import prepare
 
         self = cls(replica, role)
         config = ModelConfig.model_validate(model)
         storage_cfg = StorageConfig.model_validate(storage) if storage else None
-        if preparing is not None:
-            prepared = await asyncio.wrap_future(preparing)
-        else:
-            prepared = prepare(config, storage_cfg, Path(cache_root))
+        prepared = prepare(config, storage_cfg, Path(cache_root))
         loader, report = _loader_options(config, prepared.local.tier_root) if prepared.local else (None, None)
         engine_cache = _restore_engine_cache(config, prepared, cache_root)
         kv_transfer, self.kv_metrics = _kv_connector(config, role, replica, storage_cfg, cache_root)
@@ -64,7 +60,10 @@ class ModelServer:
 
             os.environ[SECRET_ENV] = cluster_secret("kv-blocks")
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
-        await _start_beside_arrivals(self.engine, prepared.local.arriving if prepared.local else None)
+        try:
+            await _start_beside_arrivals(self.engine, prepared.local.arriving if prepared.local else None)
+        finally:
+            prepared.started()
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
         timings = {**prepared.timings, **_load_report(report), **self.engine.timings}

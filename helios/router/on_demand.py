@@ -285,6 +285,10 @@ class OnDemandClient:
             inner = unwrap(exc)
             if isinstance(inner, HeliosError):
                 raise inner from None
+            # A handle to a manager that has exited (its application was deleted and this one redeployed
+            # under the same name before the name was freed) never answers again: look it up afresh next
+            # time, which creates a new manager once the old one is gone.
+            self._actor = None
             raise ServiceUnavailable("The on-demand model manager is not answering; retry shortly.",
                                      retry_after_s=5) from None
 

@@ -7,7 +7,6 @@ tier like any other model, so even the default run goes remote -> NVMe -> RAM ->
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,11 @@ class PreparedModel:
     @property
     def manifest(self) -> Manifest | None:
         return self.local.manifest if self.local else None
+
+    def started(self) -> None:
+        """The engine has started (or failed to): slower tiers may be filled now."""
+        if self.local is not None and self.local.fill_after is not None:
+            self.local.fill_after.set()
 
 
 def demo_version(preset: str) -> str:
@@ -67,19 +71,8 @@ def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path)
     manifest = store_manifest(model, store, cache_root)
     progress = LogProgress(manifest.total_bytes, manifest.ref)
     defer = is_weight_file if storage.transfer.overlap_engine_start else None
-    local = store.localize(manifest, progress=progress, background_fill=True, defer=defer)
+    # The fill of slower tiers waits for the engine's start (`PreparedModel.started`).
+    local = store.localize(manifest, progress=progress, background_fill=True, defer=defer,
+                           fill_after=threading.Event())
     return PreparedModel(local.path, True, local.timings, local, store)
 
-
-def prepare_in_background(model: ModelConfig, storage: StorageConfig | None, cache_root: Path) -> Future[PreparedModel]:
-    """`prepare` in a thread, so a fresh replica fetches while it imports vLLM (seconds of pure Python)."""
-    future: Future[PreparedModel] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(prepare(model, storage, cache_root))
-        except BaseException as exc:  # noqa: BLE001 - handed to the start, which raises it
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="helios-prepare", daemon=True).start()
-    return future

@@ -42,6 +42,7 @@ from helios.storage.transfer import Progress, ReadBudget, TransferResult, fetch_
 logger = get_logger("storage.store")
 _UPLOAD_BLOCK = 16 << 20
 BLOBS_SIDE_BY_SIDE = 2  # blobs of one version fetched at once, sharing `transfer.concurrency` reads
+FILL_WAIT_LIMIT_S = 600.0  # a background fill held for an engine start begins by then regardless
 
 
 @dataclass
@@ -57,6 +58,9 @@ class LocalModel:
     resumed_bytes: int = 0  # bytes an interrupted earlier transfer had already moved
     fill: threading.Thread | None = None  # filling slower local tiers, if run in the background
     arriving: Future[None] | None = None  # deferred files still being fetched (`localize(defer=...)`)
+    # A background fill copies nothing before this is set: the engine loading the model sets it once
+    # started, so the copy to slower tiers does not compete with the load for the disk and the cores.
+    fill_after: threading.Event | None = None
 
     @property
     def tier_root(self) -> Path:
@@ -223,13 +227,15 @@ class ModelStore:
         progress: Progress | None = None,
         background_fill: bool = False,
         defer: Callable[[str], bool] | None = None,
+        fill_after: threading.Event | None = None,
     ) -> LocalModel:
         """`ensure_local` for a manifest the caller already resolved (no second catalog lookup).
 
         `defer`: file names that may still be arriving when this returns. When some of them are
         missing, the rest are brought first, the snapshot is linked with an arrivals marker and
         those files follow in a thread; `LocalModel.arriving` resolves (or raises) when they are in,
-        and only then are the timings, sources and fill set (see `helios.storage.arrivals`)."""
+        and only then are the timings, sources and fill set (see `helios.storage.arrivals`).
+        `fill_after`: a background fill waits for it (see `LocalModel.fill_after`)."""
         started = time.monotonic()
         target = self.tier(tier) if tier else self.local[0]
         if not isinstance(target, LocalTier):
@@ -248,11 +254,11 @@ class ModelStore:
 
         brought = bring(now)
         if not later:
-            local = LocalModel(manifest, target.snapshot(manifest), target.kind)
+            local = LocalModel(manifest, target.snapshot(manifest), target.kind, fill_after=fill_after)
             self._arrived(local, target, list(zip(now, brought, strict=True)), started, background_fill)
             return local
         marker = marker_name()
-        local = LocalModel(manifest, target.snapshot(manifest, marker), target.kind)
+        local = LocalModel(manifest, target.snapshot(manifest, marker), target.kind, fill_after=fill_after)
         log_event(logger, "model_weights_arriving", model=manifest.model_id, version=manifest.version,
                   tier=target.kind, files=len(later), bytes=sum(f.size for f in later))
 
@@ -287,7 +293,7 @@ class ModelStore:
         fill_tiers = [t for t in self.local if self.tiers.index(t) > self.tiers.index(target)]
         if set(local.sources) != {target.kind} and fill_tiers:
             if background_fill:
-                args = (manifest, target, fill_tiers)
+                args = (manifest, target, fill_tiers, local.fill_after)
                 local.fill = threading.Thread(target=self._fill, args=args, name="helios-fill", daemon=True)
                 local.fill.start()
             else:
@@ -339,8 +345,12 @@ class ModelStore:
             return src, result
         raise BlobNotFound(f"blob {digest[:12]} is in no tier ({self._where()})")
 
-    def _fill(self, manifest: Manifest, src: LocalTier, tiers: list[LocalTier]) -> None:
-        """Copy a version from the tier it was loaded into down to slower local tiers."""
+    def _fill(
+        self, manifest: Manifest, src: LocalTier, tiers: list[LocalTier], after: threading.Event | None = None
+    ) -> None:
+        """Copy a version from the tier it was loaded into down to slower local tiers (once `after` is set)."""
+        if after is not None:
+            after.wait(FILL_WAIT_LIMIT_S)
         protected = {f.sha256 for f in manifest.files}
         for t in tiers:
             try:

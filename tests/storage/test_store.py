@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +119,17 @@ def test_weights_deferred_for_an_early_engine_start_arrive_behind_the_small_file
 
     again = store.localize(manifest, defer=is_weight_file)
     assert again.arriving is None and set(again.sources) == {"ram"}  # nothing to wait for
+
+
+def test_a_background_fill_waits_for_the_engine_start_it_was_held_for(store: ModelStore, tmp_path: Path) -> None:
+    manifest = store.push(write_model(tmp_path / "src", random_bytes(2 << 20)), "m", "v1")
+    gate = threading.Event()
+    local = store.localize(manifest, background_fill=True, fill_after=gate)
+    time.sleep(0.5)
+    assert "nvme" not in store.holders(manifest)  # the engine would be loading now: no copy competes
+    gate.set()
+    local.fill.join(timeout=60)
+    assert store.holders(manifest) == ["ram", "nvme", "remote"]
 
 
 def test_a_deferred_fetch_that_fails_reaches_the_waiting_loader_and_leaves_no_blob(
