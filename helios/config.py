@@ -420,8 +420,9 @@ class TransferConfig(_Strict):
         True, description="Write blobs fetched into a disk tier (nvme, ssd) with O_DIRECT, around the page cache "
         "(falls back to buffered writes where the filesystem refuses it); the RAM tier is always written buffered.")
     overlap_engine_start: bool = Field(
-        True, description="Start a model's engine as soon as its small files (config, tokenizer) are local and fetch "
-        "its weight files meanwhile; the loader waits for each weight file it reaches (off: every file first).")
+        False, description="Start a model's engine as soon as its small files (config, tokenizer) are local and fetch "
+        "its weight files meanwhile; the loader waits for each weight file it reaches (off: every file first). Off "
+        "by default: on a 2-core VM the fetch and the engine's start compete for the cores (see README).")
 
 
 class KVBlocksConfig(_Strict):

@@ -252,7 +252,9 @@ def local_yaml_args(cache_root: Path) -> dict[str, Any]:
     # A cache root of its own: the registry persists its catalog there, and this module registers a
     # second model that later modules' fresh registries must not find.
     root = cache_root / "parity"
-    return {**args, "cache_root": str(root), "storage": local_storage(root / "tiers")}
+    # The engines start beside their weights' fetch (off by default): parity then covers that path too.
+    storage = {**local_storage(root / "tiers"), "transfer": {"overlap_engine_start": True}}
+    return {**args, "cache_root": str(root), "storage": storage}
 
 
 @pytest.fixture(scope="module")
