@@ -653,7 +653,7 @@ def helios_controller(storage: dict, cache_root: Path, port: int, log_name: str)
 
 
 def place_model(store: Any, storage: dict, tier: str) -> list[str]:
-    """Leave the bench model where a start from `tier` finds it: only in S3 ("s3"), on NVMe with cold
+    """Leave the bench model where a start from `tier` finds it: only in S3 ("s3", OVERLAP), on NVMe with cold
     pages and not in RAM ("nvme"), or in the RAM tier ("ram"). Returns the tiers holding it."""
     manifest = store.resolve(STORE_ID, STORE_VERSION)
     if tier in ("s3", OVERLAP):
@@ -669,8 +669,6 @@ def place_model(store: Any, storage: dict, tier: str) -> list[str]:
     return store.holders(manifest)
 
 
-# With transfer.overlap_engine_start the fetch runs beside the engine's start: weights_wait_s is the
-# part of load_s the loader spent waiting for weights still arriving.
 # The S3 start again with the engine started beside the weights' fetch (transfer.overlap_engine_start on;
 # the default fetches every file first), side by side, so what the overlap gains is measured in one run.
 OVERLAP = "s3_overlap"
@@ -680,6 +678,8 @@ def overlapped(storage: dict) -> dict:
     return {**storage, "transfer": {**storage.get("transfer", {}), "overlap_engine_start": True}}
 
 
+# With transfer.overlap_engine_start the fetch runs beside the engine's start: weights_wait_s is the
+# part of load_s the loader spent waiting for weights still arriving.
 HELIOS_SPLIT = ("fetch_s", "load_s", "weights_wait_s", "engine_start_s", "engine_init_s", "total_s")
 
 

@@ -75,4 +75,3 @@ def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path)
     local = store.localize(manifest, progress=progress, background_fill=True, defer=defer,
                            fill_after=threading.Event())
     return PreparedModel(local.path, True, local.timings, local, store)
-

@@ -376,7 +376,6 @@ def reference(tiny_model_dir: Path) -> list[list[int]]:
 def test_greedy_outputs_equal_the_default_loader(
     tiny_model_dir: Path, tmp_path: Path, reference: list[list[int]]
 ) -> None:
-
     report = tmp_path / "report.json"
     plain = run_probe(
         tiny_model_dir,
