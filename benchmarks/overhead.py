@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_NAMES = {"raw_vllm": "vLLM OpenAI server", "rayserve_llm": "Ray Serve LLM",
                 "rayserve_llm_haproxy": "Ray Serve LLM + HAProxy", "helios": "Helios",
                 "helios_metrics_off": "Helios, metrics off", "helios_tracing": "Helios, tracing every request",
-                "helios_token_latency": "Helios, vLLM's per-token histogram on"}
+                "helios_token_latency": "Helios, vLLM's per-token histogram on",
+                "helios_colocated": "Helios, engine in the router's replica"}
 
 
 def log(msg: str) -> None:
@@ -297,7 +298,8 @@ def plot(results: dict, path: Path) -> None:
 
     names = [SYSTEM_NAMES[s] for s in results]
     palette = {"raw_vllm": "#888888", "rayserve_llm_haproxy": "#4c72b0", "rayserve_llm": "#8fb0d8", "helios": "#dd8452",
-               "helios_metrics_off": "#f0b27a", "helios_tracing": "#a0522d", "helios_token_latency": "#c97b4a"}
+               "helios_metrics_off": "#f0b27a", "helios_tracing": "#a0522d", "helios_token_latency": "#c97b4a",
+               "helios_colocated": "#c44e52"}
     colors = [palette[s] for s in results]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.bar(names, [r["tok_s"] for r in results.values()], color=colors)
@@ -321,7 +323,8 @@ def main() -> None:
                         help="Default benchmarks/results/overhead.json (observability_overhead.json with "
                         "--observability).")
     parser.add_argument("--systems", default=None,
-                        help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios; "
+                        help="Comma-separated subset to run (default: raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios,"
+                        "helios_colocated; "
                         "also helios_metrics_off, helios_tracing and helios_token_latency, for what observability "
                         "costs).")
     parser.add_argument("--observability", action="store_true",
@@ -329,6 +332,10 @@ def main() -> None:
                         "(with --systems, another set that starts with helios_metrics_off, e.g. adding "
                         "helios_token_latency: vLLM's per-token histogram on too), all up at once and measured in "
                         "alternating rounds.")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="All systems up at once and measured in alternating rounds, each with the others "
+                        "stopped (as --observability does), paired against the first system in each cycle: ratios "
+                        "that the host's drift between systems does not skew.")
     parser.add_argument("--cycles", type=int, default=None,
                         help="With --observability: cycles of alternating rounds (default 6 with --quick, else 48).")
     parser.add_argument("--port", type=int, default=8321)
@@ -340,6 +347,9 @@ def main() -> None:
     # Tokens/s on a small shared machine swings between rounds; the median of several is reported.
     args.rounds = 3 if args.quick else 7
     args.settle_s = 0.0
+    if args.interleaved:
+        args.rounds = args.cycles or (4 if args.quick else 12)
+        args.settle_s = 1.0
     if args.observability:
         # Small costs under this host's swings: many short cycles, paired within each cycle and
         # against the metrics-off rounds on both sides. Short rounds sit closer in time, where
@@ -353,7 +363,7 @@ def main() -> None:
     work = ROOT / "benchmarks" / ".work"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_source("demo://tiny", work / "cache")
-    default = "raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios"
+    default = "raw_vllm,rayserve_llm_haproxy,rayserve_llm,helios,helios_colocated"
     if args.observability and not args.systems:
         args.systems = "helios_metrics_off,helios,helios_tracing"
     systems = [s.strip() for s in (args.systems or default).split(",") if s.strip()]
@@ -376,7 +386,7 @@ def main() -> None:
     paired: dict[str, list[float]] = {}
     paired_cpu: dict[str, list[float]] = {}
     bracketed: dict[str, list[float]] = {}
-    if args.observability:
+    if args.observability or args.interleaved:
         results, paired, paired_cpu, bracketed = asyncio.run(
             measure_interleaved(systems, model_dir, args.port, args, work))
     else:
@@ -394,6 +404,13 @@ def main() -> None:
     if "helios" in results and "rayserve_llm_haproxy" in results:
         ratios["helios_over_rayserve_llm_haproxy_tok_s"] = (
             results["helios"]["tok_s"] / results["rayserve_llm_haproxy"]["tok_s"])
+    if "helios_colocated" in results and "raw_vllm" in results:
+        ratios["helios_colocated_over_raw_tok_s"] = results["helios_colocated"]["tok_s"] / results["raw_vllm"]["tok_s"]
+        ratios["helios_colocated_minus_raw_ttft_p50_ms"] = (results["helios_colocated"]["ttft_p50_ms"]
+                                                            - results["raw_vllm"]["ttft_p50_ms"])
+    if "helios_colocated" in results and "rayserve_llm_haproxy" in results:
+        ratios["helios_colocated_over_rayserve_llm_haproxy_tok_s"] = (
+            results["helios_colocated"]["tok_s"] / results["rayserve_llm_haproxy"]["tok_s"])
     if "helios" in results and "raw_vllm" in results:
         ratios["helios_minus_raw_ttft_p50_ms"] = results["helios"]["ttft_p50_ms"] - results["raw_vllm"]["ttft_p50_ms"]
     if "helios" in results and "raw_vllm" in results:
@@ -405,7 +422,7 @@ def main() -> None:
         ratios["helios_over_raw_frontend_cpu"] = share(results["helios"]) / share(results["raw_vllm"])
     for system, key in (("helios", "metrics_on_over_off_tok_s"), ("helios_tracing", "tracing_over_metrics_off_tok_s"),
                         ("helios_token_latency", "token_latency_over_metrics_off_tok_s")):
-        if system in paired:  # the median of each cycle's own ratio: the host's drift between cycles cancels
+        if system in paired and args.observability:  # the median of each cycle's own ratio: drift cancels
             ratios[key] = statistics.median(paired[system])
             intervals[key] = ratio_interval(paired[system])
             cpu_key = key + "_from_cpu"  # off CPU per token over on: a tokens/s ratio
@@ -416,6 +433,15 @@ def main() -> None:
             ratios[bracketed_key] = statistics.median(bracketed[system])
         elif system in results and "helios_metrics_off" in results:
             ratios[key] = results[system]["tok_s"] / results["helios_metrics_off"]["tok_s"]
+    if args.interleaved:  # each system against the first, cycle by cycle
+        for system, cycles in paired.items():
+            key = f"{system}_over_{systems[0]}_tok_s_paired"
+            intervals[key] = ratio_interval(cycles)
+            ratios[key] = statistics.median(cycles)
+            intervals[key + "_from_cpu"] = ratio_interval(paired_cpu[system])
+            ratios[key + "_from_cpu"] = intervals[key + "_from_cpu"]["geomean"]
+            ratios[f"{system}_minus_{systems[0]}_ttft_p50_ms"] = (results[system]["ttft_p50_ms"]
+                                                                   - results[systems[0]]["ttft_p50_ms"])
     report = {
         "benchmark": "overhead",
         "quick": args.quick,

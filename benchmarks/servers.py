@@ -125,6 +125,13 @@ def helios_token_latency(model_dir: str, port: int, engine: dict) -> None:
     helios(model_dir, port, engine)
 
 
+def helios_colocated(model_dir: str, port: int, engine: dict) -> None:
+    """Helios with the engine in the router's replica (`router.colocate_engine`): no Ray call per request."""
+    router = json.loads(os.environ.get("HELIOS_BENCH_ROUTER", "{}"))
+    os.environ["HELIOS_BENCH_ROUTER"] = json.dumps({**router, "colocate_engine": True})
+    helios(model_dir, port, engine)
+
+
 def rayserve_llm_haproxy(model_dir: str, port: int, engine: dict) -> None:
     """Ray Serve LLM on Ray Serve's HAProxy ingress too: shows what of Helios's lead is that choice."""
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
@@ -204,7 +211,7 @@ def cold_start_controller(port: int) -> None:
 
 SYSTEMS = {"raw_vllm": raw_vllm, "rayserve_llm": rayserve_llm, "rayserve_llm_haproxy": rayserve_llm_haproxy,
            "helios": helios, "helios_metrics_off": helios_metrics_off, "helios_tracing": helios_tracing,
-           "helios_token_latency": helios_token_latency}
+           "helios_token_latency": helios_token_latency, "helios_colocated": helios_colocated}
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ from ray import serve
 from helios.config import HeliosArgs, ModelConfig, RouterContext, parse_args
 from helios.engine.deployment import engine_deployment, registry_hints
 from helios.observability.settings_env import settings_env
-from helios.router.ingress import router_deployment
+from helios.router.ingress import colocated_router_deployment, router_deployment
 
 
 def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
@@ -26,6 +26,11 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
         if ref is not None:
             registry.register.remote(m.id, ref[0], ref[1], make_default=True, pinned=True)
     env = settings_env(config.observability)  # each replica makes its tracer and metrics from it
+    context = RouterContext(cache_root=cache_root, storage=config.storage, registry=config.registry,
+                            models=config.models, engine_pool=config.engine_pool)
+    if config.router.colocate_engine:  # one model, its engine in each router replica
+        model = config.models[0]
+        return colocated_router_deployment(config.router, model, context, env=env, hints=registry_hints(model))
     engines, prefill = {}, {}
     for m in config.models:
         hints = registry_hints(m)  # warm nodes first; a MIG slice must hold the model
@@ -34,8 +39,6 @@ def build_app(args: dict[str, Any] | HeliosArgs) -> serve.Application:
             engines[m.id] = engine_deployment(m, cache_root, config.storage, role="decode", env=env, hints=hints)
         else:
             engines[m.id] = engine_deployment(m, cache_root, config.storage, env=env, hints=hints)
-    context = RouterContext(cache_root=cache_root, storage=config.storage, registry=config.registry,
-                            models=config.models, engine_pool=config.engine_pool)
     return router_deployment(config.router, engines, context, prefill, env=env)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +16,11 @@ import pytest
 
 TINY_ENGINE = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_space_gib": 1}
 MODEL_ID = "helios-demo-tiny"
+# What the serving modules compare with vLLM's own greedy output (`vllm_reference`).
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "Ray Serve and vLLM"]
+CHATS = [[{"role": "user", "content": "Tell me a story."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]]
+MAX_TOKENS = 24
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -38,6 +46,20 @@ def tiny_model_dir(cache_root: Path) -> Path:
     from helios.storage.demo_model import resolve_source
 
     return resolve_source("demo://tiny", cache_root)
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(tiny_model_dir: Path) -> list[list[int]]:
+    """vLLM's own greedy token ids for PROMPTS then CHATS, from its offline LLM in a subprocess."""
+    items = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS]
+    items += [{"messages": m, "max_tokens": MAX_TOKENS} for m in CHATS]
+    engine = {k: v for k, v in TINY_ENGINE.items()}
+    script = Path(__file__).with_name("reference_vllm.py")
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), json.dumps(items), json.dumps(engine)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 @pytest.fixture(scope="session")

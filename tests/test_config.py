@@ -124,3 +124,27 @@ def test_min_replicas_makes_a_model_autoscale_down_to_zero() -> None:
         "model_id": "m", "min_replicas": 0, "max_replicas": 3, "predictive": True}
     with pytest.raises(ConfigError, match="min_replicas"):
         parse_args({"models": [{**model, "deployment": {"num_replicas": 1, "min_replicas": 2}}]})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"models": [_model(), _model(id="n")]}, "router.colocate_engine: needs exactly one model"),
+        ({"models": [_model(serving="disaggregated")]}, "models.0.serving must be unified"),
+        ({"models": [_model(deployment={"min_replicas": 0, "num_replicas": 1})]},
+         "models.0.deployment.min_replicas"),
+        ({"models": [_model(deployment={"num_replicas": 2})], "router_extra": {"num_replicas": 3}},
+         "router.num_replicas"),
+    ],
+)
+def test_a_colocated_engine_needs_one_fixed_size_unified_model(args: dict, message: str) -> None:
+    router = {"colocate_engine": True, **args.pop("router_extra", {})}
+    with pytest.raises(ConfigError, match=message):
+        parse_args({**args, "router": router})
+
+
+def test_a_colocated_engine_runs_the_models_replica_count() -> None:
+    args = parse_args({"models": [_model(deployment={"num_replicas": 2})], "router": {"colocate_engine": True}})
+    assert args.router.colocate_engine and args.models[0].deployment.num_replicas == 2
+    same = {"models": [_model(deployment={"num_replicas": 2})], "router": {"colocate_engine": True, "num_replicas": 2}}
+    assert parse_args(same).router.num_replicas == 2

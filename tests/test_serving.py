@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,14 +15,10 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import MODEL_ID, TINY_ENGINE, local_storage, run_app, tiny_args
+from tests.conftest import CHATS, MAX_TOKENS, MODEL_ID, PROMPTS, local_storage, run_app, tiny_args
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "Ray Serve and vLLM"]
-CHATS = [[{"role": "user", "content": "Tell me a story."}],
-         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]]
-MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +37,6 @@ def base_url(serve_port: int, cache_root: Path) -> str:
 @pytest.fixture(scope="module")
 def client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def vllm_reference(tiny_model_dir: Path) -> list[list[int]]:
-    """vLLM's own greedy token ids for PROMPTS then CHATS, from its offline LLM in a subprocess."""
-    items = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS]
-    items += [{"messages": m, "max_tokens": MAX_TOKENS} for m in CHATS]
-    engine = {k: v for k, v in TINY_ENGINE.items()}
-    script = Path(__file__).with_name("reference_vllm.py")
-    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), json.dumps(items), json.dumps(engine)],
-                          capture_output=True, text=True, timeout=600, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 # -- the two endpoints, streaming and not ---------------------------------------------

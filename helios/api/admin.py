@@ -185,7 +185,7 @@ async def delete(request: Request, model: str, version: str | None = None) -> JS
     """Delete a version, or a whole model (which also stops its on-demand replicas)."""
     _authorize(request)
     state = _state(request)
-    if model in state.engines and version is None:
+    if model in state.config_models() and version is None:
         raise Conflict(f"The model `{model}` is declared in the Serve config; remove it there", param="model")
     await _call(_registry().delete.remote(model, version))
     stopped = await state.on_demand.stop(model) if version is None else False
@@ -299,6 +299,9 @@ async def scale(request: Request) -> JSONResponse:
     state = _state(request)
     if body.min_replicas > body.max_replicas:
         raise InvalidRequest("min_replicas: must not exceed max_replicas", param="min_replicas")
+    if body.model == state.local_model:
+        raise Conflict(f"The model `{body.model}` runs in the router's replicas (router.colocate_engine): it has "
+                       "router.num_replicas replicas; change that in the Serve config", param="model")
     config = state.models.get(body.model)
     ceiling = (config.deployment if config else state.registry_config.defaults.deployment).replica_ceiling()
     if body.max_replicas > ceiling:

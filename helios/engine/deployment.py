@@ -39,29 +39,8 @@ class EngineDeployment:
         role: Role = "unified",
     ) -> None:
         started = time.monotonic()
-        config = ModelConfig.model_validate(model)
         replica = serve.get_replica_context().replica_id.unique_id
-        self.server: Any = None
-        if pool_fits(config):
-            from helios.engine.pool import PooledServer
-
-            self.server = await PooledServer.take(model, cache_root, storage, pinned, role, replica, started)
-        if self.server is None:
-            if config.deployment.engine_processes == "zygote":
-                from helios.engine import warm_start
-
-                warm_start.start_zygote()  # imports vLLM in parallel with this replica's own imports
-            # vLLM is imported before the fetch begins, not beside it: in one process the fetch's threads
-            # and the import share the GIL, and the import (pure Python) then took 12.6 s instead of 5.7
-            # (bench model from S3). The fetch overlaps the engine's start instead, which runs in the
-            # engine core's own processes (transfer.overlap_engine_start).
-            imports = time.monotonic()
-            from helios.engine.llm_engine import import_vllm
-            from helios.engine.model_server import ModelServer
-
-            import_vllm()
-            self.server = await ModelServer.start(model, cache_root, storage, pinned, role, replica, started,
-                                                  imports_s=time.monotonic() - imports)
+        self.server: Any = await start_server(model, cache_root, storage, pinned, role, replica, started)
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
         """One OpenAI request answered whole by vLLM's serving layer (status, headers, body bytes)."""
@@ -111,6 +90,34 @@ def pool_fits(model: ModelConfig) -> bool:
     e = model.engine
     return (model.deployment.engine_processes == "zygote"
             and e.tensor_parallel_size * e.pipeline_parallel_size == 1)
+
+
+async def start_server(model: dict[str, Any], cache_root: str, storage: dict[str, Any] | None, pinned: bool,
+                       role: Role, replica: str, started: float) -> Any:
+    """Start `model`'s engine for this replica: in a pooled host when the app keeps a pool and
+    one is free, else in this process (`ModelServer`). `started`: when the replica began (monotonic)."""
+    config = ModelConfig.model_validate(model)
+    if pool_fits(config):
+        from helios.engine.pool import PooledServer
+
+        server = await PooledServer.take(model, cache_root, storage, pinned, role, replica, started)
+        if server is not None:
+            return server
+    if config.deployment.engine_processes == "zygote":
+        from helios.engine import warm_start
+
+        warm_start.start_zygote()  # imports vLLM in parallel with this replica's own imports
+    # vLLM is imported before the fetch begins, not beside it: in one process the fetch's threads
+    # and the import share the GIL, and the import (pure Python) then took 12.6 s instead of 5.7
+    # (bench model from S3). The fetch overlaps the engine's start instead, which runs in the
+    # engine core's own processes (transfer.overlap_engine_start).
+    imports = time.monotonic()
+    from helios.engine.llm_engine import import_vllm
+    from helios.engine.model_server import ModelServer
+
+    import_vllm()
+    return await ModelServer.start(model, cache_root, storage, pinned, role, replica, started,
+                                   imports_s=time.monotonic() - imports)
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ReplicaState
 
 from helios.api import admin, error_handlers
-from helios.config import RouterConfig, RouterContext
+from helios.config import ModelConfig, RouterConfig, RouterContext
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import EngineUnavailable, ModelNotFound, ServiceUnavailable
 from helios.observability.export import PROMETHEUS_TEXT, HeadMetrics
@@ -41,6 +41,7 @@ from helios.router.core import (
     RouterResponse,
     new_request_id,
 )
+from helios.router.local_engine import LocalEngine
 from helios.router.on_demand import OnDemandClient
 from helios.router.request_metrics import queue_depth_gauge
 
@@ -152,13 +153,16 @@ def merge_openapi(vllm_schemas: list[dict[str, Any]], helios_schema: dict[str, A
 class Router:
     """Adapts HTTP to `RouterCore`; owns the Serve handles, on-demand models and usage batching."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc] - Serve awaits an async constructor
         self,
         config: dict[str, Any],
         engines: dict[str, DeploymentHandle],
         context: RouterContext | None = None,
         prefill: dict[str, DeploymentHandle] | None = None,
+        local: dict[str, Any] | None = None,
     ) -> None:
+        """`local`: the model whose engine runs in this replica (`router.colocate_engine`), if any."""
+        started = time.monotonic()
         context = context or RouterContext(cache_root="")
         self.config = RouterConfig.model_validate(config)
         self.engines = engines  # a disaggregated model's entry is its decode side
@@ -194,8 +198,44 @@ class Router:
         self._usage: dict[str, list[float]] = {}
         self._usage_task: asyncio.Task | None = None
         self.head_metrics = HeadMetrics()
+        self.local_model: str | None = None
+        self.local: LocalEngine | None = None
+        if local is not None:  # after the pool exists: the engine may take a pooled host
+            from helios.engine.deployment import start_server
+            from helios.engine.pool import PooledServer
+
+            storage = self.storage.model_dump(mode="json") if self.storage else None
+            replica = serve.get_replica_context().replica_id.unique_id
+            server = await start_server(local, self.cache_root, storage, True, "unified", replica, started)
+            self.local = LocalEngine(server, remote=isinstance(server, PooledServer))
+            self.local_model = local["id"]
+            self.core.routes[self.local_model] = ModelRoute(self.local)
         app.state.helios = self  # the admin routes reach the router's state through the app
-        lower_priority(self.config.nice)
+        # A colocated engine's front end runs here: it keeps the engine replica's priority
+        # (`deployment.nice`, set once the engine started), not the router's lower one on top.
+        lower_priority(self.config.nice if self.local is None or self.local.remote else 0)
+
+    def config_models(self) -> list[str]:
+        """The config's models, in its order: the colocated one, then those reached by handle."""
+        return [*([self.local_model] if self.local_model else []), *self.engines]
+
+    async def check_health(self) -> None:
+        """A colocated engine that failed fails this replica's health check: Serve restarts it."""
+        if self.local is not None:
+            await self.local.check_health()
+
+    async def info(self) -> dict[str, Any] | None:
+        """The colocated engine's facts and start timings (an engine replica's `info`); None without one."""
+        return await self.local.info() if self.local is not None else None
+
+    async def num_unfinished_requests(self) -> int:
+        """Requests in the colocated engine now (0 without one)."""
+        return await self.local.num_unfinished_requests() if self.local is not None else 0
+
+    def __del__(self) -> None:
+        local = getattr(self, "local", None)
+        if local is not None:
+            local.shutdown()
 
     # -- models -----------------------------------------------------------------------
 
@@ -230,14 +270,15 @@ class Router:
     # -- admission ---------------------------------------------------------------------
 
     def _admission_gate(self, model: str) -> AdmissionGate:
-        """A model's queue bound: its replicas' capacity, shared out among the router replicas."""
+        """A model's queue bound: its replicas' capacity, shared out among the router replicas
+        (a colocated engine is this replica's own: its capacity is one replica's)."""
         config = self.models.get(model)
         deployment = config.deployment if config else self.registry_config.defaults.deployment
-        routers = self.config.num_replicas
+        routers = 1 if model == self.local_model else self.config.num_replicas
         self._watch_replica_counts()
 
         def capacity() -> int:
-            replicas = self.replicas.get(model, deployment.num_replicas)
+            replicas = 1 if model == self.local_model else self.replicas.get(model, deployment.num_replicas)
             return max(math.ceil(deployment.max_ongoing_requests * replicas / routers), 1)
 
         return AdmissionGate(model, capacity, math.ceil(deployment.max_queued_requests / routers),
@@ -319,10 +360,13 @@ class Router:
             await self._count_replicas()  # fresh: a probe of a model at zero would queue and wake it
             if self.replicas.get(model) == 0:
                 return {**self.infos.get(model, {}), "replicas": 0}
-        sides = [self.engines[model], *([self.prefill[model]] if model in self.prefill else [])]
+        if self.local is not None and model == self.local_model:
+            calls = [self.local.info()]
+        else:
+            sides = [self.engines[model], *([self.prefill[model]] if model in self.prefill else [])]
+            calls = [h.info.remote() for h in sides]
         try:
-            info, *_ = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in sides)),
-                                              self.config.ready_timeout_s)
+            info, *_ = await asyncio.wait_for(asyncio.gather(*calls), self.config.ready_timeout_s)
         except Exception:  # noqa: BLE001 - a side that does not answer is not ready
             return None
         self.infos[model] = info
@@ -330,8 +374,9 @@ class Router:
 
     async def _probe_all(self) -> dict[str, dict[str, Any] | None]:
         """`_probe` of every model, concurrently."""
-        infos = await asyncio.gather(*(self._probe(m) for m in self.engines))
-        return dict(zip(self.engines, infos))
+        models = self.config_models()
+        infos = await asyncio.gather(*(self._probe(m) for m in models))
+        return dict(zip(models, infos, strict=True))
 
     # -- OpenAI API: forwarded to vLLM's serving layer in the engine replica ----------------
 
@@ -368,18 +413,19 @@ class Router:
         probes = await self._probe_all()
         registered = {m["id"]: m for m in await self._registered()}
         on_demand: set[str] = set()
-        if set(registered) - set(self.engines):
+        configured = self.config_models()
+        if set(registered) - set(configured):
             try:
                 on_demand = set((await self.on_demand.status())["ready"])
             except ServiceUnavailable:  # the manager does not answer: list them as not ready
                 pass
         data = []
-        for model in [*self.engines, *(m for m in registered if m not in self.engines)]:
+        for model in [*configured, *(m for m in registered if m not in configured)]:
             info = probes.get(model)
             known = info or self.infos.get(model) or {}
             entry = {"id": model, "object": "model", "created": known.get("created", 0), "owned_by": "helios",
                      "max_model_len": known.get("max_model_len"),
-                     "ready": info is not None if model in self.engines else model in on_demand}
+                     "ready": info is not None if model in configured else model in on_demand}
             entry.update(_registry_view(registered.get(model)))
             data.append(entry)
         return JSONResponse({"object": "list", "data": data})
@@ -405,8 +451,9 @@ class Router:
         if self._openapi is None:
             # One schema per model: a pooling model's engine describes /v1/embeddings, a generator's the rest.
             try:
-                schemas = await asyncio.wait_for(asyncio.gather(*(h.openapi.remote() for h in self.engines.values())),
-                                                 30)
+                local = [self.local.openapi()] if self.local is not None else []
+                schemas = await asyncio.wait_for(
+                    asyncio.gather(*local, *(h.openapi.remote() for h in self.engines.values())), 30)
             except Exception:  # noqa: BLE001 - no engine answers yet: the schema comes with the first one
                 raise ServiceUnavailable("No engine replica is ready to describe the API yet", retry_after_s=5) from None
             self._openapi = merge_openapi(schemas, app.openapi())
@@ -452,3 +499,27 @@ def router_deployment(
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})},
     ).bind(config.model_dump(), engines, context, prefill or {})
+
+
+def colocated_router_deployment(
+    config: RouterConfig, model: ModelConfig, context: RouterContext, env: dict[str, str] | None = None,
+    hints: dict[str, Any] | None = None,
+) -> serve.Application:
+    """The router with `model`'s engine in each replica (`router.colocate_engine`): the replica takes
+    the engine's resources and health checks and runs the model's `num_replicas`."""
+    from helios.engine.placement import placement_for, warm_first
+
+    hints = hints or {}
+    options = warm_first(placement_for(model, hints.get("memory_need")), hints.get("warm_nodes") or []).deployment_options()
+    if env:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+    return serve.deployment(Router).options(
+        name="router",
+        num_replicas=model.deployment.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=20,
+        **options,
+    ).bind(config.model_dump(), {}, context, {}, model.model_dump(mode="json"))
+
