@@ -294,9 +294,11 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
 
-    names = [SYSTEM_NAMES[s] for s in results]
+    names = [textwrap.fill(SYSTEM_NAMES[s], 16) for s in results]
     palette = {"raw_vllm": "#888888", "rayserve_llm_haproxy": "#4c72b0", "rayserve_llm": "#8fb0d8", "helios": "#dd8452",
                "helios_metrics_off": "#f0b27a", "helios_tracing": "#a0522d", "helios_token_latency": "#c97b4a",
                "helios_colocated": "#c44e52"}
@@ -318,7 +320,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="Fewer rounds (3; 6 cycles with --observability) and 30 latency probes.")
+                        help="Fewer rounds (3; 4 cycles with --interleaved, 6 with --observability) and 30 latency "
+                        "probes.")
     parser.add_argument("--out", type=Path, default=None,
                         help="Default benchmarks/results/overhead.json (observability_overhead.json with "
                         "--observability).")
