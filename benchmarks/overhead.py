@@ -252,7 +252,9 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
         rates: dict[str, list[float]] = {s: [] for s in systems}
         cpu_rounds: dict[str, list[float]] = {s: [] for s in systems}  # CPU seconds per token, each round
         tokens = args.requests * args.max_tokens
-        cpu_before = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}
+        # CPU of the rounds alone, by kind: the settle pauses between them (a Ray cluster catching
+        # up on its timers after a stop) are not the serving's cost.
+        cpu_used = {s: {"engine": 0.0, "frontend": 0.0} for s in systems}
         order = list(procs)
         sequence: list[tuple[str, float]] = []  # (system, tokens/s) of every round, in the order run
         for r in range(args.rounds):
@@ -261,13 +263,15 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
             for system in rotated(order, r):
                 proc, base = procs[system]
                 async with alone(procs, system, args.settle_s):
-                    before = sum(cpu_seconds(proc.pid).values())
+                    before = cpu_seconds(proc.pid)
                     rates[system].append(await throughput(base, args.requests, args.concurrency, args.max_tokens))
-                    cpu_rounds[system].append((sum(cpu_seconds(proc.pid).values()) - before) / tokens)
+                    after = cpu_seconds(proc.pid)
+                    cpu_rounds[system].append(sum(after[k] - before[k] for k in after) / tokens)
+                    for k in after:
+                        cpu_used[system][k] += after[k] - before[k]
                 sequence.append((system, rates[system][-1]))
             log(f"cycle {r + 1}/{args.rounds}: " + ", ".join(f"{SYSTEM_NAMES[s]} {rates[s][-1]:.0f}" for s in systems)
                 + " tok/s")
-        cpu_after = {s: cpu_seconds(p.pid) for s, (p, _) in procs.items()}  # all at once, before the probes
         latencies: dict[str, list[float]] = {s: [] for s in systems}
         batches = 4  # the probes too alternate between systems, each batch with the others stopped
         for b in range(batches):
@@ -275,7 +279,8 @@ async def measure_interleaved(systems: list[str], model_dir: Path, port: int, ar
                 async with alone(procs, system, args.settle_s):
                     first, end = b * args.ttft_requests // batches, (b + 1) * args.ttft_requests // batches
                     latencies[system] += await ttfts(procs[system][1], end - first, first)
-        results = {s: summarize(rates[s], latencies[s], cpu_before[s], cpu_after[s], args) for s in systems}
+        zero = {"engine": 0.0, "frontend": 0.0}
+        results = {s: summarize(rates[s], latencies[s], zero, cpu_used[s], args) for s in systems}
         first = systems[0]
         paired = {s: [a / b for a, b in zip(rates[s], rates[first], strict=True)] for s in systems[1:]}
         # The same cost read from CPU time: the first system's CPU per token over this one's, per
@@ -340,7 +345,8 @@ def main() -> None:
                         "stopped (as --observability does), paired against the first system in each cycle: ratios "
                         "that the host's drift between systems does not skew.")
     parser.add_argument("--cycles", type=int, default=None,
-                        help="With --observability: cycles of alternating rounds (default 6 with --quick, else 48).")
+                        help="With --observability or --interleaved: cycles of alternating rounds (default with "
+                        "--quick 6 and 4, else 48 and 12).")
     parser.add_argument("--port", type=int, default=8321)
     args = parser.parse_args()
     if args.out is None:

@@ -480,7 +480,8 @@ class RouterConfig(_Strict):
         "without a Ray call in between (fewer hops and less CPU per token where the engine shares the node's "
         "CPUs). Needs exactly one unified model without autoscaling; the router then runs that model's "
         "`deployment.num_replicas` replicas with its resources, and other models (registered ones started on "
-        "demand) are still reached by handle.",
+        "demand) are still reached by handle. With `engine_pool` on, the engine may start in a pooled host, "
+        "one Ray call away again: a faster start for a slower request path.",
     )
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each model's replica.")
     session_affinity: bool = Field(

@@ -124,17 +124,25 @@ def _unfinished() -> int:
     return _router().num_unfinished_requests.remote().result(timeout_s=30)
 
 
-def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
+def test_client_disconnect_aborts_the_engine_request(base_url: str, client: openai.OpenAI) -> None:
     body = {"model": MODEL_ID, "prompt": "a long story", "max_tokens": 1900, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as http, http.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         assert next(lines).startswith("data: {")
         assert _unfinished() == 1  # generating while we listen
-    deadline = time.monotonic() + 30
-    while _unfinished() and time.monotonic() < deadline:
-        time.sleep(0.25)
+        # leaving the block closes the connection mid-stream
+    left = time.monotonic()
+    while _unfinished() and time.monotonic() < left + 30:
+        time.sleep(0.05)
+    aborted_s = time.monotonic() - left
     assert _unfinished() == 0
+    # Gone well before the 1900 tokens could have been made: the same request run to its end takes longer.
+    started = time.monotonic()
+    full = client.completions.create(model=MODEL_ID, prompt="a long story", max_tokens=1900,
+                                     extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 1900
+    assert aborted_s < (time.monotonic() - started) / 2, aborted_s
 
 
 def test_a_killed_replica_comes_back_and_leaves_no_engine_process(base_url: str, client: openai.OpenAI) -> None:

@@ -143,8 +143,16 @@ def test_a_colocated_engine_needs_one_fixed_size_unified_model(args: dict, messa
         parse_args({**args, "router": router})
 
 
-def test_a_colocated_engine_runs_the_models_replica_count() -> None:
-    args = parse_args({"models": [_model(deployment={"num_replicas": 2})], "router": {"colocate_engine": True}})
-    assert args.router.colocate_engine and args.models[0].deployment.num_replicas == 2
-    same = {"models": [_model(deployment={"num_replicas": 2})], "router": {"colocate_engine": True, "num_replicas": 2}}
-    assert parse_args(same).router.num_replicas == 2
+def test_a_colocated_engine_runs_the_models_replica_count_with_its_resources() -> None:
+    """Each of the model's replicas is a router too: the router config it gets counts them all, so
+    models reached by handle share their capacity among them (admission divides by it)."""
+    from helios.config import RouterContext
+    from helios.router.ingress import colocated_router_deployment
+
+    args = parse_args({"models": [_model(deployment={"num_replicas": 2, "num_cpus": 3})],
+                       "router": {"colocate_engine": True}})
+    bound = colocated_router_deployment(args.router, args.models[0], RouterContext(cache_root="/unused"))
+    deployment = bound._bound_deployment
+    router, model = deployment.init_args[0], deployment.init_args[4]
+    assert deployment.num_replicas == 2 and router["num_replicas"] == 2
+    assert deployment.ray_actor_options["num_cpus"] == 3.0 and model["id"] == "m"

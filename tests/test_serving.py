@@ -314,10 +314,16 @@ def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
         assert got[0].startswith("data: {")
         assert _unfinished_in_engine() == 1  # generating while we listen
         # leaving the block closes the connection mid-stream
-    deadline = time.monotonic() + 30
-    while _unfinished_in_engine() and time.monotonic() < deadline:
-        time.sleep(0.25)
+    left = time.monotonic()
+    while _unfinished_in_engine() and time.monotonic() < left + 30:
+        time.sleep(0.05)
+    aborted_s = time.monotonic() - left
     assert _unfinished_in_engine() == 0
+    # Gone well before the 1900 tokens could have been made: the same request run to its end takes longer.
+    started = time.monotonic()
+    full = requests.post(f"{base_url}/v1/completions", json={**body, "stream": False}, timeout=300)
+    assert full.json()["usage"]["completion_tokens"] == 1900
+    assert aborted_s < (time.monotonic() - started) / 2, aborted_s
 
 
 # -- a killed replica: no request lost, no engine process left (keep last: the replica restarts) --------

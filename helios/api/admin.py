@@ -301,7 +301,7 @@ async def scale(request: Request) -> JSONResponse:
         raise InvalidRequest("min_replicas: must not exceed max_replicas", param="min_replicas")
     if body.model == state.local_model:
         raise Conflict(f"The model `{body.model}` runs in the router's replicas (router.colocate_engine): it has "
-                       "router.num_replicas replicas; change that in the Serve config", param="model")
+                       "models.0.deployment.num_replicas replicas; change that in the Serve config", param="model")
     config = state.models.get(body.model)
     ceiling = (config.deployment if config else state.registry_config.defaults.deployment).replica_ceiling()
     if body.max_replicas > ceiling:

@@ -10,6 +10,7 @@ keep their status codes.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 from collections.abc import AsyncIterator
@@ -232,10 +233,15 @@ class Router:
         """Requests in the colocated engine now (0 without one)."""
         return await self.local.num_unfinished_requests() if self.local is not None else 0
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        """Serve awaits this on shutdown: the colocated engine stops, then Serve's ASGI wrapper
+        (next in this class's MRO) shuts its app down as it would without this method."""
         local = getattr(self, "local", None)
         if local is not None:
             local.shutdown()
+        parent = getattr(super(), "__del__", None)
+        if parent is not None and inspect.isawaitable(result := parent()):
+            await result
 
     # -- models -----------------------------------------------------------------------
 
@@ -510,16 +516,18 @@ def colocated_router_deployment(
     from helios.engine.placement import placement_for, warm_first
 
     hints = hints or {}
+    # Each replica is a router too: models reached by handle share their capacity among all of them.
+    router = config.model_copy(update={"num_replicas": model.deployment.num_replicas})
     options = warm_first(placement_for(model, hints.get("memory_need")), hints.get("warm_nodes") or []).deployment_options()
     if env:
         options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     return serve.deployment(Router).options(
         name="router",
-        num_replicas=model.deployment.num_replicas,
+        num_replicas=router.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         health_check_period_s=10,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=20,
         **options,
-    ).bind(config.model_dump(), {}, context, {}, model.model_dump(mode="json"))
+    ).bind(router.model_dump(), {}, context, {}, model.model_dump(mode="json"))
 
