@@ -306,7 +306,16 @@ def test_a_router_whose_on_demand_manager_is_gone_reaches_a_new_one(serve_port: 
         return await client._call(client._manager().status.remote())
 
     assert asyncio.run(status()) is not None
-    ray.kill(client._manager(), no_restart=True)
+    dead = client._manager()
+    ray.kill(dead, no_restart=True)
+    deadline = time.monotonic() + 30
+    while True:  # ray.kill returns before the actor is gone: a call just after it may still be answered
+        try:
+            ray.get(dead.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the killed manager kept answering"
+        time.sleep(0.1)
     with pytest.raises(ServiceUnavailable, match="not answering"):
         asyncio.run(status())
     deadline = time.monotonic() + 60
