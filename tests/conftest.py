@@ -48,18 +48,63 @@ def tiny_model_dir(cache_root: Path) -> Path:
     return resolve_source("demo://tiny", cache_root)
 
 
-@pytest.fixture(scope="session")
-def vllm_reference(tiny_model_dir: Path) -> list[list[int]]:
-    """vLLM's own greedy token ids for PROMPTS then CHATS, from its offline LLM in a subprocess."""
-    items = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS]
-    items += [{"messages": m, "max_tokens": MAX_TOKENS} for m in CHATS]
-    engine = {k: v for k, v in TINY_ENGINE.items()}
+def reference_token_ids(model_dir: Path, items: list[dict[str, Any]]) -> list[list[int]]:
+    """vLLM's own greedy token ids for `items` (a prompt or messages each, with max_tokens), from its
+    offline LLM (one unified engine, no connector) in a subprocess."""
     script = Path(__file__).with_name("reference_vllm.py")
-    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), json.dumps(items), json.dumps(engine)],
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(items), json.dumps(TINY_ENGINE)],
                           capture_output=True, text=True, timeout=600, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(tiny_model_dir: Path) -> list[list[int]]:
+    """vLLM's own greedy token ids for PROMPTS then CHATS."""
+    items = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS]
+    items += [{"messages": m, "max_tokens": MAX_TOKENS} for m in CHATS]
+    return reference_token_ids(tiny_model_dir, items)
+
+
+def greedy_token_ids(client: Any) -> list[list[int]]:
+    """A served app's greedy token ids for PROMPTS then CHATS (to compare with `vllm_reference`)."""
+    got = []
+    for prompt in PROMPTS:
+        resp = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"return_token_ids": True})
+        got.append(resp.choices[0].model_extra["token_ids"])
+    for messages in CHATS:
+        resp = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS,
+                                              temperature=0, extra_body={"return_token_ids": True})
+        got.append(resp.choices[0].model_extra["token_ids"])
+    return got
+
+
+def check_disconnect_aborts(base_url: str, unfinished: Any) -> None:
+    """A client leaving a long stream mid-way leaves no request in the engine (`unfinished()` counts
+    them), well before the same request run to its end would have finished."""
+    import httpx
+    import requests
+
+    body = {"model": MODEL_ID, "prompt": "a long story", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert got[0].startswith("data: {")
+        assert unfinished() == 1  # generating while we listen
+        # leaving the block closes the connection mid-stream
+    left = time.monotonic()
+    while unfinished() and time.monotonic() < left + 30:
+        time.sleep(0.05)
+    aborted_s = time.monotonic() - left
+    assert unfinished() == 0
+    # Gone well before the 1900 tokens could have been made: the same request run to its end takes longer.
+    started = time.monotonic()
+    full = requests.post(f"{base_url}/v1/completions", json={**body, "stream": False}, timeout=300)
+    assert full.json()["usage"]["completion_tokens"] == 1900
+    assert aborted_s < (time.monotonic() - started) / 2, aborted_s
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,6 @@ own unified greedy output, streamed or not.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID, TINY_ENGINE, run_app, tiny_args
+from tests.conftest import MODEL_ID, reference_token_ids, run_app, tiny_args
 from tests.otlp_receiver import OTLPReceiver
 
 pytestmark = pytest.mark.integration
@@ -76,16 +73,7 @@ def client(base_url: str) -> openai.OpenAI:
 def reference(tiny_model_dir: Path) -> list[list[int]]:
     """vLLM's own greedy token ids (one unified engine, no connector) for PROMPTS then CHAT."""
     items = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS] + [{"messages": CHAT, "max_tokens": MAX_TOKENS}]
-    return _reference(tiny_model_dir, items)
-
-
-def _reference(tiny_model_dir: Path, items: list[dict]) -> list[list[int]]:
-    script = Path(__file__).with_name("reference_vllm.py")
-    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), json.dumps(items), json.dumps(TINY_ENGINE)],
-                          capture_output=True, text=True, timeout=600, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return reference_token_ids(tiny_model_dir, items)
 
 
 def decode_kv() -> dict[str, float]:
@@ -156,7 +144,7 @@ def test_blocks_evicted_before_decode_are_recomputed_and_counted(
     assert after.get("recompute_fallback_tokens", 0) >= 128
     blocks = [p for p in (root / "prefill-ram").rglob("*") if p.is_file() and "stats" not in p.parts]
     assert sum(p.stat().st_size for p in blocks) <= 2 << 20  # the producer's store stayed within its budget
-    (expected,) = _reference(tiny_model_dir, [{"prompt": prompt, "max_tokens": MAX_TOKENS}])
+    (expected,) = reference_token_ids(tiny_model_dir, [{"prompt": prompt, "max_tokens": MAX_TOKENS}])
     assert ids == expected
 
 

@@ -9,13 +9,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
 import requests
 
-from tests.conftest import CHATS, MAX_TOKENS, MODEL_ID, PROMPTS, local_storage, run_app, tiny_args
+from tests.conftest import (
+    MAX_TOKENS,
+    MODEL_ID,
+    PROMPTS,
+    check_disconnect_aborts,
+    greedy_token_ids,
+    local_storage,
+    run_app,
+    tiny_args,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -107,16 +115,7 @@ def test_stop_string_ends_the_completion(client: openai.OpenAI) -> None:
 
 
 def test_greedy_output_equals_vllm(client: openai.OpenAI, vllm_reference: list[list[int]]) -> None:
-    got = []
-    for prompt in PROMPTS:
-        resp = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                         extra_body={"return_token_ids": True})
-        got.append(resp.choices[0].model_extra["token_ids"])
-    for messages in CHATS:
-        resp = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS,
-                                              temperature=0, extra_body={"return_token_ids": True})
-        got.append(resp.choices[0].model_extra["token_ids"])
-    assert got == vllm_reference
+    assert greedy_token_ids(client) == vllm_reference
 
 
 def test_engine_loaded_the_model_through_the_tiers(base_url: str, cache_root: Path) -> None:
@@ -306,24 +305,7 @@ def _unfinished_in_engine() -> int:
 
 
 def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
-    body = {"model": MODEL_ID, "prompt": "a long story", "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60) as http, http.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        got = [next(lines) for _ in range(3)]
-        assert got[0].startswith("data: {")
-        assert _unfinished_in_engine() == 1  # generating while we listen
-        # leaving the block closes the connection mid-stream
-    left = time.monotonic()
-    while _unfinished_in_engine() and time.monotonic() < left + 30:
-        time.sleep(0.05)
-    aborted_s = time.monotonic() - left
-    assert _unfinished_in_engine() == 0
-    # Gone well before the 1900 tokens could have been made: the same request run to its end takes longer.
-    started = time.monotonic()
-    full = requests.post(f"{base_url}/v1/completions", json={**body, "stream": False}, timeout=300)
-    assert full.json()["usage"]["completion_tokens"] == 1900
-    assert aborted_s < (time.monotonic() - started) / 2, aborted_s
+    check_disconnect_aborts(base_url, _unfinished_in_engine)
 
 
 # -- a killed replica: no request lost, no engine process left (keep last: the replica restarts) --------
