@@ -14,6 +14,9 @@ it, Ray adds a deprecated gauge of the same name beside each).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +30,6 @@ START_BUCKETS = [0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 90.0, 120.0, 180.0,
 def metrics_enabled() -> bool:
     """`HELIOS_METRICS=0` in the cluster's environment turns Helios's and vLLM's metrics off
     (to measure what they cost: benchmarks/overhead.py)."""
-    import os
-
     return os.environ.get("HELIOS_METRICS", "1").lower() not in ("0", "false", "no", "off")
 
 
@@ -42,8 +43,6 @@ def metrics_env(engine_token_latency: bool) -> dict[str, str]:
 
 def engine_token_latency() -> bool:
     """Whether this engine replica exports vLLM's per-token inter-token histogram."""
-    import os
-
     return os.environ.get(TOKEN_LATENCY_ENV) == "1"
 
 
@@ -94,9 +93,13 @@ class _Metric:
 
 
 def recorder(metric: Any, tags: dict[str, str]) -> Callable[[float], None]:
-    """`metric`'s record bound to `tags`, checked once. Ray's public `observe` / `set` / `inc`
-    merge, type-check and validate the tags on every call, which profiled as more than half of
-    what a streamed token's metrics cost the router; the values recorded are the same."""
+    """`metric`'s record bound to `tags`, checked once, and deferred: the value is kept here and
+    recorded into Ray by `FLUSHER` within `FLUSH_S` (a counter's steps summed, a gauge's last
+    value, every histogram value). Ray's public `observe` / `set` / `inc` merge, type-check and
+    validate the tags on every call, which profiled as more than half of what a streamed
+    token's metrics cost the router; and each of Ray's records releases the GIL around its C++
+    call, so on a replica's event loop every record could hand the loop's thread to Ray's own
+    threads. The values Ray exports are the same, at most `FLUSH_S` later."""
     final = {**metric._default_tags, **tags}
     metric._validate_tags(final)
     if getattr(metric, "_discard_metric", False):
@@ -104,9 +107,125 @@ def recorder(metric: Any, tags: dict[str, str]) -> Callable[[float], None]:
     raw = getattr(metric, "_metric", None)
     if raw is None or not hasattr(raw, "record"):  # an unknown Ray: its public call, whichever the kind has
         public = next(getattr(metric, name) for name in ("observe", "set", "inc") if hasattr(metric, name))
-        return lambda value: public(value, tags=final)
-    record = raw.record
-    return lambda value: record(value, tags=final)
+        record: Callable[[float], None] = lambda value: public(value, tags=final)
+    else:
+        raw_record = raw.record
+        record = lambda value: raw_record(value, tags=final)
+    kind = type(metric).__name__
+    slot = (_CounterSlot if kind == "Counter" else _GaugeSlot if kind == "Gauge" else _HistogramSlot)(record)
+    return slot.add
+
+
+class _Slot:
+    """One bound recorder's values since the last flush."""
+
+    __slots__ = ("pending", "record")
+
+    def __init__(self, record: Callable[[float], None]) -> None:
+        self.record = record
+        self.pending: Any = None
+
+    def add(self, value: float) -> None:
+        with FLUSHER.lock:
+            if self.pending is None:
+                FLUSHER.dirty.append(self)
+                self.pending = self._first(value)
+            else:
+                self.pending = self._more(self.pending, value)
+        FLUSHER.ensure_running()
+
+    def take(self) -> list[float]:
+        """The values to record now (called under the flusher's lock)."""
+        pending, self.pending = self.pending, None
+        return pending if isinstance(pending, list) else [pending]
+
+    @staticmethod
+    def _first(value: float) -> Any:
+        return value
+
+    @staticmethod
+    def _more(pending: Any, value: float) -> Any:
+        raise NotImplementedError
+
+
+class _CounterSlot(_Slot):
+    __slots__ = ()
+
+    @staticmethod
+    def _more(pending: Any, value: float) -> Any:
+        return pending + value  # the steps since the last flush, summed: Ray's counter adds them alike
+
+
+class _GaugeSlot(_Slot):
+    __slots__ = ()
+
+    @staticmethod
+    def _more(pending: Any, value: float) -> Any:
+        return value  # a gauge exports its last value
+
+
+class _HistogramSlot(_Slot):
+    __slots__ = ()
+
+    @staticmethod
+    def _first(value: float) -> Any:
+        return [value]
+
+    @staticmethod
+    def _more(pending: Any, value: float) -> Any:
+        pending.append(value)
+        return pending
+
+
+FLUSH_S = 1.0
+
+
+class _Flusher:
+    """Records every slot's pending values into Ray once per `FLUSH_S`, from one daemon thread per
+    process (started on first use; a forked child starts its own), and once more at exit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.dirty: list[_Slot] = []
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def ensure_running(self) -> None:
+        if self._thread is None:
+            with self.lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="helios-metrics-flush", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Record everything pending now."""
+        with self.lock:
+            dirty, self.dirty = self.dirty, []
+            batches = [(slot.record, slot.take()) for slot in dirty]
+        for record, values in batches:
+            with contextlib.suppress(Exception):  # a metric must never fail its process (Ray gone at exit)
+                for value in values:
+                    record(value)
+
+    def _after_fork(self) -> None:
+        """In a forked child: no flusher thread yet, nothing of the parent's to record twice."""
+        self.lock = threading.Lock()
+        for slot in self.dirty:
+            slot.pending = None
+        self.dirty = []
+        self._thread = None
+        self._wake = threading.Event()
+
+
+FLUSHER = _Flusher()
+os.register_at_fork(after_in_child=FLUSHER._after_fork)
+atexit.register(FLUSHER.flush)
 
 
 class Counter(_Metric):
