@@ -78,6 +78,24 @@ def complete(base_url: str, model: str, prompt: str = "Hello, my name is") -> re
 # -- admin auth ------------------------------------------------------------------------
 
 
+def test_the_router_starts_its_on_demand_manager_before_any_on_demand_request(base_url: str) -> None:
+    """The first on-demand start must not also pay for starting its manager (a Ray actor process, its
+    Serve client, its imports): the router starts it with the app. Runs before any on-demand request."""
+    import ray
+
+    from helios.router.on_demand import MANAGER_NAMESPACE, MANAGER_PREFIX
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            manager = ray.get_actor(MANAGER_PREFIX + APP, namespace=MANAGER_NAMESPACE)
+            break
+        except ValueError:
+            assert time.monotonic() < deadline, "no on-demand manager after the app started"
+            time.sleep(0.5)
+    assert ray.get(manager.status.remote(), timeout=30) == {"ready": [], "starting": [], "stopping": []}
+
+
 @pytest.mark.parametrize("path", ["/registry", "/usage", "/cache"])
 def test_admin_needs_its_token(base_url: str, path: str) -> None:
     assert admin(base_url, "get", path, token=None).status_code == 401

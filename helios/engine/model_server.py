@@ -6,6 +6,7 @@ that a replica has taken (`helios.engine.pool`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ class ModelServer:
     def __init__(self, replica: str, role: Role) -> None:
         self.replica, self.role = replica, role
         self.node = socket.gethostname()
+        self._serving: Path | None = None  # see `serving_marker`
 
     @classmethod
     async def start(
@@ -85,6 +87,7 @@ class ModelServer:
         self._warm = _report_started(config, prepared, pinned, replica)
         self._store, self._usage_at = prepared.store, time.monotonic()
         self._began = started
+        self._serving = serving_marker(report) if report is not None else None
         return self
 
     async def call(self, req: EngineHTTPRequest) -> EngineHTTPResponse:
@@ -138,6 +141,9 @@ class ModelServer:
         token of a stream), which for a start on demand or from zero is what its first client waited."""
         if "first_token_s" not in self.engine.timings:
             self.engine.timings["first_token_s"] = round(time.monotonic() - self._began, 3)
+            if self._serving is not None:  # the layout blob's writer may begin (helios.storage.layout_cache)
+                with contextlib.suppress(OSError):
+                    self._serving.touch()
 
     def _span(self, req: EngineHTTPRequest) -> Any:
         """This replica's span of a traced request (None untraced); vLLM's and the KV connector's
@@ -207,6 +213,9 @@ class ModelServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        serving, self._serving = getattr(self, "_serving", None), None
+        if serving is not None:
+            serving.unlink(missing_ok=True)
 
     def __del__(self) -> None:
         self.shutdown()
@@ -377,9 +386,15 @@ def _loader_options(config: ModelConfig, tier_root: Path) -> tuple[dict[str, Any
         "share_weights": config.engine.share_weights,
         "layout_cache": config.engine.layout_cache,
         "report_path": str(report),
+        "serving_path": str(serving_marker(report)),  # made at the first answer: the layout blob's write waits
         "derived_dir": str(tier_root / "derived"),
     }
     return options, report
+
+
+def serving_marker(report: Path) -> Path:
+    """The file that tells the engine's background writes (the layout blob) that it serves now."""
+    return report.with_suffix(".serving")
 
 
 def _load_report(report: Path | None) -> dict[str, float]:

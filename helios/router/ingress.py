@@ -175,6 +175,9 @@ class Router:
         self.models = {m.id: m for m in context.models}
         self.on_demand = OnDemandClient(serve.get_replica_context().app_name, self.cache_root, self.storage,
                                         self.registry_config)
+        self._warming: asyncio.Task | None = None
+        if self.registry_config.max_dynamic_models > 0:  # the first on-demand start then finds its manager up
+            self._warming = asyncio.get_running_loop().create_task(self.on_demand.warm())
         if context.engine_pool.enabled:  # owned by this replica: the pool goes with the app
             from helios.engine.pool import get_or_create_pool
 

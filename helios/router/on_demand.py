@@ -12,6 +12,7 @@ config's application (and so never restarts the router).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import re
 import time
@@ -223,6 +224,14 @@ class OnDemandManager:
         await self.models.handle(model_id, record)
         return app_name(model_id)
 
+    async def warm(self) -> None:
+        """Made ready before any model is asked for (router start): the first on-demand start then
+        pays no actor start, Serve client connection or import (seconds of a pooled start's first token)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_app())
+        await asyncio.to_thread(_serve_apps)
+        import helios.engine.deployment  # noqa: F401 - what a start imports, ahead of it
+
     def ready(self, model_id: str) -> bool:
         return self.models.ready(model_id)
 
@@ -291,6 +300,12 @@ class OnDemandClient:
             self._actor = None
             raise ServiceUnavailable("The on-demand model manager is not answering; retry shortly.",
                                      retry_after_s=5) from None
+
+    async def warm(self) -> None:
+        """Start the application's manager now, not at the first on-demand request. A manager that does
+        not answer (one of a deleted application, still exiting) is dropped, as a request would drop it."""
+        with contextlib.suppress(HeliosError):
+            await self._call(self._manager().warm.remote())
 
     def ready(self, model_id: str) -> bool:
         """Served here without asking the manager (a cached handle, rechecked every READY_TTL_S)."""

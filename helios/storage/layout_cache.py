@@ -15,8 +15,12 @@ The blob must hold the state *before* post-processing, which is re-run on every 
 snapshot is taken before it and written only if post-processing left every snapshotted tensor
 as it was (version counter, shape and bytes sampled across it) and loading filled no buffer
 (the blob holds parameters only); otherwise the start logs that the model cannot use the
-cache and nothing is written. Until the blob is written the process holds the loaded
-parameters beside vLLM's packed copy: twice the weights, for the seconds the write takes.
+cache and nothing is written. The write waits until the engine has answered its first request
+(`LoaderOptions.serving_path` appears; at most `HOLD_MAX_S`): writing 1.4 GB of fresh pages
+while the replica finishes its start and Serve brings it up slowed that start by seconds (a
+pooled start from S3 spent them between the engine's start and its first token). Until the
+blob is written the process holds the loaded parameters beside vLLM's packed copy: twice the
+weights, from the load to the end of the write.
 A blob that does not fit the model being built (a parameter missing or shaped otherwise) is
 logged as stale and the checkpoint is loaded instead.
 """
@@ -28,6 +32,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,6 +62,8 @@ logger = get_logger("storage.layout_cache")
 WRITER_NICE = 19  # the blob is written while the engine allocates its KV cache and warms up
 EXIT_WAIT_S = 120.0  # an interpreter exit waits this long for a write in flight (vLLM kills a slow engine
 # core 5 s after SIGTERM: that write is lost, its temp file removed by the next writer)
+HOLD_MAX_S = 60.0  # the write begins after the engine's first answer, or this long after the load without one
+_exiting = threading.Event()  # set at interpreter exit: a write still held back is dropped
 _SAMPLES, _SAMPLE = 64, 64  # runs of bytes compared across a tensor (and at its end) to see it left alone
 
 
@@ -102,7 +109,7 @@ def load_with_layout_cache(
     if why is not None:
         log_event(logger, "layout_cache_unusable", level=logging.WARNING, path=str(path), reason=why)
         return model.eval(), "unusable", loader.stats.bytes
-    _start_writer(path, key, snapshot)
+    _start_writer(path, key, snapshot, loader.options.serving_path)
     return model.eval(), "writing", loader.stats.bytes
 
 
@@ -125,10 +132,24 @@ def _fingerprint(t: torch.Tensor) -> tuple[int, tuple[int, ...], bytes]:
     return t._version, tuple(t.shape), bytes(flat[offsets].numpy()) + bytes(flat[-_SAMPLE:].numpy())
 
 
-def _start_writer(path: Path, key: DerivedKey, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the blob on a thread at the lowest priority; the tensors are held until it is written."""
+def held_until_serving(serving_path: str | None, limit_s: float = HOLD_MAX_S) -> bool:
+    """Wait until `serving_path` exists (the engine has answered), `limit_s` passes or the process
+    exits; False when it exits first (nothing more should start)."""
+    deadline = time.monotonic() + limit_s
+    while serving_path is not None and not os.path.exists(serving_path) and time.monotonic() < deadline:
+        if _exiting.wait(0.1):
+            return False
+    return not _exiting.is_set()
+
+
+def _start_writer(path: Path, key: DerivedKey, tensors: dict[str, torch.Tensor], serving_path: str | None) -> None:
+    """Write the blob on a thread at the lowest priority once the engine serves; the tensors are held
+    until it is written."""
 
     def write() -> None:
+        if not held_until_serving(serving_path):
+            tensors.clear()
+            return
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)  # this thread only
         with contextlib.suppress(OSError):  # vLLM pins its worker to its cores; at nice 19 this thread may use any
@@ -147,3 +168,4 @@ def _start_writer(path: Path, key: DerivedKey, tensors: dict[str, torch.Tensor])
     thread = threading.Thread(target=write, name="helios-layout-cache-writer", daemon=True)
     thread.start()
     atexit.register(thread.join, EXIT_WAIT_S)
+    atexit.register(_exiting.set)  # runs first (last registered): a write not begun is not begun at exit

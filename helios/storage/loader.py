@@ -360,6 +360,7 @@ class LoaderOptions:
     layout_cache: bool = False
     derived_dir: str | None = None
     report_path: str | None = None
+    serving_path: str | None = None  # appears once the engine has answered: background writes may begin
     pinned_chunk_mib: int = 32
 
     @classmethod

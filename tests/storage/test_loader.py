@@ -398,10 +398,20 @@ def test_greedy_outputs_equal_the_default_loader(
         assert json.loads(report.read_text())["derived"] == expected
     assert len(list((tmp_path / "derived").glob("*.safetensors"))) == 1
 
-    # The layout cache: the first start loads the checkpoint and writes vLLM's layout after it
-    # started (before its process exits); the next maps that blob and runs vLLM's repack on it.
+    # The layout cache writes only once the engine serves (its serving marker appears): an engine
+    # that exits without answering leaves nothing behind, not even a partial blob.
     layout = tmp_path / "layout"
-    extra = {"layout_cache": True, "derived_dir": str(layout), "report_path": str(report)}
+    never = {"layout_cache": True, "derived_dir": str(layout), "report_path": str(report),
+             "serving_path": str(tmp_path / "never-serving")}
+    held = run_probe(tiny_model_dir, {**TINY, "load_format": "helios", "model_loader_extra_config": never}, PROMPTS)
+    assert held["tokens"] == reference
+    assert json.loads(report.read_text())["derived"] == "writing"
+    assert not list(layout.glob("*.safetensors")) and not list(layout.glob(".*.tmp"))
+    # Once it serves, the first start's write goes ahead (before its process exits); the next maps
+    # that blob and runs vLLM's repack on it.
+    serving = tmp_path / "serving"
+    serving.touch()
+    extra = {"layout_cache": True, "derived_dir": str(layout), "report_path": str(report), "serving_path": str(serving)}
     for expected in ("writing", "hit"):
         cached = run_probe(tiny_model_dir, {**TINY, "load_format": "helios", "model_loader_extra_config": extra}, PROMPTS)
         assert cached["tokens"] == reference, expected
@@ -583,3 +593,23 @@ def test_read_ahead_brings_every_byte_with_or_without_populate_read(
     ahead._thread.join(timeout=30)
     assert not ahead._thread.is_alive()
     assert ahead._position == sum(f.stat().st_size for f in files)
+
+
+def test_the_layout_writer_waits_for_the_serving_marker_or_its_limit(tmp_path: Path) -> None:
+    from helios.storage import layout_cache
+
+    marker = tmp_path / "serving"
+    released: list[float] = []
+    started = time.monotonic()
+    waiter = threading.Thread(target=lambda: released.append(
+        time.monotonic() if layout_cache.held_until_serving(str(marker), 30) else -1.0))
+    waiter.start()
+    time.sleep(0.5)
+    assert not released  # no marker yet: still held
+    marker.touch()
+    waiter.join(5)
+    assert released and 0.5 <= released[0] - started < 5
+    t = time.monotonic()
+    assert layout_cache.held_until_serving(str(tmp_path / "absent"), 0.3)  # the limit: write anyway
+    assert 0.3 <= time.monotonic() - t < 3
+    assert layout_cache.held_until_serving(None)  # no marker configured: at once
