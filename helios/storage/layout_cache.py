@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 logger = get_logger("storage.layout_cache")
 
-WRITER_NICE = 19  # the blob is written while the engine allocates its KV cache and warms up
+WRITER_NICE = 19  # the blob is written while the engine serves its first requests
 EXIT_WAIT_S = 120.0  # an interpreter exit waits this long for a write in flight (vLLM kills a slow engine
 # core 5 s after SIGTERM: that write is lost, its temp file removed by the next writer)
 HOLD_MAX_S = 60.0  # the write begins after the engine's first answer, or this long after the load without one
