@@ -69,17 +69,25 @@ def test_requests_without_a_shared_prefix_use_both_replicas(base_url: str) -> No
     assert len(seen) == 2
 
 
-def _info_of(replica: str) -> dict:
-    """info() of one engine replica (the handle picks replicas; ask until it is the one)."""
+def _info_of(replica: str, for_s: float | None = None) -> dict:
+    """info() of one engine replica (the handle picks replicas; ask until it is the one): 200 calls
+    at once, or, with `for_s`, calls 20 ms apart for that long. The handle routes by load from stats
+    each replica reports every 2 s, so a replica whose generation just ended is reached again only
+    once its next report arrives."""
     from ray import serve
 
     from helios.engine.deployment import deployment_name
 
     handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name=APP)
-    for _ in range(200):
+    deadline = time.monotonic() + (for_s or 0.0)
+    calls = 0
+    while calls < 200 or time.monotonic() < deadline:
         info = handle.info.remote().result(timeout_s=60)
+        calls += 1
         if info["replica"] == replica:
             return info
+        if for_s:
+            time.sleep(0.02)
     raise AssertionError(f"never reached replica {replica}")
 
 
@@ -95,7 +103,7 @@ def test_replicas_report_the_schedulers_load_to_the_router(base_url: str) -> Non
         busy = _info_of(replica)["scheduler"]
         assert busy["running"] == 1 and busy["kv_cache_usage"] > 0, busy
     deadline = time.monotonic() + 60
-    while (idle := _info_of(replica)["scheduler"])["running"] and time.monotonic() < deadline:
+    while (idle := _info_of(replica, for_s=30)["scheduler"])["running"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert idle["running"] == 0 and idle["waiting"] == 0, idle
 
@@ -108,11 +116,13 @@ def _replica_pids(base_url: str) -> dict[str, int]:
 
     handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name=APP)
     out: dict[str, int] = {}
-    for _ in range(200):
+    deadline = time.monotonic() + 30  # a replica that looked busy gets calls again after its next stats report
+    while time.monotonic() < deadline:
         info = handle.info.remote().result(timeout_s=60)
         out[info["replica"]] = info["pid"]
         if len(out) == 2:
             return out
+        time.sleep(0.02)
     raise AssertionError(f"only saw {out}")
 
 
