@@ -4,6 +4,7 @@ holds it (vLLM reports the prefix as cached there); requests without one spread 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,25 +70,30 @@ def test_requests_without_a_shared_prefix_use_both_replicas(base_url: str) -> No
     assert len(seen) == 2
 
 
-def _info_of(replica: str, for_s: float | None = None) -> dict:
-    """info() of one engine replica (the handle picks replicas; ask until it is the one): 200 calls
-    at once, or, with `for_s`, calls 20 ms apart for that long. The handle routes by load from stats
-    each replica reports every 2 s, so a replica whose generation just ended is reached again only
-    once its next report arrives."""
+def _infos(min_calls: int = 0, for_s: float = 0.0) -> Iterator[dict]:
+    """info() of engine replicas, one call at a time through a handle, which picks the replica: at
+    least `min_calls` calls back to back, or calls 20 ms apart for `for_s`. The handle routes by load
+    from stats each replica reports every 2 s, so a replica whose generation just ended gets calls
+    again only once its next report arrives."""
     from ray import serve
 
     from helios.engine.deployment import deployment_name
 
     handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name=APP)
-    deadline = time.monotonic() + (for_s or 0.0)
+    deadline = time.monotonic() + for_s
     calls = 0
-    while calls < 200 or time.monotonic() < deadline:
-        info = handle.info.remote().result(timeout_s=60)
+    while calls < min_calls or time.monotonic() < deadline:
+        yield handle.info.remote().result(timeout_s=60)
         calls += 1
-        if info["replica"] == replica:
-            return info
         if for_s:
             time.sleep(0.02)
+
+
+def _info_of(replica: str, for_s: float = 0.0) -> dict:
+    """info() of one engine replica (ask until it is the one): 200 calls at once, or for `for_s`."""
+    for info in _infos(200, for_s):
+        if info["replica"] == replica:
+            return info
     raise AssertionError(f"never reached replica {replica}")
 
 
@@ -110,19 +116,11 @@ def test_replicas_report_the_schedulers_load_to_the_router(base_url: str) -> Non
 
 def _replica_pids(base_url: str) -> dict[str, int]:
     """Both engine replicas' ids and pids (each call lands on one; no prefix, so both get calls)."""
-    from ray import serve
-
-    from helios.engine.deployment import deployment_name
-
-    handle = serve.get_deployment_handle(deployment_name(MODEL_ID), app_name=APP)
     out: dict[str, int] = {}
-    deadline = time.monotonic() + 30  # a replica that looked busy gets calls again after its next stats report
-    while time.monotonic() < deadline:
-        info = handle.info.remote().result(timeout_s=60)
+    for info in _infos(for_s=30):  # a replica that looked busy gets calls again after its next stats report
         out[info["replica"]] = info["pid"]
         if len(out) == 2:
             return out
-        time.sleep(0.02)
     raise AssertionError(f"only saw {out}")
 
 

@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -188,7 +189,6 @@ class _Flusher:
         self.lock = threading.Lock()
         self.dirty: list[_Slot] = []
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
 
     def ensure_running(self) -> None:
         if self._thread is None:
@@ -199,8 +199,7 @@ class _Flusher:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(FLUSH_S)
-            self._wake.clear()
+            time.sleep(FLUSH_S)
             self.flush()
 
     def flush(self) -> None:
@@ -220,7 +219,6 @@ class _Flusher:
             slot.pending = None
         self.dirty = []
         self._thread = None
-        self._wake = threading.Event()
 
 
 FLUSHER = _Flusher()
