@@ -146,3 +146,32 @@ def test_blobs_fetched_side_by_side_share_one_budget_of_reads(tmp_path: Path) ->
     assert [r.fetched for r in results] == [len(b) for b in blobs]
     assert [dst.blob_path(d).read_bytes() for d in digests] == blobs
     assert src.most == cfg.concurrency  # both blobs together, never more than the budget
+
+
+def test_a_disk_that_fills_mid_fetch_stops_it_with_tier_full_and_no_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write runs on a thread of its own: its error still stops the fetch, as the disk's own error,
+    and no blob or writer thread is left behind."""
+    from helios.errors import TierFull
+
+    src = LocalTier("ssd", tmp_path / "ssd", capacity=1 << 30)
+    dst = LocalTier("nvme", tmp_path / "nvme", capacity=1 << 30)
+    blob = random_bytes((8 << 20) + 3)
+    digest = hashlib.sha256(blob).hexdigest()
+    src.write(digest, [blob])
+    written = []
+    real_pwrite = os.pwrite
+
+    def fills_after_two_chunks(fd, data, offset):
+        if len(written) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", fills_after_two_chunks)
+    with pytest.raises(TierFull):
+        fetch_blob(src, dst, digest, len(blob), TransferConfig(chunk_mib=1, concurrency=2))
+    assert written == [0, 1 << 20]  # in order, and nothing after the failure
+    assert dst.stat(digest) is None
+    assert not any(t.name in ("helios-write", "helios-hash") and t.is_alive() for t in threading.enumerate())
