@@ -96,6 +96,26 @@ def test_the_router_starts_its_on_demand_manager_before_any_on_demand_request(ba
     assert ray.get(manager.status.remote(), timeout=30) == {"ready": [], "starting": [], "stopping": []}
 
 
+def test_slower_tiers_are_filled_only_after_the_first_answer(base_url: str, root: Path, cache_root: Path) -> None:
+    """The config model came from the remote into the RAM tier; its copy into NVMe (hashing and writing
+    every byte) waits for the engine's first answer instead of competing with the end of its start.
+    Runs before any request to the config model."""
+    from helios.config import StorageConfig
+    from helios.storage.store import ModelStore
+
+    store = ModelStore.from_config(StorageConfig.model_validate(local_storage(root / "tiers")), cache_root)
+    weights = next(f for f in store.resolve(MODEL_ID, "demo-tiny").files if f.name == "model.safetensors")
+    nvme = root / "tiers" / "nvme"
+    time.sleep(3)  # what the fill took when it began with the engine's start: it would be done by now
+    assert weights.sha256 in _blobs(root / "tiers" / "ram")
+    assert weights.sha256 not in _blobs(nvme)
+    assert complete(base_url, MODEL_ID).status_code == 200
+    deadline = time.monotonic() + 30
+    while weights.sha256 not in _blobs(nvme):
+        assert time.monotonic() < deadline, "the NVMe tier was not filled after the first answer"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("path", ["/registry", "/usage", "/cache"])
 def test_admin_needs_its_token(base_url: str, path: str) -> None:
     assert admin(base_url, "get", path, token=None).status_code == 401

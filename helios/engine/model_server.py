@@ -26,6 +26,7 @@ from helios.ray_env import lower_priority
 
 logger = get_logger("engine.server")
 Role = Literal["unified", "prefill", "decode"]
+FILL_HOLD_S = 60.0  # the fill of slower tiers begins at the first answer, or this long after the engine's start
 
 
 class ModelServer:
@@ -36,6 +37,7 @@ class ModelServer:
         self.replica, self.role = replica, role
         self.node = socket.gethostname()
         self._serving: Path | None = None  # see `serving_marker`
+        self._release_fill: Any = lambda: None  # lets the fill of slower tiers begin (see `start`)
 
     @classmethod
     async def start(
@@ -64,8 +66,16 @@ class ModelServer:
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
         try:
             await _start_beside_arrivals(self.engine, prepared.local.arriving if prepared.local else None)
-        finally:
-            prepared.started()
+        except BaseException:
+            prepared.started()  # nothing will serve: the fill need not wait
+            raise
+        # The fill of slower tiers (RAM -> NVMe: 1.4 GB hashed and written) waits for the first answer:
+        # run between the engine's start and its first token it takes cores from the replica's last
+        # steps (start_app, Serve's RUNNING, the first request). At most FILL_HOLD_S without one.
+        self._release_fill = prepared.started
+        hold = threading.Timer(FILL_HOLD_S, prepared.started)
+        hold.daemon = True  # never keeps a stopping replica alive
+        hold.start()
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
         timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
@@ -144,6 +154,7 @@ class ModelServer:
             if self._serving is not None:  # the layout blob's writer may begin (helios.storage.layout_cache)
                 with contextlib.suppress(OSError):
                     self._serving.touch()
+            self._release_fill()
 
     def _span(self, req: EngineHTTPRequest) -> Any:
         """This replica's span of a traced request (None untraced); vLLM's and the KV connector's

@@ -298,9 +298,13 @@ class Router:
             self._replicas_task = asyncio.get_running_loop().create_task(self._watch_replicas())
 
     async def _count_replicas(self) -> None:
-        """Each model's RUNNING replicas, from Serve's status."""
+        """Each model's RUNNING replicas, from Serve's status (not asked when every model is this replica's
+        own: one `serve.status()` holds the GIL for ~30 ms here, a stall for the requests in flight)."""
+        handles = {**self.engines, **self.on_demand.handles}
+        if not handles:
+            return
         status = await asyncio.to_thread(serve.status)
-        for model, handle in {**self.engines, **self.on_demand.handles}.items():
+        for model, handle in handles.items():
             app = status.applications.get(handle.app_name)
             dep = app.deployments.get(handle.deployment_name) if app else None
             if dep is not None:

@@ -9,7 +9,9 @@ this node needs no network.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import struct
 import threading
@@ -42,6 +44,7 @@ from helios.storage.transfer import Progress, ReadBudget, TransferResult, fetch_
 logger = get_logger("storage.store")
 _UPLOAD_BLOCK = 16 << 20
 BLOBS_SIDE_BY_SIDE = 2  # blobs of one version fetched at once, sharing `transfer.concurrency` reads
+FILL_NICE = 19  # a background fill's thread
 FILL_WAIT_LIMIT_S = 600.0  # a background fill held for an engine start begins by then regardless
 
 
@@ -348,9 +351,12 @@ class ModelStore:
     def _fill(
         self, manifest: Manifest, src: LocalTier, tiers: list[LocalTier], after: threading.Event | None = None
     ) -> None:
-        """Copy a version from the tier it was loaded into down to slower local tiers (once `after` is set)."""
+        """Copy a version from the tier it was loaded into down to slower local tiers (once `after` is set),
+        at the lowest CPU priority of this thread: it is a copy for later starts, never worth a served token."""
         if after is not None:
             after.wait(FILL_WAIT_LIMIT_S)
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)  # this thread only
         protected = {f.sha256 for f in manifest.files}
         for t in tiers:
             try:
