@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from helios.config import RemoteTierConfig, StorageConfig, TransferConfig
 from helios.errors import BlobNotFound, CorruptBlob, ModelVersionNotFound, StorageError
@@ -297,7 +298,7 @@ class ModelStore:
         if set(local.sources) != {target.kind} and fill_tiers:
             if background_fill:
                 args = (manifest, target, fill_tiers, local.fill_after)
-                local.fill = threading.Thread(target=self._fill, args=args, name="helios-fill", daemon=True)
+                local.fill = threading.Thread(target=self._fill_behind, args=args, name="helios-fill", daemon=True)
                 local.fill.start()
             else:
                 self._fill(manifest, target, fill_tiers)
@@ -348,15 +349,19 @@ class ModelStore:
             return src, result
         raise BlobNotFound(f"blob {digest[:12]} is in no tier ({self._where()})")
 
+    def _fill_behind(self, *args: Any) -> None:
+        """`_fill` on a background thread at the lowest CPU priority (its transfer threads inherit it): the
+        copy is for later starts, never worth a served token."""
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)  # this thread only
+        self._fill(*args)
+
     def _fill(
         self, manifest: Manifest, src: LocalTier, tiers: list[LocalTier], after: threading.Event | None = None
     ) -> None:
-        """Copy a version from the tier it was loaded into down to slower local tiers (once `after` is set),
-        at the lowest CPU priority of this thread: it is a copy for later starts, never worth a served token."""
+        """Copy a version from the tier it was loaded into down to slower local tiers (once `after` is set)."""
         if after is not None:
             after.wait(FILL_WAIT_LIMIT_S)
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)  # this thread only
         protected = {f.sha256 for f in manifest.files}
         for t in tiers:
             try:

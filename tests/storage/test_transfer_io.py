@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from helios.config import TransferConfig
+from helios.errors import TierFull
 from helios.storage.direct_write import ChunkWriter
 from helios.storage.manifest import hash_file
 from helios.storage.store import ModelStore
@@ -153,8 +154,6 @@ def test_a_disk_that_fills_mid_fetch_stops_it_with_tier_full_and_no_blob(
 ) -> None:
     """The write runs on a thread of its own: its error still stops the fetch, as the disk's own error,
     and no blob or writer thread is left behind."""
-    from helios.errors import TierFull
-
     src = LocalTier("ssd", tmp_path / "ssd", capacity=1 << 30)
     dst = LocalTier("nvme", tmp_path / "nvme", capacity=1 << 30)
     blob = random_bytes((8 << 20) + 3)
