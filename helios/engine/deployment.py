@@ -58,22 +58,22 @@ class EngineDeployment:
 
     async def openapi(self) -> dict[str, Any]:
         """vLLM's OpenAPI schema of the routes this replica answers."""
-        return await _maybe_await(self.server.openapi())
+        return await maybe_await(self.server.openapi())
 
     async def info(self) -> dict[str, Any]:
-        return await _maybe_await(self.server.info())
+        return await maybe_await(self.server.info())
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """What Helios's request router weighs replicas by: requests in the engine (scheduled or
         not yet) and the scheduler's last running / waiting counts and KV-cache use."""
-        return await _maybe_await(self.server.record_routing_stats())
+        return await maybe_await(self.server.record_routing_stats())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Helios's autoscaling policy scales on (helios.scaling.policy): the same numbers."""
         return await self.record_routing_stats()
 
     async def num_unfinished_requests(self) -> int:
-        return await _maybe_await(self.server.num_unfinished_requests())
+        return await maybe_await(self.server.num_unfinished_requests())
 
     async def check_health(self) -> None:
         await self.server.check_health()
@@ -120,8 +120,8 @@ async def start_server(model: dict[str, Any], cache_root: str, storage: dict[str
                                    imports_s=time.monotonic() - imports)
 
 
-async def _maybe_await(value: Any) -> Any:
-    """A local server answers at once, a pooled one with an awaitable."""
+async def maybe_await(value: Any) -> Any:
+    """A server in this process answers at once, one in a pooled host (one Ray call away) with an awaitable."""
     return await value if inspect.isawaitable(value) else value
 
 

@@ -26,7 +26,6 @@ from helios.ray_env import lower_priority
 
 logger = get_logger("engine.server")
 Role = Literal["unified", "prefill", "decode"]
-FILL_HOLD_S = 60.0  # the fill of slower tiers begins at the first answer, or this long after the engine's start
 
 
 class ModelServer:
@@ -71,9 +70,12 @@ class ModelServer:
             raise
         # The fill of slower tiers (RAM -> NVMe: 1.4 GB hashed and written) waits for the first answer:
         # run between the engine's start and its first token it takes cores from the replica's last
-        # steps (start_app, Serve's RUNNING, the first request). At most FILL_HOLD_S without one.
+        # steps (start_app, Serve's RUNNING, the first request). At most HOLD_MAX_S without one
+        # (the layout blob's write in the worker waits the same way).
         self._release_fill = prepared.started
-        hold = threading.Timer(FILL_HOLD_S, prepared.started)
+        from helios.storage.layout_cache import HOLD_MAX_S
+
+        hold = threading.Timer(HOLD_MAX_S, prepared.started)
         hold.daemon = True  # never keeps a stopping replica alive
         hold.start()
         # After the engine core and workers are spawned, so they keep the normal priority.

@@ -12,10 +12,16 @@ starts this watchdog: a plain process in its own session (outside the replica's
 process group and Ray's lifecycle) that records the replica's descendants and, when
 the replica is gone, SIGKILLs every one of them that is still the process it
 recorded (same pid and start time), with their own descendants. Then it exits.
+
+A killed engine also leaves its shared memory behind: vLLM's engine core and workers talk
+through `/dev/shm` segments (hundreds of MB each) that only a clean shutdown unlinks. The
+watchdog records which segments the descendants map and, after the kill, unlinks those
+that no live process maps or holds open any more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -27,6 +33,7 @@ import psutil
 POLL_S = 0.5  # how soon a death is acted on without a pidfd, and how often descendants are recorded at start
 STEADY_POLL_S = 5.0  # after START_S, the engine's processes exist: record less often (each scan reads /proc)
 START_S = 120.0
+SHM_DIR = "/dev/shm"
 
 
 _watchdog: subprocess.Popen | None = None
@@ -63,6 +70,54 @@ def _descendants(proc: psutil.Process) -> dict[int, float]:
     return out
 
 
+def shm_segments(pid: int) -> set[str]:
+    """The files under /dev/shm that `pid` maps (not those already unlinked)."""
+    prefix = SHM_DIR.encode() + b"/"
+    found: set[str] = set()
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            for line in maps:
+                at = line.find(b" " + prefix)
+                if at >= 0 and not line.endswith(b" (deleted)\n"):
+                    found.add(os.fsdecode(line[at + 1:].rstrip(b"\n")))
+    except OSError:
+        pass
+    return found
+
+
+def _in_use(paths: set[str]) -> set[str]:
+    """Those of `paths` that some live process maps or holds open (processes this user cannot read
+    are skipped: they cannot open this user's 0600 segments either)."""
+    used: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or entry.name == str(os.getpid()):
+            continue
+        used |= shm_segments(int(entry.name)) & paths
+        try:
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                with contextlib.suppress(OSError):
+                    if (target := os.readlink(fd.path)) in paths:
+                        used.add(target)
+        except OSError:
+            continue
+    return used
+
+
+def release_segments(paths: set[str]) -> list[str]:
+    """Unlink each of `paths` that this user owns, nobody else can open, and no live process uses; the paths unlinked."""
+    removed = []
+    for path in sorted(paths - _in_use(paths)):
+        try:
+            st = os.stat(path)
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
 def _wait_for_exit(proc: psutil.Process, pidfd: int | None, timeout: float) -> bool:
     """Wait up to `timeout` for `proc` to exit (POLL_S without a pidfd); True once it has."""
     if pidfd is not None:
@@ -94,7 +149,8 @@ def kill_recorded(recorded: dict[int, float]) -> list[int]:
 
 
 def watch(pid: int) -> None:
-    """Record `pid`'s descendants (often at start, then every few seconds) until it exits; kill what is left."""
+    """Record `pid`'s descendants and their shared memory (often at start, then every few seconds) until it
+    exits; kill what is left and unlink the segments nobody uses any more."""
     try:
         proc = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -104,16 +160,21 @@ def watch(pid: int) -> None:
     except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): poll instead
         pidfd = None
     recorded: dict[int, float] = {}
+    segments: set[str] = set()
     started = time.monotonic()
     while True:
         try:
-            recorded.update(_descendants(proc))
+            live = _descendants(proc)
         except psutil.Error:
             break
+        recorded.update(live)
+        for child in live:
+            segments |= shm_segments(child)
         interval = POLL_S if time.monotonic() - started < START_S else STEADY_POLL_S
         if _wait_for_exit(proc, pidfd, interval):
             break
     kill_recorded(recorded)
+    release_segments(segments)
 
 
 if __name__ == "__main__":

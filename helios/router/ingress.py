@@ -283,11 +283,12 @@ class Router:
         (a colocated engine is this replica's own: its capacity is one replica's)."""
         config = self.models.get(model)
         deployment = config.deployment if config else self.registry_config.defaults.deployment
-        routers = 1 if model == self.local_model else self.config.num_replicas
+        local = model == self.local_model
+        routers = 1 if local else self.config.num_replicas
         self._watch_replica_counts()
 
         def capacity() -> int:
-            replicas = 1 if model == self.local_model else self.replicas.get(model, deployment.num_replicas)
+            replicas = 1 if local else self.replicas.get(model, deployment.num_replicas)
             return max(math.ceil(deployment.max_ongoing_requests * replicas / routers), 1)
 
         return AdmissionGate(model, capacity, math.ceil(deployment.max_queued_requests / routers),

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
+from helios.engine.deployment import maybe_await
 from helios.engine.http import EngineHTTPRequest, EngineHTTPResponse
 from helios.errors import EngineUnavailable, ServiceUnavailable
 from helios.observability.logs import get_logger, log_event
@@ -86,21 +86,16 @@ class LocalEngine(EngineClient):
         return LocalEngineStream(self.server.stream(dataclasses.replace(req)))
 
     async def info(self) -> dict[str, Any]:
-        return await _maybe_await(self.server.info())
+        return await maybe_await(self.server.info())
 
     async def openapi(self) -> dict[str, Any]:
-        return await _maybe_await(self.server.openapi())
+        return await maybe_await(self.server.openapi())
 
     async def num_unfinished_requests(self) -> int:
-        return await _maybe_await(self.server.num_unfinished_requests())
+        return await maybe_await(self.server.num_unfinished_requests())
 
     async def check_health(self) -> None:
         await self.server.check_health()
 
     def shutdown(self) -> None:
         self.server.shutdown()
-
-
-async def _maybe_await(value: Any) -> Any:
-    """A server in this process answers at once, one in a pooled host with an awaitable."""
-    return await value if inspect.isawaitable(value) else value

@@ -40,6 +40,39 @@ REPLICA = textwrap.dedent("""
 """)
 
 
+# The same tree with vLLM's shared-memory queue: the "engine core" creates a segment, the "worker"
+# maps it. Neither is registered with Python's resource tracker, which dies in the same kill
+# (the segments of SIGKILLed vLLM engines stay in /dev/shm).
+REPLICA_SHM = textwrap.dedent("""
+    import multiprocessing as mp, os, sys, time
+    from multiprocessing import resource_tracker, shared_memory
+    from helios.engine.reaper import ensure_reaper
+
+    def worker(name):
+        resource_tracker.register = lambda *a, **k: None
+        seg = shared_memory.SharedMemory(name=name)
+        seg.buf[0] = 7
+        time.sleep(600)
+
+    def engine_core(q):
+        seg = shared_memory.SharedMemory(create=True, size=1 << 20)
+        resource_tracker.unregister(seg._name, "shared_memory")
+        w = mp.get_context("spawn").Process(target=worker, args=(seg.name,))
+        w.start()
+        q.put((os.getpid(), w.pid, seg.name))
+        time.sleep(600)
+
+    if __name__ == "__main__":
+        reaper = ensure_reaper()
+        q = mp.get_context("spawn").Queue()
+        core = mp.get_context("spawn").Process(target=engine_core, args=(q,))
+        core.start()
+        core_pid, worker_pid, name = q.get()
+        print(reaper.pid, core_pid, worker_pid, name, flush=True)
+        time.sleep(600)
+""")
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -85,3 +118,60 @@ def test_a_reused_pid_is_not_killed() -> None:
     finally:
         if bystander.poll() is None:
             bystander.kill()
+
+
+def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path) -> None:
+    """The /dev/shm segment the dead replica's engine processes mapped does not outlive them."""
+    script = tmp_path / "replica_shm.py"
+    script.write_text(REPLICA_SHM)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    replica = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    segment = None
+    try:
+        reaper_pid, core_pid, worker_pid, name = replica.stdout.readline().split()
+        segment = Path("/dev/shm") / name
+        time.sleep(1.5)  # the watchdog records descendants and their segments every POLL_S
+        assert segment.exists()
+        replica.send_signal(signal.SIGKILL)
+        replica.wait()
+        assert _wait_gone([int(core_pid), int(worker_pid), int(reaper_pid)]) == []
+        assert not segment.exists()
+    finally:
+        if replica.poll() is None:
+            replica.kill()
+        if segment is not None:
+            segment.unlink(missing_ok=True)
+
+
+def test_a_segment_another_process_still_uses_is_kept() -> None:
+    """Only segments nobody maps or holds open are unlinked: a live process's segment stays until it is done."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    from helios.engine.reaper import release_segments, shm_segments
+
+    seg = shared_memory.SharedMemory(create=True, size=1 << 16)
+    resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
+    path = f"/dev/shm/{seg.name}"
+    user = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import mmap, os, sys, time
+        fd = os.open({path!r}, os.O_RDWR)
+        m = mmap.mmap(fd, 0)
+        os.close(fd)
+        print("mapped", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert user.stdout.readline().strip() == "mapped"
+        seg.close()  # this process lets go: only the other one maps it now
+        assert shm_segments(user.pid) == {path}
+        assert release_segments({path}) == []
+        assert os.path.exists(path)
+        user.stdin.close()
+        user.wait(timeout=10)
+        assert release_segments({path}) == [path]
+        assert not os.path.exists(path)
+    finally:
+        if user.poll() is None:
+            user.kill()
+        if os.path.exists(path):
+            os.unlink(path)
