@@ -85,6 +85,13 @@ def shm_segments(pid: int) -> set[str]:
     return found
 
 
+def _shm_names() -> list[str] | None:
+    try:
+        return sorted(os.listdir(SHM_DIR))
+    except OSError:
+        return None
+
+
 def _in_use(paths: set[str]) -> set[str]:
     """Those of `paths` that some live process maps or holds open (processes this user cannot read
     are skipped: they cannot open this user's 0600 segments either)."""
@@ -161,6 +168,8 @@ def watch(pid: int) -> None:
         pidfd = None
     recorded: dict[int, float] = {}
     segments: set[str] = set()
+    shm_seen: list[str] | None = None  # /dev/shm's names when the descendants' maps were last read
+    rescan = False
     started = time.monotonic()
     while True:
         try:
@@ -168,8 +177,15 @@ def watch(pid: int) -> None:
         except psutil.Error:
             break
         recorded.update(live)
-        for child in live:
-            segments |= shm_segments(child)
+        # Reading every descendant's maps (thousands of lines each with torch) on each poll cost
+        # more CPU than the rest of the watch: read them when /dev/shm changed, and once more on
+        # the next poll (a segment is created a moment before it is mapped).
+        names = _shm_names()
+        if names != shm_seen or rescan:
+            rescan = names != shm_seen
+            shm_seen = names
+            for child in live:
+                segments |= shm_segments(child)
         interval = POLL_S if time.monotonic() - started < START_S else STEADY_POLL_S
         if _wait_for_exit(proc, pidfd, interval):
             break
