@@ -262,10 +262,15 @@ def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
     """SIGTERM the server (Ray ones shut their cluster down), then kill what is left of its tree."""
     import psutil
 
+    from helios.engine.reaper import release_segments, shm_segments
+
     try:
         tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
+    # vLLM's shared-memory queues: a killed engine (raw vLLM's, or Helios's with its watchdog
+    # killed in the same sweep) leaves them in /dev/shm.
+    segments = set().union(*(shm_segments(p.pid) for p in tree))
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -283,6 +288,8 @@ def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(tree, timeout=10)
+    release_segments(segments)
 
 
 if __name__ == "__main__":
