@@ -34,6 +34,7 @@ POLL_S = 0.5  # how soon a death is acted on without a pidfd, and how often desc
 STEADY_POLL_S = 5.0  # after START_S, the engine's processes exist: record less often (each scan reads /proc)
 START_S = 120.0
 SHM_DIR = "/dev/shm"
+_SHM_IN_MAPS = b" " + SHM_DIR.encode() + b"/"  # a maps line's path field, after its whitespace
 
 
 _watchdog: subprocess.Popen | None = None
@@ -72,12 +73,11 @@ def _descendants(proc: psutil.Process) -> dict[int, float]:
 
 def shm_segments(pid: int) -> set[str]:
     """The files under /dev/shm that `pid` maps (not those already unlinked)."""
-    prefix = SHM_DIR.encode() + b"/"
     found: set[str] = set()
     try:
         with open(f"/proc/{pid}/maps", "rb") as maps:
             for line in maps:
-                at = line.find(b" " + prefix)
+                at = line.find(_SHM_IN_MAPS)
                 if at >= 0 and not line.endswith(b" (deleted)\n"):
                     found.add(os.fsdecode(line[at + 1:].rstrip(b"\n")))
     except OSError:
