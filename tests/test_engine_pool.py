@@ -6,6 +6,7 @@ the config serves the tiny demo model; a copy of it pushed to the store is start
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 ADMIN = "helios-pool-test-token"
 PUSHED = "helios-pooled"
+LAYOUT = "helios-layout-node"  # the tiny model's tensors in files of its own (no blob shared with the others)
 APP = "helios-pool-test"
 PROMPTS = ["Hello, my name is", "The capital of France is"]
 RESERVE_GIB = 0.25
@@ -37,21 +39,38 @@ def otlp() -> Iterator[OTLPReceiver]:
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-             otlp: OTLPReceiver) -> Iterator[str]:
-    from ray import serve
+def storage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return local_storage(tmp_path_factory.mktemp("engine-pool-tiers"))
 
+
+def _store(storage: dict[str, Any], cache_root: Path) -> Any:
     from helios.config import StorageConfig
     from helios.storage.store import ModelStore
 
+    return ModelStore.from_config(StorageConfig.model_validate(storage), cache_root, shared=False)
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port: int, cache_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+             otlp: OTLPReceiver, storage: dict[str, Any]) -> Iterator[str]:
+    import shutil
+
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("engine-pool")
-    storage = local_storage(root / "tiers")
-    ModelStore.from_config(StorageConfig.model_validate(storage), cache_root).push(tiny_model_dir, PUSHED, "v1")
+    store = _store(storage, cache_root)
+    store.push(tiny_model_dir, PUSHED, "v1")
+    own = root / "layout-model"  # same tensors, other file bytes: its weight blobs are its own in the tiers
+    shutil.copytree(tiny_model_dir, own, ignore=shutil.ignore_patterns("*.safetensors"))
+    for f in tiny_model_dir.glob("*.safetensors"):
+        save_file(load_file(f), own / f.name, metadata={"format": "pt", "helios_test": LAYOUT})
+    store.push(own, LAYOUT, "v1")
     args = {
         **tiny_args(cache_root, admin_token=ADMIN),
         "storage": storage,
         "registry": {"state_dir": str(root / "registry"), "max_dynamic_models": 1, "start_timeout_s": 240,
-                     "prefetch_interval_s": 0, "defaults": {"engine": TINY_ENGINE}},
+                     "prefetch_interval_s": 0, "defaults": {"engine": {**TINY_ENGINE, "layout_cache": True}}},
         # A small memory reserve: each idle host faults it in and hands it to its engine's start.
         "engine_pool": {"size_per_node": 1, "reserve_gib": RESERVE_GIB},
         # Traced: a pooled host must adopt the replica's tracing settings (see the first test).
@@ -198,3 +217,66 @@ def test_a_killed_replica_takes_its_pooled_host_and_engine_with_it(base_url: str
     os.kill(info["pid"], signal.SIGKILL)  # the replica
     _, alive = psutil.wait_procs(family, timeout=30)
     assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def _admin(method: str, base_url: str, path: str, **kw: Any) -> Any:
+    r = requests.request(method, f"{base_url}/admin/{path}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300,
+                         **kw)
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+def _info(model: str) -> dict[str, Any]:
+    from ray import serve
+
+    from helios.router.on_demand import app_name
+
+    return serve.get_app_handle(app_name(model)).info.remote().result(timeout_s=60)
+
+
+def test_a_node_that_never_held_a_model_maps_its_layout_blob_from_the_remote_tier(
+    base_url: str, storage: dict[str, Any], cache_root: Path
+) -> None:
+    """The first start anywhere loads the checkpoint, writes the weights in vLLM's layout and pushes that
+    blob to the remote tier; a start on a node holding neither (the model evicted, the blob removed)
+    fetches the blob instead of the checkpoint's weights, maps it, and answers the same."""
+    from helios.storage.loader import MappedSafetensors
+    from helios.storage.manifest import snapshot_digest
+
+    _admin("DELETE", base_url, "models", params={"model": PUSHED})  # frees the one on-demand slot
+    _wait_ready_host()
+    expected = _tokens(base_url, MODEL_ID)
+    assert _tokens(base_url, LAYOUT) == expected
+    first = _info(LAYOUT)
+    assert first["timings"]["layout_cache_hit"] == 0.0 and "layout_fetch_s" not in first["timings"]
+    deadline = time.monotonic() + 300
+    while (state := _info(LAYOUT).get("layout_share")) == "pending":
+        assert time.monotonic() < deadline, "the layout blob was never pushed"
+        time.sleep(1)
+    assert state == "pushed"
+    store = _store(storage, cache_root)
+    manifest = store.resolve(LAYOUT, "v1")
+    [derived] = [p for p in (store.local[0].root / "derived").glob("*.safetensors")
+                 if MappedSafetensors(p).metadata.get("model_digest") == snapshot_digest(manifest.to_json())]
+    [shared] = [m for m in store.tiers[-1].manifests() if m.model_id.startswith("helios-layout-cache/")
+                and [f.name for f in m.files] == [derived.name]]
+    assert shared.files[0].sha256 == hashlib.sha256(derived.read_bytes()).hexdigest()  # pushed whole
+    assert shared.model_id not in {m.model_id for m in store.models()}  # an artefact, not a model to serve
+
+    # Another node: neither the model's blobs nor its layout blob are local.
+    _admin("DELETE", base_url, "models", params={"model": LAYOUT})
+    _admin("POST", base_url, "models", json={"model": LAYOUT, "version": "v1"})
+    _admin("POST", base_url, "evict", json={"model": LAYOUT})
+    assert not derived.exists()  # an evicted model's derived blobs go with it
+    weights = [f for f in manifest.files if f.name.endswith(".safetensors")]
+    assert all(store.local[0].stat(f.sha256) is None and store.local[1].stat(f.sha256) is None for f in weights)
+    _wait_ready_host()
+    assert _tokens(base_url, LAYOUT) == expected
+    info = _info(LAYOUT)
+    assert _pooled(info), info
+    assert info["timings"]["layout_cache_hit"] == 1.0 and info["timings"]["layout_fetch_s"] > 0, info["timings"]
+    assert info["timings"]["fetch_s"] >= info["timings"]["layout_fetch_s"]
+    assert derived.stat().st_size == shared.total_bytes  # back, from the remote tier
+    # The checkpoint's weights were never fetched: no local tier holds them.
+    assert all(store.local[0].stat(f.sha256) is None and store.local[1].stat(f.sha256) is None for f in weights)
+    assert info.get("layout_share") in ("pending", "present")

@@ -13,9 +13,8 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from helios.config import ModelConfig, StorageConfig
 from helios.engine.http import REPLICA_HEADER, EngineHTTPRequest, EngineHTTPResponse
@@ -23,6 +22,9 @@ from helios.errors import EngineUnavailable
 from helios.observability import tracing
 from helios.observability.logs import get_logger, log_event, request_context
 from helios.ray_env import lower_priority
+
+if TYPE_CHECKING:
+    from helios.storage.store import LocalModel
 
 logger = get_logger("engine.server")
 Role = Literal["unified", "prefill", "decode"]
@@ -37,6 +39,7 @@ class ModelServer:
         self.node = socket.gethostname()
         self._serving: Path | None = None  # see `serving_marker`
         self._release_fill: Any = lambda: None  # lets the fill of slower tiers begin (see `start`)
+        self.layout_share: str | None = None  # the layout blob's push to the remote tier (`_share_layout`)
 
     @classmethod
     async def start(
@@ -64,7 +67,7 @@ class ModelServer:
             os.environ[SECRET_ENV] = cluster_secret("kv-blocks")
         self.engine = LLMEngine(config, prepared.path, loader, kv_transfer)
         try:
-            await _start_beside_arrivals(self.engine, prepared.local.arriving if prepared.local else None)
+            await _start_beside_arrivals(self.engine, prepared.local)
         except BaseException:
             prepared.started()  # nothing will serve: the fill need not wait
             raise
@@ -80,7 +83,11 @@ class ModelServer:
         hold.start()
         # After the engine core and workers are spawned, so they keep the normal priority.
         lower_priority(config.deployment.nice)
-        timings = {**prepared.timings, **_load_report(report), **self.engine.timings}
+        loaded = _read_report(report)
+        timings = {**prepared.timings, **_load_timings(loaded), **self.engine.timings}
+        if "layout_fetch_s" in timings:  # the layout blob came instead of the weights: part of the fetch
+            timings["fetch_s"] = timings.get("fetch_s", 0.0) + timings["layout_fetch_s"]
+        self.layout_share = _share_layout(config, prepared, loaded, self._layout_shared)
         if engine_cache is not None:
             timings["engine_cache_restore_s"] = engine_cache[3]
             threading.Thread(target=_save_engine_cache, args=(prepared.store, *engine_cache[:3]),
@@ -148,6 +155,9 @@ class ModelServer:
             await parts.aclose()  # a cancelled stream aborts its request in vLLM now, not at collection
             tracing.finish(span, error)
 
+    def _layout_shared(self, state: str) -> None:
+        self.layout_share = state
+
     def _first_answer(self) -> None:
         """The start's last phase: seconds from the replica's start to its first answer (the first
         token of a stream), which for a start on demand or from zero is what its first client waited."""
@@ -183,6 +193,8 @@ class ModelServer:
         info["role"] = self.role
         info["pid"] = os.getpid()  # the replica's process (its engine core and workers are its children)
         info["replica"] = self.replica
+        if self.layout_share is not None:
+            info["layout_share"] = self.layout_share
         info["scheduler"] = self.record_routing_stats()  # vLLM's last step: running, waiting, KV-cache use
         if self.kv_metrics is not None:
             info["kv"] = self.kv_metrics.snapshot()
@@ -234,13 +246,19 @@ class ModelServer:
         self.shutdown()
 
 
-async def _start_beside_arrivals(engine: Any, arriving: Future[None] | None) -> None:
+async def _start_beside_arrivals(engine: Any, local: LocalModel | None) -> None:
     """Start the engine while its weights may still be arriving; a failed fetch is the error raised.
 
     The loader fails with the fetch's message when the fetch fails; the fetch's own exception
-    (BlobNotFound, CorruptBlob, TierFull...) is what the caller knows how to report, so it wins."""
+    (BlobNotFound, CorruptBlob, TierFull...) is what the caller knows how to report, so it wins.
+    Weights fetched only if asked for are not fetched once the engine has started without them."""
+    arriving = local.arriving if local is not None else None
     try:
-        await engine.start_app()
+        try:
+            await engine.start_app()
+        finally:
+            if local is not None and local.only_if_wanted is not None:
+                local.only_if_wanted.set()
     except Exception:
         if arriving is not None:
             await asyncio.wait([asyncio.wrap_future(arriving)], timeout=1.0)  # its thread may be a moment behind
@@ -410,13 +428,37 @@ def serving_marker(report: Path) -> Path:
     return report.with_suffix(".serving")
 
 
-def _load_report(report: Path | None) -> dict[str, float]:
-    import json
+def _share_layout(config: ModelConfig, prepared: Any, loaded: dict[str, Any], on_done: Any) -> str | None:
+    """Push the layout blob this start mapped or is writing to the remote tier, in the background, when
+    the store lacks it (`helios.storage.layout_share`); "pending" then, None when it is not shared."""
+    engine = config.engine
+    path = loaded.get("derived_path")
+    store = prepared.store
+    if not (engine.layout_cache and engine.cache_in_tiers and path and loaded.get("derived") in ("hit", "writing")
+            and store is not None and store.remote is not None and prepared.manifest is not None):
+        return None
+    from helios.storage.layout_share import LayoutShareKey, push_when_written, single_rank
 
+    if not single_rank(engine):
+        return None
+    key = LayoutShareKey.for_engine(prepared.manifest, engine)
+    threading.Thread(target=push_when_written, args=(store, key, Path(path), on_done),
+                     name="helios-layout-share", daemon=True).start()
+    return "pending"
+
+
+def _read_report(report: Path | None) -> dict[str, Any]:
+    """The loader's report of this start (written by the engine's worker), consumed."""
     if report is None or not report.exists():
         return {}
     data = json.loads(report.read_text())
     report.unlink(missing_ok=True)
+    return data
+
+
+def _load_timings(data: dict[str, Any]) -> dict[str, float]:
+    if not data:
+        return {}
     timings = {"load_s": float(data["load_seconds"]), "load_bytes": float(data["bytes"])}
     if data.get("waited_s"):  # the load reached weights a fetch was still bringing (part of load_s)
         timings["weights_wait_s"] = float(data["waited_s"])

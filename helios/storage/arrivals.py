@@ -7,10 +7,16 @@ then holds a marker per fetch in progress; the loader, in the engine's own proce
 the first weight it reads until each file's link resolves, and fails with the fetch's own
 error when a marker turns into a failure. Files on disk are the only channel because the
 engine core is another process than the one fetching.
+
+A fetch may also wait to be asked (`ModelStore.localize(..., only_if_wanted=...)`): when the
+weights are expected not to be read at all (the node has fetched the model's layout blob,
+`helios.storage.layout_share`), the loader that does need them leaves a `WANTED` file in the
+snapshot and the fetch begins then; a start that never asks leaves the checkpoint in the remote tier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -20,6 +26,7 @@ from helios.storage.tiers import atomic_write_bytes
 
 ARRIVING = ".helios-arriving-"
 FAILED = ".helios-failed-"
+WANTED = ".helios-wanted"  # the loader reads weights: a fetch waiting to be asked begins
 WEIGHT_SUFFIXES = (".safetensors",)  # what the Helios loader reads; everything else is needed to start
 
 
@@ -44,6 +51,16 @@ def mark_failed(marker: Path, error: str) -> None:
 
 def mark_arrived(marker: Path) -> None:
     marker.unlink(missing_ok=True)
+
+
+def want(root: Path) -> None:
+    """Ask a fetch that waits to be asked for the snapshot's weights to bring them now."""
+    with contextlib.suppress(FileExistsError):
+        (root / WANTED).touch(exist_ok=False)
+
+
+def wanted(root: Path) -> bool:
+    return (root / WANTED).exists()
 
 
 def _markers(root: Path, prefix: str) -> list[Path]:

@@ -29,6 +29,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from helios.errors import ModelNotFound, ModelVersionNotFound, StorageError
 from helios.observability.logs import get_logger, log_event
@@ -57,13 +58,14 @@ class EngineCacheKey:
     data_parallel: int = 1
     device: str = "cpu"  # the accelerator's name, e.g. "NVIDIA H200"
     dtype: str = "auto"
+    prefix: ClassVar[str] = MODEL_PREFIX  # the store's model id begins with it (one per kind of artefact)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
     def model_id(self) -> str:
         """The store's model id for this vLLM version's caches (ids allow `[A-Za-z0-9._:/-]`)."""
-        return f"{MODEL_PREFIX}/{re.sub(r'[^A-Za-z0-9._-]', '-', self.vllm)}"
+        return f"{self.prefix}/{re.sub(r'[^A-Za-z0-9._-]', '-', self.vllm)}"
 
     @classmethod
     def current(cls, model: str, tensor_parallel: int = 1, pipeline_parallel: int = 1, data_parallel: int = 1,

@@ -78,6 +78,7 @@ def load_with_layout_cache(
 
     key = derived_key(loader._model_dir(model_config), model_config)
     path = derived_dir(loader.options.derived_dir) / key.file_name()
+    loader.stats.derived_path = str(path)
     device = torch.device("cpu")
     with set_default_torch_dtype(model_config.dtype), device:
         model = loader.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)

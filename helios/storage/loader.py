@@ -36,7 +36,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from helios.observability.logs import get_logger, log_event
-from helios.storage.arrivals import wait_for
+from helios.storage.arrivals import wait_for, want
 from helios.storage.tiers import atomic_write_bytes
 
 logger = get_logger("storage.loader")
@@ -140,6 +140,7 @@ class LoadStats:
     bytes: int = 0
     tensors: int = 0
     waited_s: float = 0.0  # for weight files still being fetched when the load reached them
+    derived_path: str = ""  # the layout blob this load mapped or is writing (`layout_cache`)
 
 
 def iter_mapped_weights(
@@ -407,6 +408,7 @@ class HeliosModelLoader(BaseModelLoader):
         missing = [f.name for f in files if not f.exists()]
         if missing:  # a fetch is still bringing them (helios.storage.arrivals): the engine started early
             log_event(logger, "waiting_for_weights", files=missing)
+            want(Path(root))  # a fetch that waits to be asked (the layout blob was expected to serve) begins
             self.stats.waited_s += sum(wait_for(f, Path(root)) for f in files)
             log_event(logger, "weights_arrived", waited_s=round(self.stats.waited_s, 3))
         weights: Iterable[tuple[str, torch.Tensor]] = iter_mapped_weights(files, self.stats)
@@ -456,7 +458,7 @@ class HeliosModelLoader(BaseModelLoader):
         if not self.options.report_path:
             return
         report = {"load_seconds": seconds, "bytes": self.stats.bytes, "share_weights": share, "derived": derived,
-                  "waited_s": self.stats.waited_s}
+                  "waited_s": self.stats.waited_s, "derived_path": self.stats.derived_path}
         path = Path(self.options.report_path if rank == 0 else f"{self.options.report_path}.rank{rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, (json.dumps(report) + "\n").encode())

@@ -7,6 +7,7 @@ tier like any other model, so even the default run goes remote -> NVMe -> RAM ->
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from helios.errors import ModelVersionNotFound
 from helios.observability.logs import get_logger, log_event
 from helios.storage.arrivals import is_weight_file
 from helios.storage.demo_model import resolve_source
+from helios.storage.layout_share import LayoutShareKey, fetch, single_rank, weight_bytes
 from helios.storage.manifest import Manifest, parse_ref
 from helios.storage.store import LocalModel, ModelStore
 from helios.storage.transfer import LogProgress
@@ -70,8 +72,32 @@ def prepare(model: ModelConfig, storage: StorageConfig | None, cache_root: Path)
     store = ModelStore.from_config(storage, cache_root)
     manifest = store_manifest(model, store, cache_root)
     progress = LogProgress(manifest.total_bytes, manifest.ref)
-    defer = is_weight_file if storage.transfer.overlap_engine_start else None
-    # The fill of slower tiers waits for the engine's start (`PreparedModel.started`).
-    local = store.localize(manifest, progress=progress, background_fill=True, defer=defer,
-                           fill_after=threading.Event())
+    fill_after = threading.Event()  # the fill of slower tiers waits for the engine's start (`PreparedModel.started`)
+    began = time.monotonic()
+    layout = _shared_layout(model, store, manifest, fill_after)
+    layout_s = time.monotonic() - began
+    # With the model's layout blob on the node its weights are fetched only if the loader asks for them.
+    defer = is_weight_file if storage.transfer.overlap_engine_start or layout else None
+    local = store.localize(manifest, progress=progress, background_fill=True, defer=defer, fill_after=fill_after,
+                           only_if_wanted=threading.Event() if layout else None)
+    if layout:
+        local.timings["layout_fetch_s"] = layout_s
     return PreparedModel(local.path, True, local.timings, local, store)
+
+
+def _shared_layout(model: ModelConfig, store: ModelStore, manifest: Manifest, fill_after: threading.Event) -> bool:
+    """Fetch the model's layout blob from the store when this node has neither it nor the checkpoint's
+    weights (`helios.storage.layout_share`); whether it is now where the loader looks. Any failure
+    means the checkpoint is fetched and loaded as without it."""
+    engine = model.engine
+    if not (engine.layout_cache and engine.cache_in_tiers and not engine.share_weights and single_rank(engine)):
+        return False
+    if store.remote is None or set(store.holders(manifest)) - {"remote"}:
+        return False  # nowhere to share it from, or a local tier holds the checkpoint: load that
+    try:
+        key = LayoutShareKey.for_engine(manifest, engine)
+        names = fetch(store, key, store.local[0].root / "derived", weight_bytes(manifest), fill_after)
+    except Exception as exc:  # noqa: BLE001 - a start without the blob is a slower start, not a failed one
+        log_event(logger, "layout_share_fetch_failed", model=model.id, error=f"{type(exc).__name__}: {exc}")
+        return False
+    return bool(names)

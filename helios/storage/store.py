@@ -36,7 +36,7 @@ from helios.observability.metrics import (
     CACHE_USED_BYTES,
     CACHE_WRITTEN_BYTES,
 )
-from helios.storage.arrivals import mark_arrived, mark_failed, marker_name
+from helios.storage.arrivals import mark_arrived, mark_failed, marker_name, wanted
 from helios.storage.eviction import POLICIES
 from helios.storage.manifest import FileEntry, Manifest, build_manifest, snapshot_digest
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier, is_kv
@@ -46,6 +46,9 @@ logger = get_logger("storage.store")
 _UPLOAD_BLOCK = 16 << 20
 BLOBS_SIDE_BY_SIDE = 2  # blobs of one version fetched at once, sharing `transfer.concurrency` reads
 FILL_NICE = 19  # a background fill's thread
+# Model ids under which engines keep artefacts in the store (vLLM's compile caches, layout blobs):
+# fetched by key, never listed as models to serve.
+ARTEFACT_PREFIXES = ("helios-engine-cache/", "helios-layout-cache/")
 FILL_WAIT_LIMIT_S = 600.0  # a background fill held for an engine start begins by then regardless
 
 
@@ -65,6 +68,9 @@ class LocalModel:
     # A background fill copies nothing before this is set: the engine loading the model sets it once
     # started, so the copy to slower tiers does not compete with the load for the disk and the cores.
     fill_after: threading.Event | None = None
+    # Deferred files fetched only if the loader asks (`localize(only_if_wanted=...)`): set once the
+    # engine has started, so a start that never asked ends the wait without fetching them.
+    only_if_wanted: threading.Event | None = None
 
     @property
     def tier_root(self) -> Path:
@@ -162,7 +168,9 @@ class ModelStore:
         return sorted(self._known(model_id), key=lambda m: m.created, reverse=True)
 
     def models(self) -> list[Manifest]:
-        return sorted(self._known(), key=lambda m: (m.model_id, -m.created))
+        """Every version of every model to serve (not the engines' artefacts the store also keeps)."""
+        return sorted((m for m in self._known() if not m.model_id.startswith(ARTEFACT_PREFIXES)),
+                      key=lambda m: (m.model_id, -m.created))
 
     def _known(self, model_id: str | None = None) -> list[Manifest]:
         """Manifests across the tiers, fastest tier's copy first, each (model, version) once."""
@@ -232,6 +240,7 @@ class ModelStore:
         background_fill: bool = False,
         defer: Callable[[str], bool] | None = None,
         fill_after: threading.Event | None = None,
+        only_if_wanted: threading.Event | None = None,
     ) -> LocalModel:
         """`ensure_local` for a manifest the caller already resolved (no second catalog lookup).
 
@@ -239,7 +248,10 @@ class ModelStore:
         missing, the rest are brought first, the snapshot is linked with an arrivals marker and
         those files follow in a thread; `LocalModel.arriving` resolves (or raises) when they are in,
         and only then are the timings, sources and fill set (see `helios.storage.arrivals`).
-        `fill_after`: a background fill waits for it (see `LocalModel.fill_after`)."""
+        `fill_after`: a background fill waits for it (see `LocalModel.fill_after`).
+        `only_if_wanted`: the deferred files are brought only when the loader asks for them
+        (`arrivals.want`); setting the event says it will not (the engine started without them), and
+        they stay where they are, the version not marked local in `tier`."""
         started = time.monotonic()
         target = self.tier(tier) if tier else self.local[0]
         if not isinstance(target, LocalTier):
@@ -257,16 +269,24 @@ class ModelStore:
                     files))
 
         brought = bring(now)
+        now_s = time.monotonic() - started
         if not later:
             local = LocalModel(manifest, target.snapshot(manifest), target.kind, fill_after=fill_after)
             self._arrived(local, target, list(zip(now, brought, strict=True)), started, background_fill)
             return local
         marker = marker_name()
-        local = LocalModel(manifest, target.snapshot(manifest, marker), target.kind, fill_after=fill_after)
+        local = LocalModel(manifest, target.snapshot(manifest, marker), target.kind, fill_after=fill_after,
+                           only_if_wanted=only_if_wanted)
         log_event(logger, "model_weights_arriving", model=manifest.model_id, version=manifest.version,
                   tier=target.kind, files=len(later), bytes=sum(f.size for f in later))
 
         def rest() -> None:
+            if only_if_wanted is not None and not _asked(local.path, only_if_wanted):
+                mark_arrived(local.path / marker)
+                local.timings["fetch_s"] = now_s
+                log_event(logger, "model_weights_not_fetched", model=manifest.model_id, version=manifest.version,
+                          tier=target.kind, files=len(later), bytes=sum(f.size for f in later))
+                return
             try:
                 arrived = bring(later)
             except BaseException as exc:
@@ -444,6 +464,15 @@ def _settle(future: Future[None], work: Callable[[], None]) -> None:
         future.set_exception(exc)
     else:
         future.set_result(None)
+
+
+def _asked(snapshot: Path, done: threading.Event, poll_s: float = 0.02) -> bool:
+    """Wait until the loader asks for the snapshot's deferred weights (True) or `done` is set without
+    it having asked (False)."""
+    while not wanted(snapshot):
+        if done.wait(poll_s):
+            return wanted(snapshot)  # it may have asked just before
+    return True
 
 
 def _in_ray() -> bool:
