@@ -27,6 +27,11 @@ a local S3 server (s3rver, Node.js, on loopback) standing in for the remote tier
   model that served on the node before does (`layout_cache_hit` per run says so); `start_split_s`
   sets the phases of a fresh start (helios_ram) beside a pooled one (imports, weights, KV
   allocation with warm-up, engine process start).
+* first_token_s.helios_pool_s3_layout: the pooled start from S3 of a model that served elsewhere in
+  the cluster before: nothing of it on the node, its checkpoint and its layout blob (pushed by the
+  pooled RAM start, untimed) in the bucket; the start fetches the layout blob instead of the
+  checkpoint's weights (`helios.storage.layout_share`). helios_pool_s3 and _s3_overlap are first
+  starts anywhere (`engine.cache_in_tiers` off: no layout blob taken from or left in the bucket).
 * share_weights: private memory (USS of the engine's process tree) of a second engine on
   the same RAM-tier snapshot with Helios's `share_weights` loader option on and off, and
   greedy decode tokens/s of each.
@@ -717,10 +722,14 @@ def pool_reserve_gib(model_bytes: int) -> float:
     return round((2 * weights + model_bytes) / (1 << 30) + ENGINE["kv_cache_space_gib"] + 1.0, 2)
 
 
-def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: float = 0.0) -> dict:
+def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: float = 0.0,
+              shared_layout: bool = True) -> dict:
     """Helios serving the tiny demo model from its config, with one pooled engine host per node and
-    the bench model startable on demand (it is in the store), with the same engine settings."""
+    the bench model startable on demand (it is in the store), with the same engine settings.
+    `shared_layout` False: the layout blob stays on the node (`engine.cache_in_tiers` off), so a start
+    from S3 is a first start anywhere whatever the bucket holds."""
     engine = {k: ENGINE[k] for k in ("dtype", "max_model_len", "max_num_seqs", "enforce_eager", "kv_cache_space_gib")}
+    engine["cache_in_tiers"] = shared_layout
     return {
         "models": [{"id": "tiny", "source": "demo://tiny", "engine": {**engine, "max_num_seqs": 4}}],
         "storage": storage,
@@ -732,7 +741,7 @@ def pool_args(storage: dict, cache_root: Path, state_dir: Path, reserve_gib: flo
     }
 
 
-START_SPLIT = ("imports_s", "fetch_s", "engine_process_start_s", "load_s", "weights_wait_s", "kv_alloc_warmup_s",
+START_SPLIT = ("imports_s", "fetch_s", "layout_fetch_s", "engine_process_start_s", "load_s", "weights_wait_s", "kv_alloc_warmup_s",
                "engine_init_s", "total_s", "first_token_s")
 
 
@@ -747,6 +756,22 @@ def start_split(timings: dict) -> dict:
     return out
 
 
+# A pooled start from S3 of a model that served elsewhere before: its layout blob is in the bucket
+# (`helios.storage.layout_share`), fetched instead of the checkpoint's weights.
+SHARED = "s3_layout"
+
+
+def wait_layout_shared(ctl: Controller, app: str, info: dict, timeout_s: float = 600) -> str | None:
+    """Wait until the replica's push of its layout blob to the bucket is over; its outcome."""
+    deadline = time.monotonic() + timeout_s
+    while info.get("layout_share") == "pending" and time.monotonic() < deadline:
+        time.sleep(2)
+        ctl.send(cmd="app_info", app=app)
+        info = ctl.expect("info")["info"]
+    log(f"layout blob shared through the bucket: {info.get('layout_share')}")
+    return info.get("layout_share")
+
+
 def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[Path], repeats: int,
                  reserve_gib: float) -> dict:
     """First token of the bench model started on demand into a pooled host (`engine_pool`), its blobs
@@ -757,21 +782,30 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
     store, ctl = helios_controller(storage, cache_root, port, "helios_pool.log")
     # S3 first: that start finds nothing of the model on the node and leaves its blobs and its layout
     # blob in the RAM tier, where the RAM start after it finds them (a model that served here before).
-    runs: dict[str, list[dict]] = {"s3": [], OVERLAP: [], "ram": []}
+    # The S3 starts are first starts anywhere (the layout blob is not shared through the bucket); the RAM
+    # start pushes its layout blob to the bucket (untimed: after its first token), and SHARED starts
+    # from S3 on a node that never held the model, its layout blob in the bucket: a model that served
+    # elsewhere in the cluster before.
+    runs: dict[str, list[dict]] = {"s3": [], OVERLAP: [], "ram": [], SHARED: []}
     try:
         ctl.expect("ready", timeout=180)
         for rep in range(repeats):
             for tier, tier_runs in runs.items():
-                if tier in ("s3", OVERLAP):  # nothing derived from the model either
+                if tier in ("s3", OVERLAP, SHARED):  # nothing derived from the model either
                     for t in storage["tiers"]:
                         if "path" in t:
                             shutil.rmtree(Path(t["path"]) / "derived", ignore_errors=True)
-                holders = place_model(store, storage, tier)
+                if tier == SHARED:  # the layout blob fetched by an earlier run is not local either
+                    for model_id in {m.model_id for t in store.local for m in t.manifests()}:
+                        if model_id.startswith("helios-layout-cache/"):
+                            store.evict(model_id)
+                holders = place_model(store, storage, "s3" if tier == SHARED else tier)
                 warm(server_files)
                 state = WORK / f"pool_registry_{tier}_{rep}"
                 shutil.rmtree(state, ignore_errors=True)
                 used = overlapped(storage) if tier == OVERLAP else storage
-                ctl.send(cmd="deploy", system="helios", args=pool_args(used, cache_root, state, reserve_gib))
+                ctl.send(cmd="deploy", system="helios", args=pool_args(used, cache_root, state, reserve_gib,
+                                                                       shared_layout=tier in ("ram", SHARED)))
                 ctl.expect("running")
                 deadline = time.monotonic() + 600
                 while True:  # a pooled host on the node has finished importing and faulting in its reserve
@@ -794,6 +828,8 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                      "reserve_handed_over_bytes": info.get("timings", {}).get("host_reserve_handed_over_bytes", 0),
                      "layout_cache_hit": bool(info.get("timings", {}).get("layout_cache_hit")),
                      **start_split(info.get("timings", {}))}
+                if tier == "ram":  # its layout blob goes to the bucket for SHARED (after the first token)
+                    r["layout_share"] = wait_layout_shared(ctl, app_name(STORE_ID), info)
                 tier_runs.append(r)
                 log(f"Helios pooled from {tier}: first token after {r['first_token_s']:.1f}s (pooled host: "
                     f"{r['pooled']}); " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_s")))
@@ -1022,7 +1058,7 @@ def plot(report: dict, path: Path) -> None:
              ("helios_s3", "Helios\nfrom S3"), (f"helios_{OVERLAP}", "Helios from S3,\nengine beside fetch"),
              ("helios_nvme", "Helios\nfrom NVMe"), ("helios_ram", "Helios\nfrom RAM"),
              ("helios_pool_s3", "Helios pooled\nfrom S3"), (f"helios_pool_{OVERLAP}", "pooled from S3,\nengine beside fetch"),
-             ("helios_pool_ram", "Helios pooled\nfrom RAM")]
+             (f"helios_pool_{SHARED}", "pooled from S3,\nlayout blob shared"), ("helios_pool_ram", "Helios pooled\nfrom RAM")]
     # Which split key of each system is fetch, load and engine start.
     parts = [("fetch / download", "#55a868", ("fetch_s", "download_s")),
              ("weight load", "#c44e52", ("load_s", "load_weights_s")),
@@ -1194,7 +1230,7 @@ def main() -> None:
         for k in ("helios_ram", "helios_nvme", "helios_s3", "rayserve_llm_s3", "helios_pool_ram"):
             if k in first:
                 ratios[f"{k}_over_engine_start"] = first[k] / first["engine_start"]
-    for k in ("helios_s3", "helios_pool_s3"):
+    for k in ("helios_s3", "helios_pool_s3", f"helios_pool_{SHARED}"):
         if k in first and "rayserve_llm_s3" in first:
             ratios[f"{k}_over_rayserve_llm_s3"] = first[k] / first["rayserve_llm_s3"]
     if "helios_s3" in first and "runai_streamer_s3" in first:
@@ -1223,6 +1259,9 @@ def main() -> None:
         targets["pool_ram_first_token_le_0.25x_engine_start"] = ratios["helios_pool_ram_over_engine_start"] <= 0.25
     if "helios_pool_s3_over_rayserve_llm_s3" in ratios:
         targets["pool_s3_first_token_le_0.2x_rayserve_llm_s3"] = ratios["helios_pool_s3_over_rayserve_llm_s3"] <= 0.2
+    if f"helios_pool_{SHARED}_over_rayserve_llm_s3" in ratios:  # the same target, for a model served before elsewhere
+        targets["pool_s3_layout_first_token_le_0.2x_rayserve_llm_s3"] = (
+            ratios[f"helios_pool_{SHARED}_over_rayserve_llm_s3"] <= 0.2)
     report["targets_met"] = targets
     report["seconds"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

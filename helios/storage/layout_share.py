@@ -67,7 +67,10 @@ class LayoutShareKey(EngineCacheKey):
     def for_engine(cls, manifest: Manifest, engine: EngineConfig) -> LayoutShareKey:
         base = EngineCacheKey.current(manifest.digest(), engine.tensor_parallel_size, engine.pipeline_parallel_size,
                                       dtype=engine.dtype)
-        extra = hashlib.sha256(json.dumps(engine.extra_args, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        from helios.storage.derived import FORMAT_VERSION  # a new blob layout is a new key
+
+        extra = hashlib.sha256(json.dumps([engine.extra_args, FORMAT_VERSION], sort_keys=True,
+                                          default=str).encode()).hexdigest()[:16]
         return cls(**dataclasses.asdict(base), runner=engine.runner, extra=extra)
 
 
@@ -121,14 +124,15 @@ def _place(blob: Path, dst: Path) -> None:
 
 
 def push_when_written(store: ModelStore, key: LayoutShareKey, blob: Path, on_done: Callable[[str], None] | None = None,
-                      wait_s: float = WRITTEN_WAIT_S) -> str:
+                      wait_s: float = WRITTEN_WAIT_S, hold: Callable[[], bool] | None = None) -> str:
     """Push `blob` for `key` once the engine's writer has finished it (it appears whole, by rename);
-    what happened: "present" (the store has it), "pushed", "not_written" or "failed"."""
+    what happened: "present" (the store has it), "pushed", "not_written", "dropped" or "failed".
+    `hold`: waits until the push may begin (the engine's first answer), False to drop it."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUSH_NICE)  # this thread only
     state = "failed"
     try:
-        state = _push(store, key, blob, wait_s)
+        state = _push(store, key, blob, wait_s) if hold is None or hold() else "dropped"
     finally:
         if on_done is not None:
             on_done(state)
