@@ -827,6 +827,7 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                 r = {"first_token_s": first - t0, "held_by_before": holders, "pooled": "host_pid" in info,
                      "reserve_handed_over_bytes": info.get("timings", {}).get("host_reserve_handed_over_bytes", 0),
                      "layout_cache_hit": bool(info.get("timings", {}).get("layout_cache_hit")),
+                     "layout_from_bucket": "layout_fetch_s" in info.get("timings", {}),
                      **start_split(info.get("timings", {}))}
                 if tier == "ram":  # its layout blob goes to the bucket for SHARED (after the first token)
                     r["layout_share"] = wait_layout_shared(ctl, app_name(STORE_ID), info)

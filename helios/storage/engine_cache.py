@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from helios.errors import ModelNotFound, ModelVersionNotFound, StorageError
+from helios.errors import StorageError
 from helios.observability.logs import get_logger, log_event
 from helios.storage.manifest import MANIFEST_NAME, Manifest, build_manifest
 from helios.storage.store import ModelStore
@@ -84,10 +84,10 @@ class EngineCacheKey:
 def restore(store: ModelStore, key: EngineCacheKey, root: Path) -> Manifest | None:
     """Fill `root` (the engine's VLLM_CACHE_ROOT) with the stored cache for `key`; the manifest
     restored, or None when none is stored. Files are copied, not linked: vLLM writes beside them."""
-    try:
-        local = store.ensure_local(key.model_id(), key.digest())
-    except (ModelNotFound, ModelVersionNotFound):
+    manifest = store.find(key.model_id(), key.digest())
+    if manifest is None:
         return None
+    local = store.localize(manifest)
     root.mkdir(parents=True, exist_ok=True)
     for f in local.manifest.files:
         dst = root / f.name

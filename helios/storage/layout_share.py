@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from helios.errors import ModelNotFound, ModelVersionNotFound, StorageError
+from helios.errors import StorageError
 from helios.observability.logs import get_logger, log_event
 from helios.storage.arrivals import is_weight_file
 from helios.storage.engine_cache import EngineCacheKey
@@ -84,9 +84,8 @@ def fetch(store: ModelStore, key: LayoutShareKey, derived: Path, weight_bytes: i
     """Bring the layout blob stored for `key` into the fastest local tier and link it into `derived`
     (where the loader looks); the blob names placed, or None when none is stored or it is too large
     to be worth it. Fails like a fetch fails (the caller falls back to the checkpoint)."""
-    try:
-        manifest = store.resolve(key.model_id(), key.digest())
-    except (ModelNotFound, ModelVersionNotFound):
+    manifest = store.find(key.model_id(), key.digest())
+    if manifest is None:
         return None
     if manifest.total_bytes > MAX_SIZE_RATIO * weight_bytes:
         log_event(logger, "layout_share_skipped", key=key.digest(), bytes=manifest.total_bytes,
@@ -143,10 +142,11 @@ def _push(store: ModelStore, key: LayoutShareKey, blob: Path, wait_s: float) -> 
     if store.remote is None:
         return "not_shared"
     try:
-        store.resolve(key.model_id(), key.digest())
-        return "present"
-    except (ModelNotFound, ModelVersionNotFound):
-        pass
+        if store.durable.get_manifest(key.model_id(), key.digest()) is not None:
+            return "present"
+    except StorageError as exc:  # an unreachable store: the next node loads the checkpoint
+        log_event(logger, "layout_share_push_failed", key=key.digest(), error=f"{type(exc).__name__}: {exc}")
+        return "failed"
     deadline = time.monotonic() + wait_s
     while not blob.is_file():
         if time.monotonic() > deadline:

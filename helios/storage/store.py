@@ -191,6 +191,14 @@ class ModelStore:
         have = ", ".join(m.version for m in found)
         raise ModelVersionNotFound(f"model {model_id!r} has no version {version!r} (have: {have})")
 
+    def find(self, model_id: str, version: str) -> Manifest | None:
+        """`model_id:version`'s manifest from the fastest tier holding it, by direct lookups (no
+        listing): how artefacts stored under a key (`engine_cache`, `layout_share`) are found."""
+        for t in self.tiers:
+            if (m := t.get_manifest(model_id, version)) is not None:
+                return m
+        return None
+
     def _where(self) -> str:
         return "searched " + ", ".join(t.describe() for t in self.tiers)
 

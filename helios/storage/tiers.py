@@ -463,6 +463,12 @@ class LocalTier(Tier):
                     out.append(Manifest.from_json(p.read_bytes()))
         return out
 
+    def get_manifest(self, model_id: str, version: str) -> Manifest | None:
+        try:
+            return Manifest.from_json(self._manifest_path(model_id, version).read_bytes())
+        except FileNotFoundError:
+            return None
+
     def delete_manifest(self, model_id: str, version: str) -> None:
         self._manifest_path(model_id, version).unlink(missing_ok=True)
         shutil.rmtree(self.snapshot_path(model_id, version), ignore_errors=True)
@@ -628,6 +634,14 @@ class RemoteTier(Tier):
             self.fs.invalidate_cache()
             paths = self.fs.glob(pattern)
             return [Manifest.from_json(self.fs.cat_file(p)) for p in sorted(paths)]
+
+    def get_manifest(self, model_id: str, version: str) -> Manifest | None:
+        """One GET of the manifest's object, no listing (a lookup by key, as artefacts are found)."""
+        with self.errors():
+            try:
+                return Manifest.from_json(self.fs.cat_file(self._manifest(model_id, version)))
+            except FileNotFoundError:
+                return None
 
     def delete_manifest(self, model_id: str, version: str) -> None:
         with self.errors(), contextlib.suppress(FileNotFoundError):

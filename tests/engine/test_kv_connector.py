@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,13 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from helios.config import NodeKVTiers
 from helios.engine.kv_connector import SECRET_ENV, connector_stats, fetch_blocks, kv_transfer_config
 from helios.engine.kv_store import HEADER_SIZE, KVStore, KVStoreConfig
 from helios.storage.node_cache import NodeCache
+from tests.process_tree import kill_tree
 
 pytestmark = pytest.mark.integration
 
@@ -43,21 +42,6 @@ KV_SECRET = "test-cluster-secret"
 def prompt(seed: int, n: int) -> list[int]:
     """`n` byte tokens, a fixed function of `seed` (no RNG: stable across versions)."""
     return [(seed * 131 + i * 37 + (i * i) % 17) % 256 for i in range(n)]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        procs = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(procs, timeout=30)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
 
 
 class Engine:
@@ -96,7 +80,7 @@ class Engine:
                 self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=60)
-        _kill_tree(self.proc)
+        kill_tree(self.proc)
         self.log.close()
 
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from helios.cpu_features import cpu_dtype
 from helios.storage import arrivals, derived
 from helios.storage.loader import LoaderOptions, MappedSafetensors, iter_mapped_weights, safetensors_files
 from helios.storage.manifest import MANIFEST_NAME
+from tests.process_tree import kill_tree
 
 PROBE = Path(__file__).with_name("loader_probe.py")
 PROMPTS = [
@@ -45,31 +45,6 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)  # the helios plug-in must load in every vLLM process
     return env
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a probe and every descendant (vLLM's engine core and workers can outlive their parent).
-
-    Probes start in their own session, so the process group also catches orphans whose parent
-    already exited; the psutil walk catches anything that left the group.
-    """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        parent = psutil.Process(proc.pid)
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def run_probe(model_dir: Path, engine: dict[str, Any], prompts: list[dict], *args: str, timeout: float = 600) -> dict:
