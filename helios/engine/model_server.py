@@ -87,7 +87,7 @@ class ModelServer:
         timings = {**prepared.timings, **_load_timings(loaded), **self.engine.timings}
         if "layout_fetch_s" in timings:  # the layout blob came instead of the weights: part of the fetch
             timings["fetch_s"] = timings.get("fetch_s", 0.0) + timings["layout_fetch_s"]
-        self.layout_share = _share_layout(config, prepared, loaded, self._layout_shared, report)
+        _share_layout(config, prepared, loaded, self._layout_shared, report)
         if engine_cache is not None:
             timings["engine_cache_restore_s"] = engine_cache[3]
             threading.Thread(target=_save_engine_cache, args=(prepared.store, *engine_cache[:3]),
@@ -429,28 +429,29 @@ def serving_marker(report: Path) -> Path:
 
 
 def _share_layout(config: ModelConfig, prepared: Any, loaded: dict[str, Any], on_done: Any,
-                  report: Path | None) -> str | None:
+                  report: Path | None) -> None:
     """Push the layout blob this start mapped or is writing to the remote tier, in the background, once
-    the engine has answered, when the store lacks it (`helios.storage.layout_share`); "pending" then,
-    None when it is not shared."""
+    the engine has answered, when the store lacks it (`helios.storage.layout_share`); `on_done` hears
+    "pending", then how it went."""
     engine = config.engine
     path = loaded.get("derived_path")
     store = prepared.store
     if not (engine.layout_cache and engine.cache_in_tiers and path and loaded.get("derived") in ("hit", "writing")
             and store is not None and store.remote is not None and prepared.manifest is not None):
-        return None
+        return
     from helios.storage.layout_share import LayoutShareKey, push_when_written, single_rank
 
     if not single_rank(engine):
-        return None
+        return
     from helios.storage.layout_cache import held_until_serving
 
     key = LayoutShareKey.for_engine(prepared.manifest, engine)
     serving = str(serving_marker(report)) if report is not None else None
-    threading.Thread(target=push_when_written, args=(store, key, Path(path), on_done),
-                     kwargs={"hold": lambda: held_until_serving(serving)},
-                     name="helios-layout-share", daemon=True).start()
-    return "pending"
+    thread = threading.Thread(target=push_when_written, args=(store, key, Path(path), on_done),
+                              kwargs={"hold": lambda: held_until_serving(serving)},
+                              name="helios-layout-share", daemon=True)
+    on_done("pending")
+    thread.start()
 
 
 def _read_report(report: Path | None) -> dict[str, Any]:

@@ -34,11 +34,11 @@ from typing import ClassVar
 from helios.errors import StorageError
 from helios.observability.logs import get_logger, log_event
 from helios.storage.manifest import MANIFEST_NAME, Manifest, build_manifest
-from helios.storage.store import ModelStore
+from helios.storage.store import ENGINE_CACHE_PREFIX, ModelStore
 
 logger = get_logger("storage.engine_cache")
 
-MODEL_PREFIX = "helios-engine-cache"
+MODEL_PREFIX = ENGINE_CACHE_PREFIX
 CACHED = ("torch_compile_cache/", "startup_plan/")  # what is worth sharing; vLLM also keeps downloads there
 
 

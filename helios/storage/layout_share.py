@@ -40,6 +40,7 @@ from helios.errors import StorageError
 from helios.observability.logs import get_logger, log_event
 from helios.storage.arrivals import is_weight_file
 from helios.storage.engine_cache import EngineCacheKey
+from helios.storage.store import LAYOUT_CACHE_PREFIX
 
 if TYPE_CHECKING:
     from helios.config import EngineConfig
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = get_logger("storage.layout_share")
 
-MODEL_PREFIX = "helios-layout-cache"
+MODEL_PREFIX = LAYOUT_CACHE_PREFIX
 MAX_SIZE_RATIO = 1.25  # fetch the blob instead of the checkpoint's weights only when it is not much larger
 PUSH_NICE = 19  # the push runs while the replica serves
 WRITTEN_WAIT_S = 900.0  # how long a push waits for the engine's writer to finish the blob
@@ -67,9 +68,12 @@ class LayoutShareKey(EngineCacheKey):
     def for_engine(cls, manifest: Manifest, engine: EngineConfig) -> LayoutShareKey:
         base = EngineCacheKey.current(manifest.digest(), engine.tensor_parallel_size, engine.pipeline_parallel_size,
                                       dtype=engine.dtype)
+        from helios.cpu_features import native_bf16
         from helios.storage.derived import FORMAT_VERSION  # a new blob layout is a new key
 
-        extra = hashlib.sha256(json.dumps([engine.extra_args, FORMAT_VERSION], sort_keys=True,
+        # "auto" and bf16 resolve by what the CPU computes natively: two CPUs may build other layouts.
+        cpu = ("native-bf16" if native_bf16() else "no-bf16") if base.device == "cpu" else ""
+        extra = hashlib.sha256(json.dumps([engine.extra_args, FORMAT_VERSION, cpu], sort_keys=True,
                                           default=str).encode()).hexdigest()[:16]
         return cls(**dataclasses.asdict(base), runner=engine.runner, extra=extra)
 
@@ -107,19 +111,22 @@ def fetch(store: ModelStore, key: LayoutShareKey, derived: Path, weight_bytes: i
 def _place(blob: Path, dst: Path) -> None:
     """`dst` becomes the tier's blob: a hard link on the same file system (no copy), else a copy;
     either way under a temporary name first, so the loader never maps half a file."""
-    if dst.is_file() and dst.stat().st_size == blob.stat().st_size:
-        return
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    from helios.storage.derived import writer_lock  # a layout writer on the node holds it too
+
+    with writer_lock(dst):
+        if dst.is_file() and dst.stat().st_size == blob.stat().st_size:
+            return
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            os.link(blob, tmp)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
-            shutil.copyfile(blob, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+            try:
+                os.link(blob, tmp)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copyfile(blob, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def push_when_written(store: ModelStore, key: LayoutShareKey, blob: Path, on_done: Callable[[str], None] | None = None,
@@ -142,7 +149,11 @@ def _push(store: ModelStore, key: LayoutShareKey, blob: Path, wait_s: float) -> 
     if store.remote is None:
         return "not_shared"
     try:
-        if store.durable.get_manifest(key.model_id(), key.digest()) is not None:
+        stored = store.durable.get_manifest(key.model_id(), key.digest())
+        if stored is not None:
+            if blob.name not in {f.name for f in stored.files}:  # same coarse key, another build's blob
+                log_event(logger, "layout_share_other_blob", key=key.digest(), stored=[f.name for f in stored.files],
+                          ours=blob.name)
             return "present"
     except StorageError as exc:  # an unreachable store: the next node loads the checkpoint
         log_event(logger, "layout_share_push_failed", key=key.digest(), error=f"{type(exc).__name__}: {exc}")

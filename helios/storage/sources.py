@@ -39,9 +39,12 @@ class PreparedModel:
         return self.local.manifest if self.local else None
 
     def started(self) -> None:
-        """The engine has started (or failed to): slower tiers may be filled now."""
+        """The engine has started (or failed to): slower tiers may be filled now, and weights fetched
+        only if asked for will not be asked for any more."""
         if self.local is not None and self.local.fill_after is not None:
             self.local.fill_after.set()
+        if self.local is not None and self.local.only_if_wanted is not None:
+            self.local.only_if_wanted.set()
 
 
 def demo_version(preset: str) -> str:
@@ -92,9 +95,11 @@ def _shared_layout(model: ModelConfig, store: ModelStore, manifest: Manifest, fi
     engine = model.engine
     if not (engine.layout_cache and engine.cache_in_tiers and not engine.share_weights and single_rank(engine)):
         return False
-    if store.remote is None or set(store.holders(manifest)) - {"remote"}:
-        return False  # nowhere to share it from, or a local tier holds the checkpoint: load that
+    if store.remote is None:
+        return False  # nowhere to share it from
     try:
+        if any(t.has_all(manifest) for t in store.local):
+            return False  # a local tier holds the checkpoint: load that
         key = LayoutShareKey.for_engine(manifest, engine)
         names = fetch(store, key, store.local[0].root / "derived", weight_bytes(manifest), fill_after)
     except Exception as exc:  # noqa: BLE001 - a start without the blob is a slower start, not a failed one

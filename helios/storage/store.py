@@ -48,7 +48,9 @@ BLOBS_SIDE_BY_SIDE = 2  # blobs of one version fetched at once, sharing `transfe
 FILL_NICE = 19  # a background fill's thread
 # Model ids under which engines keep artefacts in the store (vLLM's compile caches, layout blobs):
 # fetched by key, never listed as models to serve.
-ARTEFACT_PREFIXES = ("helios-engine-cache/", "helios-layout-cache/")
+ENGINE_CACHE_PREFIX = "helios-engine-cache"  # vLLM's compile caches (storage/engine_cache.py)
+LAYOUT_CACHE_PREFIX = "helios-layout-cache"  # weights in vLLM's layout (storage/layout_share.py)
+ARTEFACT_PREFIXES = (f"{ENGINE_CACHE_PREFIX}/", f"{LAYOUT_CACHE_PREFIX}/")
 FILL_WAIT_LIMIT_S = 600.0  # a background fill held for an engine start begins by then regardless
 
 
@@ -292,6 +294,8 @@ class ModelStore:
             if only_if_wanted is not None and not _asked(local.path, only_if_wanted):
                 mark_arrived(local.path / marker)
                 local.timings["fetch_s"] = now_s
+                for f, (src, _) in zip(now, brought, strict=True):
+                    local.sources[src.kind] = local.sources.get(src.kind, 0) + f.size
                 log_event(logger, "model_weights_not_fetched", model=manifest.model_id, version=manifest.version,
                           tier=target.kind, files=len(later), bytes=sum(f.size for f in later))
                 return
@@ -474,11 +478,12 @@ def _settle(future: Future[None], work: Callable[[], None]) -> None:
         future.set_result(None)
 
 
-def _asked(snapshot: Path, done: threading.Event, poll_s: float = 0.02) -> bool:
+def _asked(snapshot: Path, done: threading.Event, poll_s: float = 0.02, limit_s: float = FILL_WAIT_LIMIT_S) -> bool:
     """Wait until the loader asks for the snapshot's deferred weights (True) or `done` is set without
-    it having asked (False)."""
+    it having asked, or `limit_s` passes (False: a start that failed before it could say so)."""
+    deadline = time.monotonic() + limit_s
     while not wanted(snapshot):
-        if done.wait(poll_s):
+        if done.wait(poll_s) or time.monotonic() > deadline:
             return wanted(snapshot)  # it may have asked just before
     return True
 
