@@ -433,19 +433,17 @@ def _share_layout(config: ModelConfig, prepared: Any, loaded: dict[str, Any], on
     """Push the layout blob this start mapped or is writing to the remote tier, in the background, once
     the engine has answered, when the store lacks it (`helios.storage.layout_share`); `on_done` hears
     "pending", then how it went."""
-    engine = config.engine
     path = loaded.get("derived_path")
-    store = prepared.store
-    if not (engine.layout_cache and engine.cache_in_tiers and path and loaded.get("derived") in ("hit", "writing")
-            and store is not None and store.remote is not None and prepared.manifest is not None):
+    if not (path and loaded.get("derived") in ("hit", "writing") and prepared.manifest is not None):
         return
-    from helios.storage.layout_share import LayoutShareKey, push_when_written, single_rank
+    from helios.storage.layout_share import LayoutShareKey, push_when_written, shares
 
-    if not single_rank(engine):
+    store = prepared.store
+    if not shares(config.engine, store):
         return
     from helios.storage.layout_cache import held_until_serving
 
-    key = LayoutShareKey.for_engine(prepared.manifest, engine)
+    key = LayoutShareKey.for_engine(prepared.manifest, config.engine)
     serving = str(serving_marker(report)) if report is not None else None
     thread = threading.Thread(target=push_when_written, args=(store, key, Path(path), on_done),
                               kwargs={"hold": lambda: held_until_serving(serving)},

@@ -78,9 +78,13 @@ class LayoutShareKey(EngineCacheKey):
         return cls(**dataclasses.asdict(base), runner=engine.runner, extra=extra)
 
 
-def single_rank(engine: EngineConfig) -> bool:
-    """One blob per start (rank 0's): the push knows only rank 0's path, so sharded engines keep it local."""
-    return engine.tensor_parallel_size * engine.pipeline_parallel_size == 1
+def shares(engine: EngineConfig, store: ModelStore | None) -> bool:
+    """Whether starts of this engine take and leave layout blobs in the remote tier: the layout cache
+    and the tiers' caches on, no `share_weights` (its blob is another loader's), a remote tier, and
+    one rank (the push knows only rank 0's blob, so sharded engines keep theirs local)."""
+    return bool(engine.layout_cache and engine.cache_in_tiers and not engine.share_weights
+                and engine.tensor_parallel_size * engine.pipeline_parallel_size == 1
+                and store is not None and store.remote is not None)
 
 
 def fetch(store: ModelStore, key: LayoutShareKey, derived: Path, weight_bytes: int,

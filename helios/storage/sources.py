@@ -16,7 +16,7 @@ from helios.errors import ModelVersionNotFound
 from helios.observability.logs import get_logger, log_event
 from helios.storage.arrivals import is_weight_file
 from helios.storage.demo_model import resolve_source
-from helios.storage.layout_share import LayoutShareKey, fetch, single_rank, weight_bytes
+from helios.storage.layout_share import LayoutShareKey, fetch, shares, weight_bytes
 from helios.storage.manifest import Manifest, parse_ref
 from helios.storage.store import LocalModel, ModelStore
 from helios.storage.transfer import LogProgress
@@ -92,15 +92,12 @@ def _shared_layout(model: ModelConfig, store: ModelStore, manifest: Manifest, fi
     """Fetch the model's layout blob from the store when this node has neither it nor the checkpoint's
     weights (`helios.storage.layout_share`); whether it is now where the loader looks. Any failure
     means the checkpoint is fetched and loaded as without it."""
-    engine = model.engine
-    if not (engine.layout_cache and engine.cache_in_tiers and not engine.share_weights and single_rank(engine)):
+    if not shares(model.engine, store):
         return False
-    if store.remote is None:
-        return False  # nowhere to share it from
     try:
         if any(t.has_all(manifest) for t in store.local):
             return False  # a local tier holds the checkpoint: load that
-        key = LayoutShareKey.for_engine(manifest, engine)
+        key = LayoutShareKey.for_engine(manifest, model.engine)
         names = fetch(store, key, store.local[0].root / "derived", weight_bytes(manifest), fill_after)
     except Exception as exc:  # noqa: BLE001 - a start without the blob is a slower start, not a failed one
         log_event(logger, "layout_share_fetch_failed", model=model.id, error=f"{type(exc).__name__}: {exc}")

@@ -120,11 +120,9 @@ class Tier(ABC):
     @abstractmethod
     def delete_manifest(self, model_id: str, version: str) -> None: ...
 
+    @abstractmethod
     def get_manifest(self, model_id: str, version: str) -> Manifest | None:
-        for m in self.manifests(model_id):
-            if m.version == version:
-                return m
-        return None
+        """One version's manifest by direct lookup (no listing), or None."""
 
     def describe(self) -> str:
         return self.kind
