@@ -778,6 +778,7 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
     in the RAM tier or only in S3: from the request to its first streamed token, the router and a
     ready host already up (what a scale-up or a request for a model not running waits)."""
     from helios.router.on_demand import app_name
+    from helios.storage.store import LAYOUT_CACHE_PREFIX
 
     store, ctl = helios_controller(storage, cache_root, port, "helios_pool.log")
     # S3 first: that start finds nothing of the model on the node and leaves its blobs and its layout
@@ -797,7 +798,7 @@ def measure_pool(storage: dict, cache_root: Path, port: int, server_files: list[
                             shutil.rmtree(Path(t["path"]) / "derived", ignore_errors=True)
                 if tier == SHARED:  # the layout blob fetched by an earlier run is not local either
                     for model_id in {m.model_id for t in store.local for m in t.manifests()}:
-                        if model_id.startswith("helios-layout-cache/"):
+                        if model_id.startswith(f"{LAYOUT_CACHE_PREFIX}/"):
                             store.evict(model_id)
                 holders = place_model(store, storage, "s3" if tier == SHARED else tier)
                 warm(server_files)

@@ -242,6 +242,7 @@ def test_a_node_that_never_held_a_model_maps_its_layout_blob_from_the_remote_tie
     fetches the blob instead of the checkpoint's weights, maps it, and answers the same."""
     from helios.storage.loader import MappedSafetensors
     from helios.storage.manifest import snapshot_digest
+    from helios.storage.store import LAYOUT_CACHE_PREFIX
 
     _admin("DELETE", base_url, "models", params={"model": PUSHED})  # frees the one on-demand slot
     _wait_ready_host()
@@ -258,7 +259,7 @@ def test_a_node_that_never_held_a_model_maps_its_layout_blob_from_the_remote_tie
     manifest = store.resolve(LAYOUT, "v1")
     [derived] = [p for p in (store.local[0].root / "derived").glob("*.safetensors")
                  if MappedSafetensors(p).metadata.get("model_digest") == snapshot_digest(manifest.to_json())]
-    [shared] = [m for m in store.tiers[-1].manifests() if m.model_id.startswith("helios-layout-cache/")
+    [shared] = [m for m in store.tiers[-1].manifests() if m.model_id.startswith(f"{LAYOUT_CACHE_PREFIX}/")
                 and [f.name for f in m.files] == [derived.name]]
     assert shared.files[0].sha256 == hashlib.sha256(derived.read_bytes()).hexdigest()  # pushed whole
     assert shared.model_id not in {m.model_id for m in store.models()}  # an artefact, not a model to serve

@@ -65,12 +65,15 @@ class EngineDeployment:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """What Helios's request router weighs replicas by: requests in the engine (scheduled or
-        not yet) and the scheduler's last running / waiting counts and KV-cache use."""
-        return await maybe_await(self.server.record_routing_stats())
+        not yet) and the scheduler's last running / waiting counts and KV-cache use; a busy report
+        carries the wall time it was read at (the router takes off what finished after it). An idle
+        one does not: Serve broadcasts the replica set to every handle whenever a report changes."""
+        stats = await maybe_await(self.server.record_routing_stats())
+        return {**stats, "at": round(time.time(), 3)} if stats.get("unfinished") else stats
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Helios's autoscaling policy scales on (helios.scaling.policy): the same numbers."""
-        return await self.record_routing_stats()
+        return await maybe_await(self.server.record_routing_stats())
 
     async def num_unfinished_requests(self) -> int:
         return await maybe_await(self.server.num_unfinished_requests())

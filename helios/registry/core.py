@@ -22,7 +22,7 @@ from helios.registry.profile import CONFIG_NAME, ResourceProfile, profile_from_d
 from helios.registry.usage import UsageBook
 from helios.registry.warm import WarmView
 from helios.storage.manifest import Manifest, parse_ref
-from helios.storage.store import ModelStore
+from helios.storage.store import ARTEFACT_PREFIXES, ModelStore
 
 logger = get_logger("registry")
 
@@ -368,8 +368,10 @@ class RegistryCore:
         return True
 
     def store_manifests(self, model_id: str | None = None) -> list[Manifest]:
-        """Every manifest in the store (or one model's): reads the tiers, touches no state."""
-        if self.store is None:
+        """Every manifest in the store (or one model's): reads the tiers, touches no state. The engines'
+        artefacts the store keeps (compile caches, layout blobs) are not models: a request naming one
+        finds nothing to register."""
+        if self.store is None or (model_id or "").startswith(ARTEFACT_PREFIXES):
             return []
         try:
             return self.store.versions(model_id) if model_id else self.store.models()

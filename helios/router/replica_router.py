@@ -8,23 +8,26 @@ choices), and Serve itself probes each rank's queue lengths and skips full repli
 its default router does. The request's routing hints were computed once by the router
 (`EngineHTTPRequest.routing`), so nothing here parses a body.
 
-Load per replica is the larger of what this handle has in flight there, Serve's cached
-queue length, and the requests the replica's engine last reported
+Load per replica (`routing_policy.replica_load`) is the larger of what this handle has in
+flight there, Serve's cached queue length, and the requests the replica's engine last reported
 (`EngineDeployment.record_routing_stats`: unfinished, and vLLM's scheduler's running plus
-waiting), plus `KV_WEIGHT` times its KV-cache use (0..1): of two replicas equally busy, the
-one whose cache is nearly full would preempt or queue the next long prompt.
+waiting, less this handle's requests that finished there since the report was taken), plus
+`KV_WEIGHT` times its KV-cache use (0..1): of two replicas equally busy, the one whose cache
+is nearly full would preempt or queue the next long prompt.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from helios.router.breaker import breakers_for
-from helios.router.routing_policy import PrefixAffinityPolicy, RoutingHints
+from helios.router.routing_policy import PrefixAffinityPolicy, RoutingHints, replica_load
 
-KV_WEIGHT = 4.0  # a full KV cache weighs as much as four more requests in flight
+FINISHED_KEPT = 1024  # completion times kept per replica: more than finish within one stats period
 
 # This process's affinity policies by "app/deployment" (one request router per deployment handle).
 POLICIES: dict[str, PrefixAffinityPolicy] = {}
@@ -40,6 +43,8 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
         self.breakers = breakers_for(f"{self._deployment_id.app_name}/{self._deployment_id.name}")
         self.in_flight: dict[ReplicaID, int] = {}
         self.requests: dict[str, ReplicaID] = {}  # internal request id -> its replica
+        self.routed_at: dict[str, float] = {}  # internal request id -> wall time it was routed
+        self.finished: dict[ReplicaID, deque[tuple[float, float]]] = {}  # (routed, finished) wall times, by finish
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new replica set: the breakers forget gone replicas and know new ones now (with
@@ -56,11 +61,22 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
             breakers.track(r.replica_id.unique_id for r in self.curr_replicas.values())
 
     def _load(self, replica: RunningReplica) -> float:
-        cached = self.replica_queue_len_cache.get(replica.replica_id)
         stats = replica.routing_stats or {}
-        reported = max(stats.get("unfinished", 0), stats.get("running", 0) + stats.get("waiting", 0))
-        busy = max(self.in_flight.get(replica.replica_id, 0), cached or 0, reported)
-        return busy + KV_WEIGHT * float(stats.get("kv_cache_usage", 0.0))
+        return replica_load(self.in_flight.get(replica.replica_id, 0),
+                            self.replica_queue_len_cache.get(replica.replica_id), stats,
+                            self._finished_since(replica.replica_id, stats.get("at")))
+
+    def _finished_since(self, replica_id: ReplicaID, at: float | None) -> int:
+        """This handle's requests the replica's report counted (routed before it was taken) that
+        finished after."""
+        if at is None:
+            return 0
+        count = 0
+        for routed, finished in reversed(self.finished.get(replica_id, ())):
+            if finished <= at:
+                break
+            count += routed <= at
+        return count
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None,
@@ -75,16 +91,20 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
         self.breakers.routed(replica_id.unique_id)
         self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
         self.requests[pending_request.metadata.internal_request_id] = replica_id
+        self.routed_at[pending_request.metadata.internal_request_id] = time.time()
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self.requests.pop(internal_request_id, None) is not None:
             self.in_flight[replica_id] = max(self.in_flight.get(replica_id, 1) - 1, 0)
+            routed = self.routed_at.pop(internal_request_id, 0.0)
+            self.finished.setdefault(replica_id, deque(maxlen=FINISHED_KEPT)).append((routed, time.time()))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._track_breakers()
         self.policy.forget(replica_id.unique_id)
         self.in_flight.pop(replica_id, None)
+        self.finished.pop(replica_id, None)
 
 
 def _hints(pending_request: PendingRequest | None) -> RoutingHints:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+KV_WEIGHT = 4.0  # a full KV cache weighs as much as four more requests in flight
 PREFIX_BLOCK_CHARS = 256  # about 64 tokens of English per block
 MAX_PREFIX_BLOCKS = 64  # hash at most the first 16 KiB of a prompt
 
@@ -64,6 +65,23 @@ def prefix_hashes(text: str, block: int = PREFIX_BLOCK_CHARS, max_blocks: int = 
         h = hash((h, text[i * block:(i + 1) * block]))
         out.append(h)
     return tuple(out)
+
+
+def replica_load(in_flight: int, queued: int | None, stats: Mapping[str, Any], finished_since_report: int) -> float:
+    """One replica's load: the larger of what this handle has in flight there, Serve's cached queue
+    length, and what the replica last reported (unfinished, or the scheduler's running plus
+    waiting), plus `KV_WEIGHT` times its KV-cache use.
+
+    A report is up to a stats period old: the requests of this handle it counted (routed before it
+    was taken) that have finished since (`finished_since_report`) are gone, so they come off it, and a
+    report left with nothing running says nothing of the KV cache either (an idle engine's is free).
+    Without this, one snapshot taken mid-request kept a replica looking busy for the whole period,
+    and every short request in that window went to the other one."""
+    reported = max(stats.get("unfinished", 0), stats.get("running", 0) + stats.get("waiting", 0))
+    reported = max(reported - finished_since_report, 0)
+    busy = max(in_flight, queued or 0, reported)
+    kv = float(stats.get("kv_cache_usage", 0.0)) if reported or in_flight else 0.0
+    return busy + KV_WEIGHT * kv
 
 
 def hints_for(body: Mapping[str, Any], session_header: str | None, session_affinity: bool) -> RoutingHints:

@@ -74,6 +74,17 @@ def test_store_versions_are_discovered_once_and_deletions_stick(
         core.version_dict("org/pushed")
 
 
+def test_an_engine_artefact_in_the_store_is_not_found_as_a_model(tiny_model_dir: Path, store: ModelStore) -> None:
+    """A request naming a layout blob's id must not register the blob as a model to serve."""
+    from helios.storage.store import LAYOUT_CACHE_PREFIX
+
+    artefact = f"{LAYOUT_CACHE_PREFIX}/0.0.0"
+    store.push(tiny_model_dir, artefact, "abc")
+    core = RegistryCore(store=store, sync_interval_s=0)
+    assert store.versions(artefact) and core.store_manifests(artefact) == []
+    assert core.unknown(core.store_manifests()) == []
+
+
 def test_a_version_whose_profile_fails_unexpectedly_still_syncs_with_the_others(
     tiny_model_dir: Path, store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ from helios.router.routing_policy import (
     hints_for,
     prefix_hashes,
     prompt_text,
+    replica_load,
 )
 
 SYSTEM = "You are a helpful assistant. " * 40  # > 4 blocks
@@ -85,3 +86,13 @@ def test_memory_is_bounded() -> None:
         policy.record(RoutingHints(prefix_hashes=(i,), session=f"s{i}"), "r1")
     assert len(policy.owners) == 10 and len(policy.sessions) == 10
     assert 49 in policy.owners and 0 not in policy.owners
+
+
+def test_a_report_taken_mid_request_stops_counting_what_finished_since() -> None:
+    busy = {"unfinished": 1, "running": 1, "waiting": 0, "kv_cache_usage": 0.25, "at": 100.0}
+    assert replica_load(0, 0, busy, finished_since_report=0) == 1 + 4 * 0.25  # nothing known to have ended
+    assert replica_load(0, 0, busy, finished_since_report=1) == 0  # it ended: idle, its KV freed
+    assert replica_load(1, 1, busy, finished_since_report=1) == 1 + 4 * 0.25  # ours is running there now
+    many = {"unfinished": 5, "running": 3, "waiting": 2, "kv_cache_usage": 0.5}
+    assert replica_load(0, None, many, finished_since_report=2) == 3 + 4 * 0.5  # other handles' requests stay
+    assert replica_load(2, 4, {}, finished_since_report=0) == 4  # Serve's queue length when it knows more
