@@ -134,18 +134,25 @@ def _wait_for_exit(proc: psutil.Process, pidfd: int | None, timeout: float) -> b
     return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
 
 
-def kill_recorded(recorded: dict[int, float]) -> list[int]:
-    """SIGKILL each recorded process that is still the same process, and its descendants; the pids killed."""
-    victims: dict[int, psutil.Process] = {}
+def _recorded_tree(recorded: dict[int, float]) -> dict[int, psutil.Process]:
+    """Each recorded process that is still the same process, and its descendants now."""
+    tree: dict[int, psutil.Process] = {}
     for pid, started in recorded.items():
         try:
             proc = psutil.Process(pid)
             if proc.create_time() != started:
                 continue  # the pid was reused by an unrelated process
             for p in [proc, *proc.children(recursive=True)]:
-                victims.setdefault(p.pid, p)
+                tree.setdefault(p.pid, p)
         except psutil.Error:
             continue
+    return tree
+
+
+def kill_recorded(recorded: dict[int, float], victims: dict[int, psutil.Process] | None = None) -> list[int]:
+    """SIGKILL each recorded process that is still the same process, and its descendants (`victims`
+    when the caller has just listed them); the pids killed."""
+    victims = _recorded_tree(recorded) if victims is None else victims
     for proc in victims.values():
         try:
             proc.kill()
@@ -189,7 +196,12 @@ def watch(pid: int) -> None:
         interval = POLL_S if time.monotonic() - started < START_S else STEADY_POLL_S
         if _wait_for_exit(proc, pidfd, interval):
             break
-    kill_recorded(recorded)
+    # What the tree maps now, read once more before the kill: a segment made since the last read (an
+    # engine starting as its replica was killed) would otherwise stay in /dev/shm.
+    victims = _recorded_tree(recorded)
+    for child in victims:
+        segments |= shm_segments(child)
+    kill_recorded(recorded, victims)
     release_segments(segments)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 # A "replica" that starts the watchdog, then spawns an "engine core" (multiprocessing spawn, as vLLM
 # does in a Ray actor) that spawns a "worker"; it prints the pids and sleeps until killed.
@@ -73,6 +74,13 @@ REPLICA_SHM = textwrap.dedent("""
 """)
 
 
+# The engine core makes its segment a moment before its replica is SIGKILLed: after the watchdog
+# recorded the core, before it read the core's maps again.
+_MAKE_SEGMENT = "    seg = shared_memory.SharedMemory(create=True, size=1 << 20)"
+REPLICA_SHM_LATE = REPLICA_SHM.replace(_MAKE_SEGMENT, f"    time.sleep(1.5)\n{_MAKE_SEGMENT}")
+assert REPLICA_SHM_LATE != REPLICA_SHM
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -120,17 +128,20 @@ def test_a_reused_pid_is_not_killed() -> None:
             bystander.kill()
 
 
-def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path) -> None:
-    """The /dev/shm segment the dead replica's engine processes mapped does not outlive them."""
+@pytest.mark.parametrize("script_text", [REPLICA_SHM, REPLICA_SHM_LATE], ids=["mapped-for-a-while", "just-made"])
+def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path, script_text: str) -> None:
+    """The /dev/shm segment the dead replica's engine processes mapped does not outlive them, also one
+    made just before the kill."""
     script = tmp_path / "replica_shm.py"
-    script.write_text(REPLICA_SHM)
+    script.write_text(script_text)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     replica = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     segment = None
     try:
         reaper_pid, core_pid, worker_pid, name = replica.stdout.readline().split()
         segment = Path("/dev/shm") / name
-        time.sleep(1.5)  # the watchdog records descendants and their segments every POLL_S
+        if script_text is REPLICA_SHM:
+            time.sleep(1.5)  # the watchdog records descendants and their segments every POLL_S
         assert segment.exists()
         replica.send_signal(signal.SIGKILL)
         replica.wait()
