@@ -17,7 +17,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -81,9 +80,9 @@ def version() -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from helios.ray_env import side_port
+
+    return side_port()
 
 
 def _kill_tree(proc: subprocess.Popen, grace_s: float = 5) -> None:

@@ -217,11 +217,9 @@ SYSTEMS = {"raw_vllm": raw_vllm, "rayserve_llm": rayserve_llm, "rayserve_llm_hap
 
 
 def _free_port() -> int:
-    import socket
+    from helios.ray_env import side_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return side_port()
 
 
 _launched: list[subprocess.Popen] = []

@@ -28,6 +28,29 @@ def ray_cluster_env() -> dict[str, str]:
     return env
 
 
+# Below the kernel's usual ephemeral range (32768-60999) and above Ray's worker ports (10002-19999).
+SIDE_PORT_RANGE = (20000, 32767)
+
+
+def side_port(host: str = "127.0.0.1") -> int:
+    """A free port for a listener started beside a Ray cluster (HAProxy's stats and metrics ports, a
+    test's server), taken from a range no socket is given implicitly: a port the kernel handed out
+    (`bind(0)`) could go to one of the cluster's own sockets before that listener binds it, which
+    failed a HAProxy start once in CI."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(*SIDE_PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SIDE_PORT_RANGE[0]}-{SIDE_PORT_RANGE[1]}")
+
+
 def cluster_secret(name: str) -> str:
     """A secret shared by every process of this Ray cluster, made by whoever asks first.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,25 +28,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: 0 if item.get_closest_marker("own_cluster") else 1)
 
 
-# Below the kernel's ephemeral range (32768+) and above Ray's worker ports (10002-19999): a port the
-# kernel handed out here could be handed to one of the cluster's own sockets before HAProxy binds it
-# (CI once failed on HAProxy's metrics port taken that way).
-FREE_PORT_RANGE = (20000, 32767)
-
-
 def free_port() -> int:
-    """A port nothing listens on, from a range no process is handed ports from implicitly."""
-    import random
+    """A port nothing listens on (`helios.ray_env.side_port`: not one the cluster's sockets can take first)."""
+    from helios.ray_env import side_port
 
-    for _ in range(200):
-        port = random.randint(*FREE_PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {FREE_PORT_RANGE}")
+    return side_port()
 
 
 @pytest.fixture(scope="session")
