@@ -477,11 +477,13 @@ class LocalTier(Tier):
     def has_all(self, manifest: Manifest) -> bool:
         return all(self.stat(f.sha256) is not None for f in manifest.files)
 
-    def snapshot(self, manifest: Manifest, marker: str | None = None) -> Path:
+    def snapshot(self, manifest: Manifest, marker: str | None = None, carry: tuple[str, ...] = ()) -> Path:
         """A model directory of symlinks into this tier's blobs, plus the manifest, for vLLM to load.
 
         `marker`: a file to create in it from the start, saying that a fetch is still bringing some
-        of the blobs its links point at (see `helios.storage.arrivals`)."""
+        of the blobs its links point at (see `helios.storage.arrivals`). `carry`: files of the
+        directory this one replaces that it keeps (another start's request to a fetch of the same
+        version that waits to be asked, which would otherwise wait for good)."""
         final = self.snapshot_path(manifest.model_id, manifest.version)
         tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
@@ -493,6 +495,9 @@ class LocalTier(Tier):
             (tmp / MANIFEST_NAME).write_bytes(manifest.to_json())
             if marker is not None:
                 (tmp / marker).touch()
+            for name in carry:
+                if (final / name).exists():
+                    (tmp / name).touch()
             old = final.parent / f".{final.name}.old.{uuid.uuid4().hex}"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, old)

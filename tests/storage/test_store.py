@@ -121,6 +121,21 @@ def test_weights_deferred_for_an_early_engine_start_arrive_behind_the_small_file
     assert again.arriving is None and set(again.sources) == {"ram"}  # nothing to wait for
 
 
+def test_a_second_start_of_a_version_keeps_the_first_ones_request_for_its_weights(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    """Two starts of one version on a node, each fetching its weights only if asked: the first one's
+    loader asks, then the second start links the snapshot again; the fetch still begins."""
+    manifest = store.push(write_model(tmp_path / "src", random_bytes(2 << 20)), "m", "v1")
+    first = store.localize(manifest, defer=is_weight_file, only_if_wanted=threading.Event())
+    arrivals.want(first.path)
+    second = store.localize(manifest, defer=is_weight_file, only_if_wanted=threading.Event())
+    assert second.path == first.path and arrivals.wanted(second.path)
+    assert arrivals.wait_for(first.path / "model.safetensors", first.path) >= 0
+    first.arriving.result(timeout=60)
+    assert (first.path / "model.safetensors").read_bytes() == (tmp_path / "src" / "model.safetensors").read_bytes()
+
+
 def test_a_background_fill_waits_for_the_engine_start_it_was_held_for(store: ModelStore, tmp_path: Path) -> None:
     manifest = store.push(write_model(tmp_path / "src", random_bytes(2 << 20)), "m", "v1")
     gate = threading.Event()
