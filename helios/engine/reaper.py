@@ -8,8 +8,8 @@ engine core does not watch the replica: a replica that is SIGKILLed (Ray's `ray.
 
 Ray's raylet subreaper could catch some of these cases, but only on clusters started
 with its flag, and not after `ray stop`, which kills the raylet too. So each replica
-starts this watchdog: a plain process in its own session (outside the replica's
-process group and Ray's lifecycle) that records the replica's descendants and, when
+starts this watchdog: a plain process in its own session and not its child (outside the
+replica's process group and Ray's lifecycle, which kills a worker's children as it exits) that records the replica's descendants and, when
 the replica is gone, SIGKILLs every one of them that is still the process it
 recorded (same pid and start time), with their own descendants. Then it exits.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shlex
 import subprocess
 import sys
 import time
@@ -37,25 +38,42 @@ SHM_DIR = "/dev/shm"
 _SHM_IN_MAPS = b" " + SHM_DIR.encode() + b"/"  # a maps line's path field, after its whitespace
 
 
-_watchdog: subprocess.Popen | None = None
+class Watchdog:
+    """A running watchdog, known by pid: it is not this process's child (see `start_reaper`)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def alive(self) -> bool:
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
 
 
-def ensure_reaper() -> subprocess.Popen:
+_watchdog: Watchdog | None = None
+
+
+def ensure_reaper() -> Watchdog:
     """This process's watchdog, started on first use (one per process, however many engines it starts)."""
     global _watchdog
-    if _watchdog is None or _watchdog.poll() is not None:
+    if _watchdog is None or not _watchdog.alive():
         _watchdog = start_reaper()
     return _watchdog
 
 
-def start_reaper(pid: int | None = None) -> subprocess.Popen:
-    """Watch `pid` (this process by default): its descendants die with it."""
+def start_reaper(pid: int | None = None) -> Watchdog:
+    """Watch `pid` (this process by default): its descendants die with it.
+
+    Started through `sh`, which puts it in the background and exits at once, so the watchdog is
+    no child of the process it watches: a Ray worker that exits (`ray.kill`, a replica stopped)
+    first kills its own children (the core worker's KillChildProcs), which took the watchdog with
+    it, before it could unlink the engine's shared memory (160-250 MB left in /dev/shm per engine)."""
     pid = pid or os.getpid()
-    return subprocess.Popen(
-        [sys.executable, "-m", "helios.engine.reaper", str(pid)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
-    )
+    launch = f"{shlex.quote(sys.executable)} -m helios.engine.reaper {pid} </dev/null >/dev/null 2>&1 & echo $!"
+    out = subprocess.run(["/bin/sh", "-c", launch], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, check=True, text=True)
+    return Watchdog(int(out.stdout.strip()))
 
 
 def _descendants(proc: psutil.Process) -> dict[int, float]:

@@ -154,6 +154,32 @@ def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path, script_text:
             segment.unlink(missing_ok=True)
 
 
+def test_the_watchdog_outlives_a_replica_whose_children_are_killed_with_it(tmp_path: Path) -> None:
+    """Ray kills an exiting worker's direct children before the worker itself (the core worker's
+    KillChildProcs): the watchdog must not be one of them, or the engine's segment stays behind."""
+    script = tmp_path / "replica_shm.py"
+    script.write_text(REPLICA_SHM)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    replica = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    segment = None
+    try:
+        reaper_pid, core_pid, worker_pid, name = replica.stdout.readline().split()
+        segment = Path("/dev/shm") / name
+        time.sleep(1.5)  # the watchdog records descendants and their segments every POLL_S
+        assert int(reaper_pid) not in {c.pid for c in psutil.Process(replica.pid).children()}
+        for child in psutil.Process(replica.pid).children():  # as Ray does, then the worker goes
+            child.kill()
+        replica.send_signal(signal.SIGKILL)
+        replica.wait()
+        assert _wait_gone([int(core_pid), int(worker_pid), int(reaper_pid)]) == []
+        assert not segment.exists()
+    finally:
+        if replica.poll() is None:
+            replica.kill()
+        if segment is not None:
+            segment.unlink(missing_ok=True)
+
+
 def test_a_segment_another_process_still_uses_is_kept() -> None:
     """Only segments nobody maps or holds open are unlinked: a live process's segment stays until it is done."""
     from multiprocessing import resource_tracker, shared_memory
