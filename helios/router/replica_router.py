@@ -19,7 +19,7 @@ is nearly full would preempt or queue the next long prompt.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -28,6 +28,7 @@ from helios.router.breaker import breakers_for
 from helios.router.routing_policy import PrefixAffinityPolicy, RoutingHints, replica_load
 
 FINISHED_KEPT = 1024  # completion times kept per replica: more than finish within one stats period
+EARLY_KEPT = 4096  # completions seen before their routing: settled by it, or (a rejected attempt) dropped
 
 # This process's affinity policies by "app/deployment" (one request router per deployment handle).
 POLICIES: dict[str, PrefixAffinityPolicy] = {}
@@ -45,6 +46,7 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
         self.requests: dict[str, ReplicaID] = {}  # internal request id -> its replica
         self.routed_at: dict[str, float] = {}  # internal request id -> wall time it was routed
         self.finished: dict[ReplicaID, deque[tuple[float, float]]] = {}  # (routed, finished) wall times, by finish
+        self.early: OrderedDict[str, ReplicaID] = OrderedDict()  # request id -> replica it finished on, unrouted
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new replica set: the breakers forget gone replicas and know new ones now (with
@@ -52,6 +54,10 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
         next `choose_replicas` would keep a replacement idle until the dead one's cooldown ends)."""
         super().update_replicas(replicas)
         self._track_breakers()
+        current = {r.replica_id for r in replicas}
+        for table in (getattr(self, "in_flight", {}), getattr(self, "finished", {})):  # {}: before initialize_state
+            for gone in [r for r in table if r not in current]:
+                del table[gone]
 
     def _track_breakers(self) -> None:
         """The breakers follow the replica set where it changes (here and when an actor dies), not
@@ -87,16 +93,33 @@ class HeliosRequestRouter(FIFOMixin, RequestRouter):
         return [[by_id[rid] for rid in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        """Serve calls this once the replica accepted the request; a short call may have finished
+        already (Serve's completion callback is registered first and can run first)."""
+        request_id = pending_request.metadata.internal_request_id
         self.policy.record(_hints(pending_request), replica_id.unique_id)
         self.breakers.routed(replica_id.unique_id)
+        if self.early.pop(request_id, None) == replica_id:  # over already: nothing is in flight
+            return
         self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
-        self.requests[pending_request.metadata.internal_request_id] = replica_id
-        self.routed_at[pending_request.metadata.internal_request_id] = time.time()
+        self.requests[request_id] = replica_id
+        self.routed_at[request_id] = time.time()
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        if self.requests.pop(internal_request_id, None) is not None:
-            self.in_flight[replica_id] = max(self.in_flight.get(replica_id, 1) - 1, 0)
-            routed = self.routed_at.pop(internal_request_id, 0.0)
+        """Counted where it was routed. A completion before its routing is kept for
+        `on_request_routed`; one of an attempt retried elsewhere changes nothing."""
+        routed_to = self.requests.get(internal_request_id)
+        if routed_to is None:
+            self.early[internal_request_id] = replica_id
+            while len(self.early) > EARLY_KEPT:  # rejected attempts are never routed: the oldest go
+                self.early.popitem(last=False)
+            return
+        if routed_to != replica_id:
+            return
+        del self.requests[internal_request_id]
+        routed = self.routed_at.pop(internal_request_id, 0.0)
+        if replica_id in self.in_flight:
+            self.in_flight[replica_id] = max(self.in_flight[replica_id] - 1, 0)
+        if replica_id in self.curr_replicas:  # not for a replica that is gone
             self.finished.setdefault(replica_id, deque(maxlen=FINISHED_KEPT)).append((routed, time.time()))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:

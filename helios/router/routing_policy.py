@@ -80,7 +80,7 @@ def replica_load(in_flight: int, queued: int | None, stats: Mapping[str, Any], f
     reported = max(stats.get("unfinished", 0), stats.get("running", 0) + stats.get("waiting", 0))
     reported = max(reported - finished_since_report, 0)
     busy = max(in_flight, queued or 0, reported)
-    kv = float(stats.get("kv_cache_usage", 0.0)) if reported or in_flight else 0.0
+    kv = float(stats.get("kv_cache_usage", 0.0)) if busy else 0.0
     return busy + KV_WEIGHT * kv
 
 
