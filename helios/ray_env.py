@@ -32,22 +32,29 @@ def ray_cluster_env() -> dict[str, str]:
 SIDE_PORT_RANGE = (20000, 32767)
 
 
-def side_port(host: str = "127.0.0.1") -> int:
+_handed_out: set[int] = set()
+
+
+def side_port() -> int:
     """A free port for a listener started beside a Ray cluster (HAProxy's stats and metrics ports, a
     test's server), taken from a range no socket is given implicitly: a port the kernel handed out
     (`bind(0)`) could go to one of the cluster's own sockets before that listener binds it, which
-    failed a HAProxy start once in CI."""
+    failed a HAProxy start once in CI. Free on every interface (HAProxy binds them all), and never
+    the same twice from this process (two asked in a row are both still unbound)."""
     import random
     import socket
 
     for _ in range(200):
         port = random.randint(*SIDE_PORT_RANGE)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
-                s.bind((host, port))
+                s.bind(("", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise RuntimeError(f"no free port in {SIDE_PORT_RANGE[0]}-{SIDE_PORT_RANGE[1]}")
 
 

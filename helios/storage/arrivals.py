@@ -63,6 +63,13 @@ def wanted(root: Path) -> bool:
     return (root / WANTED).exists()
 
 
+def carried(root: Path) -> tuple[str, ...]:
+    """What a snapshot linked again over `root` keeps of it: while a fetch is still in progress there,
+    a loader's request for the weights (that fetch may be waiting to be asked). A request whose fetch
+    is over is left behind: kept, it would fetch a checkpoint the next engine may never read."""
+    return (WANTED,) if _markers(root, ARRIVING) else ()
+
+
 def _markers(root: Path, prefix: str) -> list[Path]:
     try:
         return [root / n for n in os.listdir(root) if n.startswith(prefix)]

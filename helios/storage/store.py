@@ -36,7 +36,7 @@ from helios.observability.metrics import (
     CACHE_USED_BYTES,
     CACHE_WRITTEN_BYTES,
 )
-from helios.storage.arrivals import WANTED, mark_arrived, mark_failed, marker_name, wanted
+from helios.storage.arrivals import carried, mark_arrived, mark_failed, marker_name, wanted
 from helios.storage.eviction import POLICIES
 from helios.storage.manifest import FileEntry, Manifest, build_manifest, snapshot_digest
 from helios.storage.tiers import LOCAL_KINDS, LocalTier, RemoteTier, Tier, is_kv
@@ -280,12 +280,13 @@ class ModelStore:
 
         brought = bring(now)
         now_s = time.monotonic() - started
+        carry = carried(target.snapshot_path(manifest.model_id, manifest.version))  # another start's fetch
         if not later:
-            local = LocalModel(manifest, target.snapshot(manifest, carry=(WANTED,)), target.kind, fill_after=fill_after)
+            local = LocalModel(manifest, target.snapshot(manifest, carry=carry), target.kind, fill_after=fill_after)
             self._arrived(local, target, list(zip(now, brought, strict=True)), started, background_fill)
             return local
         marker = marker_name()
-        local = LocalModel(manifest, target.snapshot(manifest, marker, carry=(WANTED,)), target.kind,
+        local = LocalModel(manifest, target.snapshot(manifest, marker, carry=carry), target.kind,
                            fill_after=fill_after, only_if_wanted=only_if_wanted)
         log_event(logger, "model_weights_arriving", model=manifest.model_id, version=manifest.version,
                   tier=target.kind, files=len(later), bytes=sum(f.size for f in later))

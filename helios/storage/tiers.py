@@ -502,6 +502,9 @@ class LocalTier(Tier):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, old)
             os.rename(tmp, final)
+            for name in carry:  # made in the old directory while this one was being linked
+                if (old / name).exists():
+                    (final / name).touch()
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -133,7 +133,18 @@ def test_a_second_start_of_a_version_keeps_the_first_ones_request_for_its_weight
     assert second.path == first.path and arrivals.wanted(second.path)
     assert arrivals.wait_for(first.path / "model.safetensors", first.path) >= 0
     first.arriving.result(timeout=60)
+    second.arriving.result(timeout=60)
     assert (first.path / "model.safetensors").read_bytes() == (tmp_path / "src" / "model.safetensors").read_bytes()
+    # The weights evicted later (by size: the snapshot stays): a start that need not read them does not
+    # inherit the old request, so they stay remote.
+    weights = next(f for f in manifest.files if is_weight_file(f.name))
+    store.local[0].delete(weights.sha256)
+    engine_started = threading.Event()
+    third = store.localize(manifest, defer=is_weight_file, only_if_wanted=engine_started)
+    assert not arrivals.wanted(third.path)
+    engine_started.set()
+    third.arriving.result(timeout=60)
+    assert store.local[0].stat(weights.sha256) is None
 
 
 def test_a_background_fill_waits_for_the_engine_start_it_was_held_for(store: ModelStore, tmp_path: Path) -> None:
