@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -128,10 +130,10 @@ def test_a_reused_pid_is_not_killed() -> None:
             bystander.kill()
 
 
-@pytest.mark.parametrize("script_text", [REPLICA_SHM, REPLICA_SHM_LATE], ids=["mapped-for-a-while", "just-made"])
-def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path, script_text: str) -> None:
-    """The /dev/shm segment the dead replica's engine processes mapped does not outlive them, also one
-    made just before the kill."""
+@contextlib.contextmanager
+def _shm_replica(tmp_path: Path, script_text: str) -> Iterator[tuple[subprocess.Popen, list[int], Path]]:
+    """Run a REPLICA_SHM-shaped script: (the replica, [core, worker, watchdog] pids, the segment);
+    afterwards nothing of it is left, whatever the test saw."""
     script = tmp_path / "replica_shm.py"
     script.write_text(script_text)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
@@ -140,44 +142,40 @@ def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path, script_text:
     try:
         reaper_pid, core_pid, worker_pid, name = replica.stdout.readline().split()
         segment = Path("/dev/shm") / name
+        yield replica, [int(core_pid), int(worker_pid), int(reaper_pid)], segment
+    finally:
+        if replica.poll() is None:
+            replica.kill()
+        if segment is not None:
+            segment.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("script_text", [REPLICA_SHM, REPLICA_SHM_LATE], ids=["mapped-for-a-while", "just-made"])
+def test_a_killed_engines_shared_memory_is_unlinked(tmp_path: Path, script_text: str) -> None:
+    """The /dev/shm segment the dead replica's engine processes mapped does not outlive them, also one
+    made just before the kill."""
+    with _shm_replica(tmp_path, script_text) as (replica, pids, segment):
         if script_text is REPLICA_SHM:
             time.sleep(1.5)  # the watchdog records descendants and their segments every POLL_S
         assert segment.exists()
         replica.send_signal(signal.SIGKILL)
         replica.wait()
-        assert _wait_gone([int(core_pid), int(worker_pid), int(reaper_pid)]) == []
+        assert _wait_gone(pids) == []
         assert not segment.exists()
-    finally:
-        if replica.poll() is None:
-            replica.kill()
-        if segment is not None:
-            segment.unlink(missing_ok=True)
 
 
 def test_the_watchdog_outlives_a_replica_whose_children_are_killed_with_it(tmp_path: Path) -> None:
     """Ray kills an exiting worker's direct children before the worker itself (the core worker's
     KillChildProcs): the watchdog must not be one of them, or the engine's segment stays behind."""
-    script = tmp_path / "replica_shm.py"
-    script.write_text(REPLICA_SHM)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    replica = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
-    segment = None
-    try:
-        reaper_pid, core_pid, worker_pid, name = replica.stdout.readline().split()
-        segment = Path("/dev/shm") / name
+    with _shm_replica(tmp_path, REPLICA_SHM) as (replica, pids, segment):
         time.sleep(1.5)  # the watchdog records descendants and their segments every POLL_S
-        assert int(reaper_pid) not in {c.pid for c in psutil.Process(replica.pid).children()}
+        assert pids[-1] not in {c.pid for c in psutil.Process(replica.pid).children()}
         for child in psutil.Process(replica.pid).children():  # as Ray does, then the worker goes
             child.kill()
         replica.send_signal(signal.SIGKILL)
         replica.wait()
-        assert _wait_gone([int(core_pid), int(worker_pid), int(reaper_pid)]) == []
+        assert _wait_gone(pids) == []
         assert not segment.exists()
-    finally:
-        if replica.poll() is None:
-            replica.kill()
-        if segment is not None:
-            segment.unlink(missing_ok=True)
 
 
 def test_a_segment_another_process_still_uses_is_kept() -> None:
